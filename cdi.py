@@ -12,6 +12,7 @@
 # name= must be spelled out: Python plugins have no magic config key.  Run
 # "nbdkit python ./cdi.py --dump-plugin" for every parameter.
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -323,7 +324,7 @@ class Workspace:
         """Start podman with ARGS; its stderr goes to a nameless file."""
         argv = ["podman"] + args
         nbdkit.debug("running: " + " ".join(argv))
-        stderr = tempfile.TemporaryFile(dir=self.path)
+        stderr = tempfile.TemporaryFile(dir=self.path)  # noqa: SIM115 (closed by stop_process)
         env = dict(os.environ, TMPDIR=self.path)
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -460,10 +461,8 @@ def stop_orphans(pids):
     for signum, patience in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         survivors = [pid for pid in pids if alive_podman(pid)]
         for pid in survivors:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signum)
-            except OSError:
-                pass
         deadline = time.monotonic() + patience
         while any(alive_podman(pid) for pid in survivors) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -1,0 +1,37 @@
+# cdi.py: make setup | check | lint | test | demo
+
+# The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
+PYTHON = /usr/bin/python3
+DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
+	podman skopeo qemu-utils docker-registry python3-pytest
+RUFF_VERSION = 0.17.6
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup check lint test demo
+
+# Install whatever is missing: Debian packages, then ruff from PyPI.
+setup:
+	@missing=$$(for package in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$package 2>/dev/null | \
+			grep -q 'ok installed' || echo $$package; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || \
+		python3 -m pip install --quiet --disable-pip-version-check 'ruff==$(RUFF_VERSION)'
+
+lint: setup
+	ruff check cdi.py tests
+	ruff format --check cdi.py tests
+	$(PYTHON) -m py_compile cdi.py
+
+test: setup
+	$(PYTHON) -m pytest tests
+
+check: lint test
+
+demo: setup
+	tests/demo.sh
