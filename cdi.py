@@ -290,10 +290,14 @@ class Workspace:
         except OSError as error:
             raise CdiError(f"TMPDIR={self.tmpdir} is not usable for temporary "
                            f"files: {error.strerror}") from None
-        # The lock marks the directory as live for remove_stale_workspaces.
-        self.lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-        self.guardian_pid, self.guardian_fd = start_guardian(self.path)
+        try:
+            # The lock marks the directory as live for remove_stale_workspaces.
+            self.lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            self.guardian_pid, self.guardian_fd = start_guardian(self.path)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.saved_handlers[signum] = signal.signal(signum, self.on_signal)
         return self
@@ -351,13 +355,21 @@ class Workspace:
 
     def run(self, args, step, ok_statuses=(0,)):
         """Run podman to completion; return (exit status, stdout text)."""
-        process = self.start(args)
-        output = process.stdout.read().decode(errors="replace")
-        process.wait()
-        process.stdout.close()
-        if process.returncode not in ok_statuses:
-            raise self.failure(process, step)
-        return process.returncode, output
+        output = tempfile.TemporaryFile(dir=self.path)  # noqa: SIM115 (closed below)
+        with output:
+            process = self.start(args, stdout=output)
+            started = time.monotonic()
+            while True:
+                try:
+                    process.wait(timeout=PROGRESS_INTERVAL)
+                    break
+                except subprocess.TimeoutExpired:
+                    nbdkit.debug(f"podman {args[0]} still running after "
+                                 f"{time.monotonic() - started:.0f} s")
+            if process.returncode not in ok_statuses:
+                raise self.failure(process, step)
+            output.seek(0)
+            return process.returncode, output.read().decode(errors="replace")
 
 
 def stop_process(process):
@@ -503,7 +515,9 @@ def find_image(workspace):
     """Apply the pull policy; return the image's inspect record."""
     name = settings["name"]
     local = local_reference(name)
-    if settings["pull"] != "always" and local is not None:
+    local_only = (settings["pull"] == "never"
+                  or split_transport(name)[0] == "containers-storage")
+    if local is not None and (settings["pull"] != "always" or local_only):
         status, _ = workspace.run(["image", "exists", "--", local],
                                   "look up in local storage", ok_statuses=(0, 1))
         if status == 0:
@@ -512,10 +526,9 @@ def find_image(workspace):
                 nbdkit.debug(f"using {image['Id']} from local storage")
                 return image
             nbdkit.debug(f"local {name} is not {settings['platform']}")
-    if settings["pull"] == "never" or split_transport(name)[0] == "containers-storage":
-        raise CdiError(f"{name}: image not found in local storage (pull=never)"
-                       if settings["pull"] == "never" else
-                       f"{name}: image not found in local storage")
+    if local_only:
+        raise CdiError(f"{name}: image not found in local storage"
+                       + (" (pull=never)" if settings["pull"] == "never" else ""))
     _, output = workspace.run(["pull", "--quiet"] + podman_options() + ["--", name],
                               "pull")
     # Refer to the pulled image by its ID: looking up a docker:// name
@@ -626,9 +639,11 @@ def extract_layer(workspace, image_id, diff_id):
                     raise CdiError(f"{settings['name']}: save: podman's archive "
                                    f"has no layer {diff_id}")
         except (tarfile.TarError, CdiError):
-            # Podman's own failure explains a broken stream best.
-            if process.wait() != 0:
-                raise workspace.failure(process, "save") from None
+            # Podman's own failure, if it failed, explains a broken stream
+            # best.  A podman still writing has not failed: don't wait for it.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if process.wait(timeout=5) != 0:
+                    raise workspace.failure(process, "save") from None
             raise
         if digest is not None and digest != diff_id:
             raise CdiError(f"{settings['name']}: verify: the layer's content hashes "

@@ -35,6 +35,12 @@ def test_image_only_in_local_storage(lab):
         podman("rmi", "--force", image.name)
 
 
+@pytest.mark.parametrize("pull", ["missing", "always"])
+def test_containers_storage_transport_never_pulls(three, pull):
+    data = read_export(f"name=containers-storage:{three.name}", "layer=-1", f"pull={pull}")
+    assert sha256(data) == three.diff_ids[2]
+
+
 @pytest.mark.parametrize("transport, format_name", [
     ("oci-archive", "oci-archive"), ("docker-archive", "docker-archive")])
 def test_archive_file(lab, three, transport, format_name):
