@@ -237,6 +237,9 @@ PODMAN_DIAGNOSES = [
      "authfile=PATH"),
     (r"manifest unknown|name unknown|image not known|no such image",
      "image not found"),
+    (r"file integrity checksum failed|digest did not match",
+     "the layer in local storage does not match its digest: remove the image "
+     "(podman rmi) and pull it again"),
     (r"no such file or directory", "file not found"),
     (r"pinging container registry|connection refused|no such host|"
      r"i/o timeout|network is unreachable|server gave HTTP response",
@@ -328,7 +331,7 @@ class Workspace:
         """Start podman with ARGS; its stderr goes to a nameless file."""
         argv = ["podman"] + args
         nbdkit.debug("running: " + " ".join(argv))
-        stderr = tempfile.TemporaryFile(dir=self.path)  # noqa: SIM115 (closed by stop_process)
+        stderr = memory_file("podman-stderr")
         env = dict(os.environ, TMPDIR=self.path)
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -355,8 +358,7 @@ class Workspace:
 
     def run(self, args, step, ok_statuses=(0,)):
         """Run podman to completion; return (exit status, stdout text)."""
-        output = tempfile.TemporaryFile(dir=self.path)  # noqa: SIM115 (closed below)
-        with output:
+        with memory_file("podman-stdout") as output:
             process = self.start(args, stdout=output)
             started = time.monotonic()
             while True:
@@ -370,6 +372,12 @@ class Workspace:
                 raise self.failure(process, step)
             output.seek(0)
             return process.returncode, output.read().decode(errors="replace")
+
+
+def memory_file(name):
+    """A file in memory for podman's output: TMPDIR may be full, and then
+    podman's message saying so must still reach the user."""
+    return os.fdopen(os.memfd_create(name, os.MFD_CLOEXEC), "w+b")
 
 
 def stop_process(process):

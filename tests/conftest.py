@@ -24,6 +24,7 @@ import nbd
 import pytest
 
 CDI = str(Path(__file__).resolve().parent.parent / "cdi.py")
+NBDKIT = shutil.which("nbdkit") or "nbdkit"  # absolute: tests may empty PATH
 REGISTRY_USER = "tester"
 REGISTRY_PASSWORD = "cdi-test-password"
 # bcrypt of REGISTRY_PASSWORD, made once with bcrypt.hashpw (cost 4).
@@ -233,7 +234,7 @@ def plugin_tmpdir(lab, monkeypatch):
 
 
 def nbdkit_command(*params, options=(), filters=()):
-    return (["nbdkit", *options, "--exit-with-parent"]
+    return ([NBDKIT, *options, "--exit-with-parent"]
             + [f"--filter={name}" for name in filters]
             + ["python", CDI, *params])
 
@@ -243,7 +244,7 @@ def run_nbdkit(*params, run="true", env=None, timeout=120, verbose=False, filter
     # Not "-U -": nbdkit 1.32 leaves that socket's directory in /tmp
     # whenever a plugin fails to start.
     directory = tempfile.mkdtemp(prefix="cdi-sock-")
-    command = ["nbdkit", "-U", os.path.join(directory, "sock")]
+    command = [NBDKIT, "-U", os.path.join(directory, "sock")]
     command += (["-v"] if verbose else []) + [f"--filter={name}" for name in filters]
     command += ["python", CDI, *params, "--run", run]
     try:

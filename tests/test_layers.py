@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import threading
 
 import nbd
@@ -81,3 +82,14 @@ def test_many_connections_read_random_ranges(three):
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+def test_verbose_shows_each_podman_command_and_timings(three):
+    result = run_nbdkit(f"name={three.name}", "layer=1", verbose=True)
+    assert result.returncode == 0, result.stderr
+    assert f"running: podman image exists -- {three.name}" in result.stderr
+    assert f"running: podman save --quiet --format docker-archive -- {three.id}" \
+        in result.stderr
+    assert re.search(r"found image [0-9a-f]{64} in [0-9.]+ s", result.stderr)
+    assert re.search(r"copied the layer \([0-9.]+ (bytes|KiB)\) in [0-9.]+ s; ready in [0-9.]+ s",
+                     result.stderr)
