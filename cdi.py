@@ -12,6 +12,7 @@
 # name= must be spelled out: Python plugins have no magic config key.  Run
 # "nbdkit python ./cdi.py --dump-plugin" for every parameter.
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -465,15 +466,17 @@ def guard(read_fd, path):
     if b"done" in lines:
         return
     pids = [int(line.split()[1]) for line in lines if line.startswith(b"pid ")]
-    stop_orphans(pids)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        stop_orphans(pids)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_orphans(pids):
     """SIGTERM, then SIGKILL, the podman processes among PIDS."""
     def alive_podman(pid):
         try:
-            with open(f"/proc/{pid}/comm") as comm:
+            with builtins.open(f"/proc/{pid}/comm") as comm:
                 return comm.read().strip() == "podman"
         except OSError:
             return False
@@ -647,6 +650,8 @@ def extract_layer(workspace, image_id, diff_id):
                     raise CdiError(f"{settings['name']}: save: podman's archive "
                                    f"has no layer {diff_id}")
         except (tarfile.TarError, CdiError):
+            if workspace.signal_received is not None:
+                raise  # interrupted: podman is stopped on the way out
             # Podman's own failure, if it failed, explains a broken stream
             # best.  A podman still writing has not failed: don't wait for it.
             with contextlib.suppress(subprocess.TimeoutExpired):
