@@ -12,20 +12,26 @@
 # name= must be spelled out: Python plugins have no magic config key.  Run
 # "nbdkit python ./cdi.py --dump-plugin" for every parameter.
 
+import base64
+import bisect
 import builtins
 import contextlib
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 
@@ -36,13 +42,17 @@ API_VERSION = 2
 # What each parameter means, for --dump-plugin and for error messages.
 PARAMETERS = {
     "name": "IMAGE (required) the image, anything podman pull accepts",
-    "layer": "N layer to export: 0 = base (default), negative counts from the top",
+    "layer": "N|auto default export: 0 = base (default), negative counts from "
+             "the top, auto = the layer holding the VM disk (disk/...)",
     "pull": "missing|always|never when to contact the registry (default missing)",
     "tls-verify": "true|false passed to podman pull",
     "authfile": "PATH registry credentials, passed to podman pull",
     "cert-dir": "PATH TLS certificates, passed to podman pull",
     "platform": "OS/ARCH[/VARIANT] image to take from a multi-arch manifest list",
-    "verify": "true|false check the layer hashes to its diffID (default true)",
+    "verify": "true|before|false check each layer hashes to its diffID "
+              "(default true: while copying, or in the background)",
+    "copy": "true|false copy the layer to TMPDIR instead of serving it from "
+            "podman's storage (default false)",
 }
 PULL_POLICIES = ("missing", "always", "never")
 # Image transports podman understands; other "word:" prefixes are registry ports.
@@ -51,11 +61,18 @@ TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir",
 # How often to report progress of a long import with nbdkit -v.
 PROGRESS_INTERVAL = 2.0
 COPY_CHUNK = 1 << 20
+# Zero blocks of this size are left as holes in a copy.
+SPARSE_BLOCK = 64 << 10
+ZERO_BLOCK = bytes(SPARSE_BLOCK)
+# Tar headers of one layer kept in memory on the storage fast path, at most.
+MAX_HEADER_BYTES = 16 << 20
 
-settings = {"layer": 0, "pull": "missing", "verify": True}  # parsed parameters
-layer_fd = -1          # the layer copy: no name on disk, held open until exit
-layer_size = 0         # its size in bytes
-layer_description = ""  # what export_description says
+settings = {"layer": 0, "pull": "missing", "verify": "true", "copy": False}
+layers = {}            # index -> Layer: the exports
+default_index = 0      # the export chosen with layer=
+layer_count = 0        # layers in the image, exported or not
+verify_lock = threading.Lock()
+verifying = set()      # indexes of the layers whose digest check has started
 
 
 class CdiError(Exception):
@@ -92,9 +109,11 @@ def parse_bool(key, value):
 
 
 def parse_layer(value):
+    if value == "auto":
+        return value
     if not re.fullmatch(r"-?[0-9]+", value):
         raise CdiError(f"layer={value!r}: expected an integer "
-                       "(0 = base layer, -1 = top layer)")
+                       "(0 = base layer, -1 = top layer) or auto")
     if value.startswith("-") and int(value) == 0:
         raise CdiError(f"layer={value!r} is ambiguous: "
                        "use 0 for the base layer or -1 for the top layer")
@@ -144,12 +163,22 @@ def config(key, value):
         "authfile": lambda v: parse_path("authfile", v),
         "cert-dir": lambda v: parse_path("cert-dir", v),
         "platform": parse_platform,
-        "verify": lambda v: parse_bool("verify", v),
+        "verify": parse_verify,
+        "copy": lambda v: parse_bool("copy", v),
     }
     if key not in parsers:
         raise CdiError(f"unknown parameter {key!r}: this plugin takes "
                        + ", ".join(f"{k}=" for k in PARAMETERS))
     settings[key] = parsers[key](value)
+
+
+def parse_verify(value):
+    if value == "before":
+        return value
+    try:
+        return str(parse_bool("verify", value)).lower()
+    except CdiError:
+        raise CdiError(f"verify={value!r}: expected true, before or false") from None
 
 
 def parse_choice(key, value, choices):
@@ -491,7 +520,7 @@ def stop_orphans(pids):
             time.sleep(0.1)
 
 
-# ----------------------------------------------------------------- import
+# ----------------------------------------------------------------- image
 
 def podman_options():
     """Registry options for podman pull, each a single argv element."""
@@ -550,23 +579,315 @@ def find_image(workspace):
     return inspect_image(workspace, image_id)
 
 
-def select_layer(image, layer):
-    """Return (index, diffID) of LAYER, which may count from the top."""
-    layers = image.get("RootFS", {}).get("Layers") or []
-    count = len(layers)
+def layer_index(layer, count):
+    """The index of LAYER (an int, negative from the top) among COUNT."""
     if not -count <= layer < count:
         allowed = f"0..{count - 1} or -{count}..-1" if count else "none"
         raise CdiError(f"{settings['name']}: layer={layer} is out of range: the "
                        f"image has {count} layer{'s' if count != 1 else ''} "
                        f"(allowed: {allowed})")
-    index = layer % count
-    return index, layers[index]
+    return layer % count
 
+
+# ----------------------------------------------------------------- layers
+
+class Member:
+    """One entry of a layer's tar archive."""
+
+    def __init__(self, name, kind, size, offset):
+        self.name = name          # str, without a leading "./"
+        self.kind = kind          # "file", "directory", "link", "whiteout", "other"
+        self.size = size
+        self.offset = offset      # where its data starts in the layer
+
+    def is_disk(self):
+        return self.kind == "file" and self.name.startswith("disk/")
+
+
+def parse_member(header, name, offset):
+    """The Member for the tar HEADER block (512 bytes) of entry NAME."""
+    try:
+        info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return Member(name, "other", 0, offset)
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    if base.startswith(".wh."):
+        kind = "whiteout"
+    elif info.isreg():
+        kind = "file"
+    elif info.isdir():
+        kind = "directory"
+    elif info.issym() or info.islnk():
+        kind = "link"
+    else:
+        kind = "other"
+    return Member(name, kind, info.size, offset)
+
+
+def clean_name(name):
+    text = os.fsdecode(name)
+    while text.startswith("./"):
+        text = text[2:]
+    return text
+
+
+class Layer:
+    """The bytes of one layer: a list of segments, each either bytes in
+    memory or a range of an open file, and the tar members they hold."""
+
+    def __init__(self, index, diff_id):
+        self.index = index
+        self.diff_id = diff_id
+        self.starts = []      # offset in the layer of each segment
+        self.sources = []     # bytes, or (fd, length) read from offset 0
+        self.size = 0
+        self.members = []
+        self.how = ""         # "storage" or "copy", for messages
+        self.failure = None   # set when verification fails: reads then fail
+
+    def add_bytes(self, data):
+        if data:
+            self.starts.append(self.size)
+            self.sources.append(bytes(data))
+            self.size += len(data)
+
+    def add_file(self, fd, length):
+        self.starts.append(self.size)
+        self.sources.append((fd, length))
+        self.size += length
+
+    def segments(self, offset, count):
+        """Yield (source, offset within it, length) covering the range."""
+        index = bisect.bisect_right(self.starts, offset) - 1
+        end = offset + count
+        while offset < end:
+            source = self.sources[index]
+            within = offset - self.starts[index]
+            length = len(source) if isinstance(source, bytes) else source[1]
+            piece = min(length - within, end - offset)
+            yield source, within, piece
+            offset += piece
+            index += 1
+
+    def read(self, view, offset):
+        for source, within, piece in self.segments(offset, len(view)):
+            if isinstance(source, bytes):
+                view[:piece] = source[within:within + piece]
+            else:
+                read_exactly(source[0], view[:piece], within)
+            view = view[piece:]
+
+    def extents(self, offset, count):
+        """(offset, length, is_hole) runs covering the range."""
+        runs = []
+        position = offset
+        for source, within, piece in self.segments(offset, count):
+            if isinstance(source, bytes):
+                runs.append((position, piece, False))
+            else:
+                for start, length, hole in file_extents(source[0], within, piece):
+                    runs.append((position + start - within, length, hole))
+            position += piece
+        return runs
+
+    def close(self):
+        for source in self.sources:
+            if not isinstance(source, bytes):
+                os.close(source[0])
+        self.sources = []
+
+    def disks(self):
+        return [member for member in self.members if member.is_disk()]
+
+    def describe(self, count):
+        return (f"layer {self.index} of {count}: {self.diff_id}, "
+                f"{describe_size(self.size)}: {self.describe_contents()}")
+
+    def describe_contents(self):
+        disks = self.disks()
+        if disks:
+            return ", ".join(f"{disk.name} ({self.describe_disk(disk)})" for disk in disks)
+        counts = {}
+        for member in self.members:
+            counts[member.kind] = counts.get(member.kind, 0) + 1
+        names = {"file": "file", "directory": "directory", "link": "link",
+                 "whiteout": "whiteout", "other": "other entry"}
+        parts = [f"{number} {names[kind]}{'s' if number != 1 else ''}"
+                 .replace("directorys", "directories").replace("entrys", "entries")
+                 for kind, number in sorted(counts.items())]
+        return ", ".join(parts) or "empty"
+
+    def describe_disk(self, member):
+        head = bytearray(32)
+        if member.size >= len(head):
+            self.read(memoryview(head), member.offset)
+            if head[:4] == b"QFI\xfb":
+                virtual = int.from_bytes(head[24:32], "big")
+                return f"qcow2, {describe_size(virtual)} virtual"
+        return describe_size(member.size)
+
+
+def read_exactly(fd, view, offset):
+    while view:
+        count = os.preadv(fd, [view], offset)
+        if count == 0:
+            raise OSError(errno.EIO, "unexpected end of file")
+        view = view[count:]
+        offset += count
+
+
+def file_extents(fd, offset, count):
+    """(offset, length, is_hole) runs of FD's range, from SEEK_DATA/HOLE."""
+    runs = []
+    end = offset + count
+    while offset < end:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: only a hole follows
+                return [(offset, end - offset, False)]
+            data = end
+        data = min(data, end)
+        if data > offset:
+            runs.append((offset, data - offset, True))
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        runs.append((data, hole - data, False))
+        offset = hole
+    return runs
+
+
+# ------------------------------------------------- fast path: podman's storage
+
+class FastPathUnavailable(Exception):
+    """Why a layer cannot be served from storage; the save path takes over."""
+
+
+def storage_layers(image):
+    """(diff directory, tar-split file, diff-size) of each layer of IMAGE,
+    base first, from podman's overlay storage."""
+    driver = image.get("GraphDriver") or {}
+    if driver.get("Name") != "overlay":
+        raise FastPathUnavailable(f"storage driver {driver.get('Name')!r} is not overlay")
+    upper = (driver.get("Data") or {}).get("UpperDir", "")
+    layer_dir = os.path.dirname(upper)
+    overlay_dir = os.path.dirname(layer_dir)
+    if os.path.basename(upper) != "diff" or os.path.basename(overlay_dir) != "overlay":
+        raise FastPathUnavailable(f"unexpected layer directory {upper!r}")
+    layers_dir = os.path.join(os.path.dirname(overlay_dir), "overlay-layers")
+    try:
+        with builtins.open(os.path.join(layers_dir, "layers.json"), "rb") as file:
+            records = {record["id"]: record for record in json.load(file)}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FastPathUnavailable(f"cannot read layers.json: {error}") from None
+    chain = []
+    layer_id = os.path.basename(layer_dir)
+    while layer_id:
+        record = records.get(layer_id)
+        if record is None or record in chain:
+            raise FastPathUnavailable(f"layer {layer_id} is not in layers.json")
+        chain.append(record)
+        layer_id = record.get("parent")
+    chain.reverse()
+    if [record.get("diff-digest") for record in chain] != image["RootFS"]["Layers"]:
+        raise FastPathUnavailable("storage layers do not match the image's diffIDs")
+    return [(os.path.join(overlay_dir, record["id"], "diff"),
+             os.path.join(layers_dir, record["id"] + ".tar-split.gz"),
+             record.get("diff-size"))
+            for record in chain]
+
+
+def tar_split_entries(path):
+    """Yield (bytes, None, 0) for raw tar data and (None, name, size) for a
+    file's content, from a containers-storage tar-split file."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            for line in stream:
+                entry = json.loads(line)
+                if entry["type"] == 2:
+                    yield base64.b64decode(entry.get("payload") or ""), None, 0
+                elif entry["type"] == 1:
+                    raw = entry.get("name_raw")
+                    name = base64.b64decode(raw) if raw else os.fsencode(entry["name"])
+                    yield None, name, entry.get("size") or 0
+                else:
+                    raise FastPathUnavailable(f"tar-split entry of type {entry['type']}")
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise FastPathUnavailable(f"unreadable tar-split {path}: {error}") from None
+
+
+def open_beneath(root_fd, name):
+    """Open NAME below ROOT_FD, following no symlink and no '..'."""
+    parts = [part for part in name.split(b"/") if part not in (b"", b".")]
+    if not parts or b".." in parts:
+        raise FastPathUnavailable(f"unsafe name {name!r} in the tar-split")
+    fd = os.dup(root_fd)
+    try:
+        for position, part in enumerate(parts):
+            flags = os.O_RDONLY | os.O_NOFOLLOW
+            if position < len(parts) - 1:
+                flags |= os.O_DIRECTORY
+            next_fd = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except OSError as error:
+        os.close(fd)
+        raise FastPathUnavailable(f"cannot open {name!r}: {error.strerror}") from None
+    return fd
+
+
+def storage_layer(index, diff_id, diff_dir, tar_split, diff_size):
+    """Layer INDEX read in place: headers from the tar-split, file contents
+    from the files in DIFF_DIR, each held open so that removing the image
+    cannot change what we serve."""
+    layer = Layer(index, diff_id)
+    layer.how = "storage"
+    pending = bytearray()
+    try:
+        root_fd = os.open(diff_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise FastPathUnavailable(f"cannot open {diff_dir}: {error.strerror}") from None
+    try:
+        for data, name, size in tar_split_entries(tar_split):
+            if data is not None:
+                pending += data
+                if len(pending) > MAX_HEADER_BYTES:
+                    raise FastPathUnavailable("too many headers to keep in memory")
+                continue
+            offset = layer.size + len(pending)
+            member = parse_member(pending[-512:], clean_name(name), offset)
+            if size:
+                member.size = size  # the tar-split knows sizes a pax header holds
+            layer.members.append(member)
+            if size:
+                fd = open_beneath(root_fd, name)
+                layer.add_bytes(pending)
+                pending = bytearray()
+                layer.add_file(fd, size)
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode) or status.st_size != size:
+                    raise FastPathUnavailable(f"{name!r} in storage is not the "
+                                              f"{size}-byte file the tar-split says")
+        layer.add_bytes(pending)
+    except BaseException:
+        layer.close()
+        raise
+    finally:
+        os.close(root_fd)
+    if diff_size is not None and layer.size != diff_size:
+        layer.close()
+        raise FastPathUnavailable(f"rebuilt {layer.size} bytes, storage says {diff_size}")
+    return layer
+
+
+# ------------------------------------------------ save path: a copy in TMPDIR
 
 class Progress:
     """Debug lines with bytes and percent at most every PROGRESS_INTERVAL."""
 
-    def __init__(self, total):
+    def __init__(self, what, total):
+        self.what = what
         self.total = total
         self.done = 0
         self.last = time.monotonic()
@@ -576,7 +897,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= PROGRESS_INTERVAL:
             self.last = now
-            nbdkit.debug(f"copied {describe_size(self.done)} of "
+            nbdkit.debug(f"{self.what} {describe_size(self.done)} of "
                          f"{describe_size(self.total)} "
                          f"({100 * self.done // max(self.total, 1)}%)")
 
@@ -601,22 +922,24 @@ def no_space_error(workspace, size):
                     f"{describe_size(size)}, {describe_size(free)} free")
 
 
-def copy_member(workspace, source, size, out_fd):
-    """Copy SIZE bytes from SOURCE to OUT_FD; return their sha256 or None."""
+def copy_sparse(workspace, source, size, out_fd):
+    """Copy SIZE bytes from SOURCE to OUT_FD, leaving holes where blocks are
+    all zero; return their sha256 (None with verify=false)."""
     if shutil.disk_usage(workspace.path).free < size:
         raise no_space_error(workspace, size)
-    digest = hashlib.sha256() if settings["verify"] else None
-    progress = Progress(size)
+    digest = hashlib.sha256() if settings["verify"] != "false" else None
+    progress = Progress("copied", size)
     copied = 0
     while copied < size:
         chunk = source.read(min(COPY_CHUNK, size - copied))
         if not chunk:
             raise CdiError(f"{settings['name']}: save: podman's output ended "
                            f"after {copied} of {size} bytes of the layer")
-        view = memoryview(chunk)
         try:
-            while view:
-                view = view[os.write(out_fd, view):]
+            for start in range(0, len(chunk), SPARSE_BLOCK):
+                block = chunk[start:start + SPARSE_BLOCK]
+                if block != ZERO_BLOCK[:len(block)]:
+                    write_exactly(out_fd, block, copied + start)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise no_space_error(workspace, size) from None
@@ -625,122 +948,323 @@ def copy_member(workspace, source, size, out_fd):
             digest.update(chunk)
         copied += len(chunk)
         progress.add(len(chunk))
+    os.ftruncate(out_fd, size)
     return "sha256:" + digest.hexdigest() if digest else None
 
 
-def extract_layer(workspace, image_id, diff_id):
-    """Stream "podman save" and keep only the layer with DIFF_ID.  Returns
-    the descriptor of its nameless copy."""
-    # docker-archive holds uncompressed layers named by their diffID and
-    # streams them in manifest order, so we stop reading once ours is done.
-    process = workspace.start(["save", "--quiet", "--format", "docker-archive",
-                               "--", image_id])
-    wanted = diff_id.split(":", 1)[-1] + ".tar"
-    out_fd = open_nameless_file(workspace.path)
-    try:
-        try:
-            with tarfile.open(fileobj=process.stdout, mode="r|",
-                              bufsize=COPY_CHUNK) as archive:
-                for member in archive:
-                    if member.name == wanted and member.isfile():
-                        source = archive.extractfile(member)
-                        digest = copy_member(workspace, source, member.size, out_fd)
-                        break
-                else:
-                    raise CdiError(f"{settings['name']}: save: podman's archive "
-                                   f"has no layer {diff_id}")
-        except (tarfile.TarError, CdiError):
-            if workspace.signal_received is not None:
-                raise  # interrupted: podman is stopped on the way out
-            # Podman's own failure, if it failed, explains a broken stream
-            # best.  A podman still writing has not failed: don't wait for it.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                if process.wait(timeout=5) != 0:
-                    raise workspace.failure(process, "save") from None
-            raise
-        if digest is not None and digest != diff_id:
-            raise CdiError(f"{settings['name']}: verify: the layer's content hashes "
-                           f"to {digest} but the image says {diff_id}; refusing "
-                           "to serve it (verify=false skips this check)")
-    except BaseException:
-        os.close(out_fd)
-        raise
-    return out_fd
-
-
-def get_ready():
-    global layer_fd, layer_size, layer_description
-    started = time.monotonic()
-    with Workspace() as workspace:
-        nbdkit.debug(f"workspace {workspace.path}")
-        image = find_image(workspace)
-        index, diff_id = select_layer(image, settings["layer"])
-        count = len(image["RootFS"]["Layers"])
-        workspace.space_needed = 2 * image.get("Size", 0)
-        nbdkit.debug(f"found image {image['Id']} in {time.monotonic() - started:.2f} s;"
-                     f" exporting layer {index} of {count}: {diff_id}")
-        copy_started = time.monotonic()
-        layer_fd = extract_layer(workspace, image["Id"], diff_id)
-    layer_size = os.fstat(layer_fd).st_size
-    nbdkit.debug(f"copied the layer ({describe_size(layer_size)}) in "
-                 f"{time.monotonic() - copy_started:.2f} s; ready in "
-                 f"{time.monotonic() - started:.2f} s")
-    layer_description = (f"layer {index} of {count} of {settings['name']} "
-                         f"({diff_id}, {layer_size} bytes)")
-
-
-# ------------------------------------------------------------------ serving
-
-def open(readonly):
-    return {}
-
-
-def export_description(h):
-    return layer_description
-
-
-def get_size(h):
-    return layer_size
-
-
-def is_rotational(h):
-    return False
-
-
-def can_multi_conn(h):
-    return True
-
-
-def can_write(h):
-    return False
-
-
-def can_cache(h):
-    return nbdkit.CACHE_NATIVE
-
-
-def pread(h, buf, offset, flags):
-    view = memoryview(buf)
+def write_exactly(fd, data, offset):
+    view = memoryview(data)
     while view:
-        try:
-            count = os.preadv(layer_fd, [view], offset)
-        except OSError as error:
-            nbdkit.set_error(error.errno)
-            raise CdiError(f"reading the layer at offset {offset}: "
-                           f"{error.strerror}") from None
-        if count == 0:
-            nbdkit.set_error(errno.EIO)
-            raise CdiError(f"reading the layer at offset {offset}: "
-                           "unexpected end of file")
+        count = os.pwrite(fd, view, offset)
         view = view[count:]
         offset += count
 
 
-# The layer copy is a regular file, so the kernel can prefetch it.
-def cache(h, count, offset, flags):
-    os.posix_fadvise(layer_fd, offset, count, os.POSIX_FADV_WILLNEED)
+def scan_members(fd):
+    """The tar members of the layer copy in FD."""
+    members = []
+    with os.fdopen(os.dup(fd), "rb") as file, \
+            tarfile.open(fileobj=file, mode="r:", encoding="utf-8",
+                         errors="surrogateescape") as archive:
+        for info in archive:
+            header = bytearray(512)
+            os.preadv(fd, [header], info.offset)
+            member = parse_member(header, clean_name(info.name), info.offset_data)
+            member.size = info.size
+            members.append(member)
+    return members
+
+
+def copied_layer(workspace, source, size, index, diff_id):
+    """Layer INDEX copied from SOURCE into a nameless file, and verified."""
+    fd = open_nameless_file(workspace.path)
+    try:
+        digest = copy_sparse(workspace, source, size, fd)
+        if digest is not None and digest != diff_id:
+            raise CdiError(f"{settings['name']}: verify: the layer's content hashes "
+                           f"to {digest} but the image says {diff_id}; refusing "
+                           "to serve it (verify=false skips this check)")
+        layer = Layer(index, diff_id)
+        layer.how = "copy"
+        layer.add_file(fd, size)
+        layer.members = scan_members(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return layer
+
+
+def save_layer(workspace, image, selected):
+    """Stream "podman save" and copy the layer SELECTED (an index, or None
+    for the first layer holding a VM disk).  Returns the Layer."""
+    # docker-archive holds uncompressed layers named by their diffID, in
+    # manifest order: copy what we need and stop reading there.
+    diff_ids = image["RootFS"]["Layers"]
+    wanted = {}
+    for index, diff_id in enumerate(diff_ids):
+        if selected is None or index == selected:
+            wanted.setdefault(diff_id.split(":", 1)[-1] + ".tar", index)
+    process = workspace.start(["save", "--quiet", "--format", "docker-archive",
+                               "--", image["Id"]])
+    try:
+        with tarfile.open(fileobj=process.stdout, mode="r|",
+                          bufsize=COPY_CHUNK) as archive:
+            for member in archive:
+                index = wanted.get(member.name)
+                if index is None or not member.isfile():
+                    continue
+                layer = copied_layer(workspace, archive.extractfile(member),
+                                     member.size, index, diff_ids[index])
+                if selected is not None or layer.disks():
+                    return layer
+                nbdkit.debug(f"layer {index} holds no disk/ file")
+                layer.close()
+        if selected is None:
+            raise no_disk_error(len(diff_ids))
+        raise CdiError(f"{settings['name']}: save: podman's archive has no layer "
+                       f"{diff_ids[selected]}")
+    except (tarfile.TarError, CdiError):
+        if workspace.signal_received is not None:
+            raise  # interrupted: podman is stopped on the way out
+        # Podman's own failure, if it failed, explains a broken stream
+        # best.  A podman still writing has not failed: don't wait for it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if process.wait(timeout=5) != 0:
+                raise workspace.failure(process, "save") from None
+        raise
+
+
+# ----------------------------------------------------------- choosing layers
+
+def no_disk_error(count):
+    return CdiError(f"{settings['name']}: layer=auto: no layer holds a VM disk "
+                    f"(a regular file under disk/); looked at {count} layers")
+
+
+def check_one_disk(layer):
+    disks = layer.disks()
+    if len(disks) > 1:
+        raise CdiError(f"{settings['name']}: layer=auto: layer {layer.index} holds "
+                       f"{len(disks)} disks ({', '.join(d.name for d in disks)}): "
+                       "pick one with layer=N and the tar filter's tar-entry=")
+    return layer
+
+
+def layers_from_storage(image):
+    """{index: Layer} served in place, and the selected index.  Raises
+    FastPathUnavailable when the selected layer cannot be."""
+    plan = storage_layers(image)
+    diff_ids = image["RootFS"]["Layers"]
+    selected = None if settings["layer"] == "auto" else \
+        layer_index(settings["layer"], len(diff_ids))
+    order = list(range(len(plan)))
+    if selected is not None:
+        order.remove(selected)
+        order.insert(0, selected)
+    layers = {}
+    try:
+        for index in order:
+            try:
+                layers[index] = storage_layer(index, diff_ids[index], *plan[index])
+            except FastPathUnavailable as reason:
+                if selected is None or index == selected:
+                    raise
+                nbdkit.debug(f"layer {index} is not exported: {reason}")
+                continue
+            if selected is None and layers[index].disks():
+                selected = index
+    except BaseException:
+        for layer in layers.values():
+            layer.close()
+        raise
+    if selected is None:
+        raise no_disk_error(len(diff_ids))
+    check_one_disk(layers[selected])
+    return layers, selected
+
+
+def import_layers(workspace, image):
+    """{index: Layer} to export, and the default one's index."""
+    if settings["copy"]:
+        nbdkit.debug("copy=true: copying the layer with podman save")
+    else:
+        try:
+            return layers_from_storage(image)
+        except FastPathUnavailable as reason:
+            nbdkit.debug(f"cannot serve from podman's storage ({reason}): "
+                         "copying the layer with podman save")
+    count = len(image["RootFS"]["Layers"])
+    selected = None if settings["layer"] == "auto" else \
+        layer_index(settings["layer"], count)
+    layer = check_one_disk(save_layer(workspace, image, selected))
+    return {layer.index: layer}, layer.index
+
+
+def raise_open_file_limit():
+    """Serving in place holds every file of a layer open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def get_ready():
+    global default_index, layer_count
+    started = time.monotonic()
+    raise_open_file_limit()
+    with Workspace() as workspace:
+        nbdkit.debug(f"workspace {workspace.path}")
+        image = find_image(workspace)
+        layer_count = len(image["RootFS"]["Layers"])
+        workspace.space_needed = 2 * image.get("Size", 0)
+        nbdkit.debug(f"found image {image['Id']} ({layer_count} layers) in "
+                     f"{time.monotonic() - started:.2f} s")
+        exported, default_index = import_layers(workspace, image)
+        layers.update(exported)
+    for index in sorted(layers):
+        nbdkit.debug(f"export {index}: {layers[index].how}: "
+                     f"{layers[index].describe(layer_count)}")
+    nbdkit.debug(f"ready in {time.monotonic() - started:.2f} s")
+    if settings["verify"] == "before" and layers[default_index].how == "storage":
+        check_digest(layers[default_index])
+
+
+# --------------------------------------------------------------- verifying
+
+def check_digest(layer):
+    """Read LAYER whole and compare its sha256 with its diffID.  After a
+    mismatch every read of the layer fails."""
+    started = time.monotonic()
+    digest = hashlib.sha256()
+    buffer = bytearray(COPY_CHUNK)
+    progress = Progress(f"verified layer {layer.index}:", layer.size)
+    for offset in range(0, layer.size, COPY_CHUNK):
+        view = memoryview(buffer)[:min(COPY_CHUNK, layer.size - offset)]
+        layer.read(view, offset)
+        digest.update(view)
+        progress.add(len(view))
+    actual = "sha256:" + digest.hexdigest()
+    if actual != layer.diff_id:
+        layer.failure = (f"{settings['name']}: verify: layer {layer.index} hashes to "
+                         f"{actual} but the image says {layer.diff_id}; refusing to "
+                         "serve it (verify=false skips this check)")
+        raise CdiError(layer.failure)
+    nbdkit.debug(f"verified layer {layer.index} in {time.monotonic() - started:.2f} s")
+
+
+def verify_in_background(layer):
+    """Start checking LAYER's digest once, the first time it is opened.
+    Reads are served meanwhile: they come from podman's storage, which
+    podman checked when it stored the layer."""
+    with verify_lock:
+        if layer.index in verifying or settings["verify"] == "false":
+            return
+        verifying.add(layer.index)
+    if layer.how == "copy":
+        return  # checked while copying
+
+    def run():
+        # After a mismatch, layer.failure makes every read fail; an
+        # OSError means nbdkit is closing the layer on its way out.
+        with contextlib.suppress(CdiError, OSError):
+            check_digest(layer)
+
+    threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True).start()
+
+
+# ------------------------------------------------------------------ serving
+
+def list_exports(readonly, is_tls):
+    return [(str(index), layers[index].describe(layer_count)) for index in sorted(layers)]
+
+
+def default_export(readonly, is_tls):
+    return str(default_index)
+
+
+def find_export(name):
+    """The Layer for export NAME: "", an index (negative from the top), or
+    a diffID."""
+    if name == "":
+        return layers[default_index]
+    if re.fullmatch(r"-?[0-9]+", name) and -layer_count <= int(name) < layer_count:
+        return layers.get(int(name) % layer_count)
+    return next((layers[index] for index in sorted(layers)
+                 if layers[index].diff_id == name), None)
+
+
+def open(readonly):
+    name = nbdkit.export_name()
+    layer = find_export(name)
+    if layer is None:
+        nbdkit.set_error(errno.ENOENT)
+        raise CdiError(f"no export {name!r}: the exports are "
+                       + ", ".join(str(index) for index in sorted(layers))
+                       + " (or -1, -2, ... or a layer's diffID)")
+    verify_in_background(layer)
+    return layer
+
+
+def export_description(layer):
+    return layer.describe(layer_count)
+
+
+def get_size(layer):
+    return layer.size
+
+
+def is_rotational(layer):
+    return False
+
+
+def can_multi_conn(layer):
+    return True
+
+
+def can_write(layer):
+    return False
+
+
+def can_extents(layer):
+    return True
+
+
+def can_cache(layer):
+    return nbdkit.CACHE_NATIVE
+
+
+def pread(layer, buf, offset, flags):
+    if layer.failure:
+        nbdkit.set_error(errno.EIO)
+        raise CdiError(layer.failure)
+    try:
+        layer.read(memoryview(buf), offset)
+    except OSError as error:
+        nbdkit.set_error(error.errno)
+        raise CdiError(f"reading layer {layer.index} at offset {offset}: "
+                       f"{error.strerror}") from None
+
+
+def extents(layer, count, offset, flags):
+    runs = []
+    for start, length, hole in layer.extents(offset, count):
+        kind = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO if hole else 0
+        if runs and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length, kind)
+        else:
+            runs.append((start, length, kind))
+        if flags & nbdkit.FLAG_REQ_ONE:
+            break
+    return runs
+
+
+# The files behind a layer are regular files: let the kernel prefetch.
+def cache(layer, count, offset, flags):
+    for source, within, piece in layer.segments(offset, count):
+        if not isinstance(source, bytes):
+            os.posix_fadvise(source[0], within, piece, os.POSIX_FADV_WILLNEED)
 
 
 def cleanup():
-    if layer_fd >= 0:
-        os.close(layer_fd)
+    for layer in layers.values():
+        layer.close()

@@ -102,7 +102,9 @@ def importing(image, socket_path):
     is removed too, so that the failure is reported once, by the test."""
     tmpdir = os.environ["TMPDIR"]
     failed = False
-    command = nbdkit_command(f"name={image.name}", options=["-f", "-U", socket_path])
+    # copy=true: served in place from storage, the import writes nothing.
+    command = nbdkit_command(f"name={image.name}", "copy=true",
+                             options=["-f", "-U", socket_path])
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
@@ -253,9 +255,10 @@ def test_next_start_does_not_follow_a_symlink(three, lab, plugin_tmpdir):
         shutil.rmtree(target)
 
 
-def test_normal_run_leaves_nothing(three, plugin_tmpdir):
+@pytest.mark.parametrize("copy", ["false", "true"])
+def test_normal_run_leaves_nothing(three, plugin_tmpdir, copy):
     # While serving, TMPDIR is already empty: the layer copy has no name.
-    result = run_nbdkit(f"name={three.name}", "layer=-1",
+    result = run_nbdkit(f"name={three.name}", "layer=-1", f"copy={copy}",
                         run='nbdinfo --size "$uri" && ls -A "$TMPDIR"')
     assert result.returncode == 0, result.stderr
     size, *entries = result.stdout.split("\n")

@@ -35,7 +35,7 @@ def test_user_error_is_one_plain_line():
     assert "Traceback" not in stderr
     assert stderr.splitlines() == [
         f"nbdkit: error: {CDI}: config: error: layer='abc': expected an integer "
-        "(0 = base layer, -1 = top layer)"
+        "(0 = base layer, -1 = top layer) or auto"
     ]
 
 
@@ -57,10 +57,15 @@ def test_pull_policy_lists_the_choices():
     assert "pull='sometimes': expected one of missing, always, never" in message
 
 
-@pytest.mark.parametrize("key, value", [("tls-verify", "maybe"), ("verify", "perhaps")])
+@pytest.mark.parametrize("key, value", [("tls-verify", "maybe"), ("copy", "perhaps")])
 def test_boolean_parameter_expects_true_or_false(key, value):
     message = user_error("name=localhost/x", f"{key}={value}")
     assert f"{key}='{value}': expected true or false" in message
+
+
+def test_verify_lists_its_choices():
+    message = user_error("name=localhost/x", "verify=perhaps")
+    assert "verify='perhaps': expected true, before or false" in message
 
 
 def test_platform_must_be_os_slash_arch():
@@ -204,7 +209,8 @@ def test_full_tmpdir_says_no_space_left(lab, scratch):
     os.mkdir(small)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small], check=True)
     try:
-        message = user_error(f"name={image.name}", env=dict(os.environ, TMPDIR=small))
+        message = user_error(f"name={image.name}", "copy=true",
+                             env=dict(os.environ, TMPDIR=small))
         assert f"no space left on device in TMPDIR={small}" in message
         assert os.listdir(small) == []
     finally:
@@ -258,14 +264,14 @@ def test_layer_corrupted_in_storage_is_refused_by_podman(known_image):
     ).strip()
     with open(os.path.join(diff_dir, "data/known.bin"), "r+b") as stored:
         stored.write(b"KNOWN")
-    message = user_error(f"name={known_image.name}")
+    message = user_error(f"name={known_image.name}", "copy=true")
     assert f"{known_image.name}: save: the layer in local storage does not match its digest" \
         in message
     assert 'file integrity checksum failed for "data/known.bin"' in message
 
 
 def test_layer_not_matching_its_diff_id_is_refused(known_image, lying_podman):
-    message = user_error(f"name={known_image.name}")
+    message = user_error(f"name={known_image.name}", "copy=true")
     assert f"{known_image.name}: verify: the layer's content hashes to sha256:" in message
     assert (
         f"but the image says {known_image.diff_ids[0]}; refusing to serve it "
@@ -274,6 +280,6 @@ def test_layer_not_matching_its_diff_id_is_refused(known_image, lying_podman):
 
 
 def test_verify_false_serves_a_layer_not_matching_its_diff_id(known_image, lying_podman):
-    data = read_export(f"name={known_image.name}", "verify=false")
+    data = read_export(f"name={known_image.name}", "copy=true", "verify=false")
     assert sha256(data) != known_image.diff_ids[0]
     assert b"KNOWN content\n" * 1000 in data

@@ -42,7 +42,8 @@ def test_export_is_read_only_and_multi_conn(three):
 def test_nbdinfo_shows_the_layer(three):
     result = run_nbdkit(f"name={three.name}", "layer=1", run='nbdinfo "$uri"')
     assert result.returncode == 0, result.stderr
-    assert f"layer 1 of 3 of {three.name} ({three.diff_ids[1]}" in result.stdout
+    assert f"layer 1 of 3: {three.diff_ids[1]}, 2.5 KiB: 1 directory, 1 file" \
+        in result.stdout
     assert "POSIX tar archive" in result.stdout
     assert "is_read_only: true" in result.stdout
 
@@ -84,12 +85,13 @@ def test_many_connections_read_random_ranges(three):
     assert failures == []
 
 
-def test_verbose_shows_each_podman_command_and_timings(three):
-    result = run_nbdkit(f"name={three.name}", "layer=1", verbose=True)
+@pytest.mark.parametrize("copy, how", [("false", "storage"), ("true", "copy")])
+def test_verbose_shows_each_podman_command_and_timings(three, copy, how):
+    result = run_nbdkit(f"name={three.name}", "layer=1", f"copy={copy}", verbose=True)
     assert result.returncode == 0, result.stderr
     assert f"running: podman image exists -- {three.name}" in result.stderr
-    assert f"running: podman save --quiet --format docker-archive -- {three.id}" \
-        in result.stderr
-    assert re.search(r"found image [0-9a-f]{64} in [0-9.]+ s", result.stderr)
-    assert re.search(r"copied the layer \([0-9.]+ (bytes|KiB)\) in [0-9.]+ s; ready in [0-9.]+ s",
-                     result.stderr)
+    assert re.search(r"found image [0-9a-f]{64} \(3 layers\) in [0-9.]+ s", result.stderr)
+    assert f"export 1: {how}: layer 1 of 3: {three.diff_ids[1]}" in result.stderr
+    assert re.search(r"ready in [0-9.]+ s", result.stderr)
+    save = f"running: podman save --quiet --format docker-archive -- {three.id}"
+    assert (save in result.stderr) == (copy == "true")
