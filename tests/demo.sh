@@ -30,7 +30,7 @@ printf 'FROM scratch\nADD --chmod=0440 disk.qcow2 /disk/downloaded\n' > "$work/c
 show podman build --quiet -t localhost/cdi-demo/containerdisk:latest "$work/context"
 
 show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest \
-    --run 'nbdinfo "$uri"'
+    --run 'nbdinfo --list "$uri"'
 show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest \
     --filter=tar tar-entry=disk/downloaded \
     --run 'nbdinfo "$uri"; qemu-img info "$uri"'
