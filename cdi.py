@@ -1,13 +1,15 @@
-# cdi.py: an nbdkit plugin that exports one layer of a container image.
+# cdi.py: an nbdkit plugin that exports the layers of a container image.
 #
-# It pulls IMAGE with podman (unless it is already in local storage), takes
-# layer N (0 = base, negative counts from the top) and serves that layer, an
-# uncompressed tar archive, read-only over NBD.  KubeVirt "containerdisk"
-# images keep a VM disk at disk/... inside a layer; stack the tar filter on
-# top to reach it:
+# It pulls IMAGE with podman (unless it is already in local storage) and
+# serves each of its layers, an uncompressed tar archive, read-only over NBD:
+# in place from podman's storage when it can, from a copy made with
+# "podman save" when it must.  Layer N (0 = base, negative counts from the
+# top, auto = the one holding the VM disk) is the default export.  KubeVirt
+# "containerdisk" images keep a VM disk at disk/... inside a layer; stack
+# the tar filter on top to reach it:
 #
 #   nbdkit python ./cdi.py name=quay.io/kubevirt/cirros-container-disk-demo \
-#          --filter=tar tar-entry=disk/downloaded
+#          layer=auto --filter=tar tar-entry=disk/downloaded
 #
 # name= must be spelled out: Python plugins have no magic config key.  Run
 # "nbdkit python ./cdi.py --dump-plugin" for every parameter.
@@ -210,11 +212,13 @@ def thread_model():
 # ------------------------------------------------------------------ podman
 
 def describe_size(size):
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
-    return f"{size:.1f} TiB"  # unreachable, keeps linters quiet
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TiB"
 
 
 def split_transport(name):
@@ -338,8 +342,7 @@ class Workspace:
     def on_signal(self, signum, frame):
         self.signal_received = signum
         if not self.cleaning_up:
-            raise CdiError(f"{settings['name']}: import interrupted by "
-                           f"{signal.Signals(signum).name}")
+            raise interrupted_error(signum)
 
     def __exit__(self, exc_type, exc, tb):
         self.cleaning_up = True
@@ -354,8 +357,7 @@ class Workspace:
             signal.signal(signum, handler)
         nbdkit.debug(f"removed {self.path}")
         if exc is None and self.signal_received is not None:
-            raise CdiError(f"{settings['name']}: import interrupted by "
-                           f"{signal.Signals(self.signal_received).name}")
+            raise interrupted_error(self.signal_received)
 
     def start(self, args, stdout=subprocess.PIPE):
         """Start podman with ARGS; its stderr goes to a nameless file."""
@@ -402,6 +404,11 @@ class Workspace:
                 raise self.failure(process, step)
             output.seek(0)
             return process.returncode, output.read().decode(errors="replace")
+
+
+def interrupted_error(signum):
+    return CdiError(f"{settings['name']}: import interrupted by "
+                    f"{signal.Signals(signum).name}")
 
 
 def memory_file(name):
@@ -479,7 +486,7 @@ def guard(read_fd, path):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     # Hold no descriptor of nbdkit's open (under nbdkit -s stdout is the NBD
-    # connection) except the pipe and the workspace lock.
+    # connection) except the pipe.
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
