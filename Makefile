@@ -25,7 +25,6 @@ setup:
 
 lint: setup
 	ruff check cdi.py tests
-	ruff format --check cdi.py tests
 	$(PYTHON) -m py_compile cdi.py
 
 test: setup
