@@ -612,11 +612,15 @@ class Member:
 
 
 def parse_member(header, name, offset):
-    """The Member for the tar HEADER block (512 bytes) of entry NAME."""
+    """The Member for entry NAME, whose own tar header block is HEADER."""
     try:
         info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")
     except tarfile.TarError:
         return Member(name, "other", 0, offset)
+    return member_from_info(info, name, offset)
+
+
+def member_from_info(info, name, offset):
     base = name.rstrip("/").rsplit("/", 1)[-1]
     if base.startswith(".wh."):
         kind = "whiteout"
@@ -969,16 +973,11 @@ def write_exactly(fd, data, offset):
 
 def scan_members(fd):
     """The tar members of the layer copy in FD."""
-    members = []
     with os.fdopen(os.dup(fd), "rb") as file, \
             tarfile.open(fileobj=file, mode="r:", encoding="utf-8",
                          errors="surrogateescape") as archive:
-        for info in archive:
-            header = bytearray(512)
-            os.preadv(fd, [header], info.offset)
-            member = parse_member(header, clean_name(info.name), info.offset_data)
-            member.size = info.size
-            members.append(member)
+        members = [member_from_info(info, clean_name(info.name), info.offset_data)
+                   for info in archive]
     return members
 
 
