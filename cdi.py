@@ -116,6 +116,8 @@ def parse_layer(value):
     if not re.fullmatch(r"-?[0-9]+", value):
         raise CdiError(f"layer={value!r}: expected an integer "
                        "(0 = base layer, -1 = top layer) or auto")
+    if len(value) > 20:
+        raise CdiError(f"layer={value[:20]}...: too many digits for a layer number")
     if value.startswith("-") and int(value) == 0:
         raise CdiError(f"layer={value!r} is ambiguous: "
                        "use 0 for the base layer or -1 for the top layer")
@@ -194,9 +196,9 @@ def config_complete():
         raise CdiError("you must supply name=IMAGE after the script name, "
                        "for example: nbdkit python cdi.py name=quay.io/org/image")
     if "authfile" in settings and not os.path.isfile(settings["authfile"]):
-        raise CdiError(f"authfile={settings['authfile']}: no such file")
+        raise CdiError(f"authfile={settings['authfile']!r}: no such file")
     if "cert-dir" in settings and not os.path.isdir(settings["cert-dir"]):
-        raise CdiError(f"cert-dir={settings['cert-dir']}: no such directory")
+        raise CdiError(f"cert-dir={settings['cert-dir']!r}: no such directory")
     if settings["pull"] == "never" and local_reference(settings["name"]) is None:
         raise CdiError(f"pull=never cannot be used with {settings['name']}: "
                        "that transport always imports the image")
@@ -275,6 +277,8 @@ PODMAN_DIAGNOSES = [
      "the layer in local storage does not match its digest: remove the image "
      "(podman rmi) and pull it again"),
     (r"no such file or directory", "file not found"),
+    (r"happened during read: unexpected EOF|connection reset by peer",
+     "the connection to {registry} was cut during the download"),
     (r"pinging container registry|connection refused|no such host|"
      r"i/o timeout|network is unreachable|server gave HTTP response",
      "registry {registry} unreachable"),
@@ -855,6 +859,7 @@ def storage_layer(index, diff_id, diff_dir, tar_split, diff_size):
     layer = Layer(index, diff_id)
     layer.how = "storage"
     pending = bytearray()
+    header_bytes = 0
     try:
         root_fd = os.open(diff_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
@@ -863,7 +868,8 @@ def storage_layer(index, diff_id, diff_dir, tar_split, diff_size):
         for data, name, size in tar_split_entries(tar_split):
             if data is not None:
                 pending += data
-                if len(pending) > MAX_HEADER_BYTES:
+                header_bytes += len(data)
+                if header_bytes > MAX_HEADER_BYTES:
                     raise FastPathUnavailable("too many headers to keep in memory")
                 continue
             offset = layer.size + len(pending)
@@ -1170,10 +1176,14 @@ def verify_in_background(layer):
         return  # checked while copying
 
     def run():
-        # After a mismatch, layer.failure makes every read fail; an
-        # OSError means nbdkit is closing the layer on its way out.
-        with contextlib.suppress(CdiError, OSError):
+        try:
             check_digest(layer)
+        except CdiError:
+            pass  # layer.failure is set: every read fails from now on
+        except OSError as error:
+            # Unchecked data must not be served as if it had been checked.
+            layer.failure = (f"{settings['name']}: verify: cannot read layer "
+                             f"{layer.index} ({error.strerror}); refusing to serve it")
 
     threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True).start()
 

@@ -107,12 +107,12 @@ def test_unknown_parameter_lists_the_known_ones():
 
 def test_missing_authfile_is_named():
     message = user_error("name=localhost/x", "authfile=/nonexistent")
-    assert "authfile=/nonexistent: no such file" in message
+    assert "authfile='/nonexistent': no such file" in message
 
 
 def test_missing_cert_dir_is_named():
     message = user_error("name=localhost/x", "cert-dir=/nonexistent")
-    assert "cert-dir=/nonexistent: no such directory" in message
+    assert "cert-dir='/nonexistent': no such directory" in message
 
 
 def test_missing_name_says_how_to_pass_it():
