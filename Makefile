@@ -7,7 +7,7 @@ DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
 RUFF_VERSION = 0.17.6
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup check lint test demo
+.PHONY: setup check lint test demo bench soak
 
 # Install whatever is missing: Debian packages, then ruff from PyPI.
 setup:
@@ -34,3 +34,13 @@ check: lint test
 
 demo: setup
 	tests/demo.sh
+
+# Benchmarks in a private podman and registry; sizes and runs from
+# BENCH_SIZES (default "1G 4G") and BENCH_RUNS (default 5).  See bench/README.md.
+bench: setup
+	@BENCH_SIZES="$(BENCH_SIZES)" BENCH_RUNS="$(BENCH_RUNS)" $(PYTHON) bench/bench.py
+
+# Minutes of random reads on 16 connections, every byte checked, memory
+# watched: CDI_SOAK_SECONDS (default 300).
+soak: setup
+	$(PYTHON) -m pytest -m soak tests/test_reliability.py
