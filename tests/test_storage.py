@@ -246,7 +246,7 @@ def mixed(lab):
 
 
 def test_fast_path_serves_every_layer_in_place(mixed):
-    result = run_nbdkit(f"name={mixed.name}", verbose=True)
+    result = run_nbdkit(f"name={mixed.name}", verbose=True, run='nbdinfo --list "$uri"')
     assert result.returncode == 0, result.stderr
     assert "cannot serve from podman's storage" not in result.stderr
     for index, diff_id in enumerate(mixed.diff_ids):
