@@ -5,6 +5,8 @@ PYTHON = /usr/bin/python3
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
 	podman skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
 RUFF_VERSION = 0.17.6
+# Through the interpreter: a pip-installed ruff may have no command on PATH yet.
+RUFF = python3 -m ruff
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup check lint test demo bench soak
@@ -20,11 +22,13 @@ setup:
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
-	@ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || \
-		python3 -m pip install --quiet --disable-pip-version-check 'ruff==$(RUFF_VERSION)'
+	@$(RUFF) --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || \
+		python3 -m pip install --quiet --disable-pip-version-check 'ruff==$(RUFF_VERSION)' || \
+		python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+			'ruff==$(RUFF_VERSION)'
 
 lint: setup
-	ruff check cdi.py tests
+	$(RUFF) check cdi.py tests bench
 	$(PYTHON) -m py_compile cdi.py
 
 test: setup
