@@ -1337,5 +1337,8 @@ def cache(layer, count, offset, flags):
 
 
 def cleanup():
-    for layer in layers.values():
-        layer.close()
+    # The thread opening the other layers may still be adding to layers.
+    with layers_lock:
+        unopened.clear()
+        for layer in layers.values():
+            layer.close()
