@@ -659,6 +659,7 @@ class Layer:
         self.members = []
         self.how = ""         # "storage" or "copy", for messages
         self.failure = None   # set when verification fails: reads then fail
+        self.description = None  # made once: every client handshake asks
 
     def add_bytes(self, data):
         if data:
@@ -723,8 +724,10 @@ class Layer:
         return [member for member in self.members if member.is_disk()]
 
     def describe(self):
-        return (f"layer {self.index} of {len(diff_ids)}: {self.diff_id}, "
-                f"{describe_size(self.size)}: {self.describe_contents()}")
+        if self.description is None:
+            self.description = (f"layer {self.index} of {len(diff_ids)}: {self.diff_id}, "
+                                f"{describe_size(self.size)}: {self.describe_contents()}")
+        return self.description
 
     def describe_contents(self):
         disks = self.disks()
