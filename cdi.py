@@ -736,10 +736,10 @@ class Layer:
         counts = {}
         for member in self.members:
             counts[member.kind] = counts.get(member.kind, 0) + 1
-        names = {"file": "file", "directory": "directory", "link": "link",
-                 "whiteout": "whiteout", "other": "other entry"}
-        parts = [f"{number} {names[kind]}{'s' if number != 1 else ''}"
-                 .replace("directorys", "directories").replace("entrys", "entries")
+        names = {"file": ("file", "files"), "directory": ("directory", "directories"),
+                 "link": ("link", "links"), "whiteout": ("whiteout", "whiteouts"),
+                 "other": ("other entry", "other entries")}
+        parts = [f"{number} {names[kind][number != 1]}"
                  for kind, number in sorted(counts.items())]
         return ", ".join(parts) or "empty"
 
