@@ -100,11 +100,7 @@ class Report:
 
     def kinds(self):
         """The ways of serving, in the order the bench set them up."""
-        seen = []
-        for _, _, kind in self.results.multi_conn:
-            if kind not in seen:
-                seen.append(kind)
-        return seen
+        return list(dict.fromkeys(kind for _, _, kind in self.results.multi_conn))
 
     def sequential(self):
         results = self.results
@@ -244,11 +240,7 @@ class Report:
     # ---------------------------------------------------------- importing
 
     def image_labels(self):
-        seen = []
-        for image, _ in self.results.imports:
-            if image not in seen:
-                seen.append(image)
-        return seen
+        return list(dict.fromkeys(image for image, _ in self.results.imports))
 
     def time_to_ready(self):
         results = self.results
