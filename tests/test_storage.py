@@ -311,13 +311,22 @@ def test_file_below_a_symlink_falls_back_to_podman_save(through_symlink):
     assert digest == through_symlink.diff_ids[0]
 
 
-def test_unsafe_layer_beside_the_served_one_is_not_exported(through_symlink):
+def test_unsafe_layer_beside_the_served_one_is_listed_and_copied_on_first_use(
+        through_symlink):
+    uri = "nbd+unix:///0?socket=$unixsocket"
     result = run_nbdkit(f"name={through_symlink.name}", "layer=1", verbose=True,
-                        run='nbdinfo --list --json "$uri"')
+                        run=f'nbdinfo --list --json "$uri" && nbdcopy "{uri}" - | sha256sum')
     assert result.returncode == 0, result.stderr
-    assert "layer 0 is not exported: cannot open b'escape/inside.txt'" in result.stderr
-    names = [export["export-name"] for export in json.loads(result.stdout)["exports"]]
-    assert names == ["1"]
+    listing, digest = result.stdout.rsplit("}", 1)
+    exports = {export["export-name"]: export["description"]
+               for export in json.loads(listing + "}")["exports"]}
+    assert list(exports) == ["0", "1"]
+    assert exports["0"] == (
+        f"layer 0 of 2: {through_symlink.diff_ids[0]}: copied with podman save when first "
+        "opened (cannot serve from podman's storage (cannot open b'escape/inside.txt': "
+        "Not a directory))")
+    assert "sha256:" + digest.split()[0] == through_symlink.diff_ids[0]
+    assert "layer 0: cannot serve from podman's storage" in result.stderr
 
 
 # ------------------------------------------------- another storage driver
@@ -405,15 +414,20 @@ def test_unknown_export_name_is_refused(mixed, export_name):
             "(or -1, -2, ... or a layer's diffID)") in result.stderr
 
 
-def test_save_path_exports_only_the_copied_layer(mixed):
+def test_copy_true_lists_every_layer_and_copies_each_on_first_use(mixed):
     uri = "nbd+unix:///0?socket=$unixsocket"
-    result = run_nbdkit(f"name={mixed.name}", "layer=3", "copy=true",
-                        run=f'nbdinfo --list --json "$uri" && nbdinfo "{uri}" >/dev/null')
-    assert result.returncode != 0
-    names = [export["export-name"] for export in json.loads(result.stdout)["exports"]]
-    assert names == ["3"]
-    assert "no export '0': the exports are 3 (or -1, -2, ... or a layer's diffID)" \
-        in result.stderr
+    result = run_nbdkit(f"name={mixed.name}", "layer=3", "copy=true", verbose=True,
+                        run=f'nbdinfo --list --json "$uri" && nbdcopy "{uri}" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    listing, digest = result.stdout.rsplit("}", 1)
+    exports = {export["export-name"]: export["description"]
+               for export in json.loads(listing + "}")["exports"]}
+    assert list(exports) == ["0", "1", "2", "3", "4"]
+    assert exports["0"] == (f"layer 0 of 5: {mixed.diff_ids[0]}: copied with podman save "
+                            "when first opened (copy=true)")
+    assert exports["3"].startswith(f"layer 3 of 5: {mixed.diff_ids[3]}, ")
+    assert "sha256:" + digest.split()[0] == mixed.diff_ids[0]
+    assert "layer 0: copy=true: copying the layer with podman save" in result.stderr
 
 
 # ------------------------------------------------------------- layer=auto

@@ -1,0 +1,12 @@
+"""The two kinds of failure the core raises on purpose."""
+
+
+class CdiError(Exception):
+    """A failure the user can act on (bad parameter, podman said no, full
+    disk).  nbdkit shows it as one line; any other exception is a bug and
+    keeps its traceback."""
+
+
+class StorageUnavailable(Exception):
+    """Why a layer cannot be served in place from podman's storage; the
+    copy path takes over."""

@@ -1,0 +1,251 @@
+"""The set of exports: one per layer of the image, each built on first
+use, in place from storage when it can be and copied when it must.
+
+Exports holds the whole state of a running plugin.  Each export (a Slot)
+has its own lock, held while that layer is built, so opening a ready export
+never waits behind the building of another.
+"""
+
+import logging
+import re
+import threading
+import time
+
+from .errors import CdiError, StorageUnavailable
+from .image import find_image
+from .layer import Layer
+from .podman import Podman
+from .progress import describe_size
+from .save import save_layers
+from .storage import storage_layer, storage_plans
+from .verify import check_digest, check_in_background
+from .workspace import Workspace
+
+log = logging.getLogger("cdipy")
+
+
+def prepare(settings):
+    """Find the image and build its default export; return the Exports.
+    The heavy work of start-up, done once before any client connects."""
+    started = time.monotonic()
+    with Workspace(settings.name, guard=True) as workspace:
+        podman = Podman(workspace, settings.name)
+        image = find_image(podman, settings)
+        podman.space_needed = 2 * image.get("Size", 0)
+        exports = Exports(settings, image)
+        log.debug(f"found image {image['Id']} ({len(exports.slots)} layers) in "
+                  f"{time.monotonic() - started:.2f} s")
+        try:
+            exports.build_default(podman)
+        except BaseException:
+            exports.close()
+            raise
+    default = exports.slots[exports.default_index]
+    log.debug(f"ready in {time.monotonic() - started:.2f} s")
+    if settings.verify == "before" and default.layer.how == "storage":
+        default.checked = True
+        try:
+            check_digest(default.layer, settings.name)
+        except BaseException:
+            exports.close()
+            raise
+    return exports
+
+
+class Slot:
+    """One export: layer INDEX of the image, and what is known of it.  Every
+    field but index and diff_id is guarded by lock."""
+
+    def __init__(self, index, diff_id, plan):
+        self.index = index
+        self.diff_id = diff_id
+        self.lock = threading.Lock()
+        self.layer = None           # the Layer, once built; then never changed
+        self.plan = plan            # StoragePlan, or None: copy it
+        self.not_in_storage = None  # why it must be copied, as a phrase
+        self.failure = None         # why the last try to build it failed
+        self.checked = False        # its digest check has started (or is done)
+        self.description = None     # made once: every client handshake asks
+
+
+class Exports:
+    def __init__(self, settings, image):
+        self.settings = settings
+        self.image = image
+        self.diff_ids = tuple(image["RootFS"]["Layers"])
+        plans, why = [None] * len(self.diff_ids), "copy=true"
+        if not settings.copy:
+            try:
+                plans = storage_plans(image)
+            except StorageUnavailable as reason:
+                why = f"cannot serve from podman's storage ({reason})"
+        # Made once, never changed: read without a lock.
+        self.slots = tuple(Slot(index, diff_id, plan)
+                           for index, (diff_id, plan) in enumerate(zip(self.diff_ids, plans)))
+        for slot in self.slots:
+            if slot.plan is None:
+                slot.not_in_storage = why
+        self.default_index = None
+
+    # ----------------------------------------------------------- start-up
+
+    def build_default(self, podman):
+        """Build the default export (for layer=auto, the layers up to the one
+        holding the VM disk) with PODMAN, the start-up's own."""
+        count = len(self.slots)
+        layer = self.settings.layer
+        if layer == "auto":
+            self.default_index = self.find_disk_layer(podman)
+        elif -count <= layer < count:
+            self.default_index = layer % count
+            slot = self.slots[self.default_index]
+            with slot.lock:
+                self.build(slot, podman)
+        else:
+            allowed = f"0..{count - 1} or -{count}..-1" if count else "none"
+            raise CdiError(f"{self.settings.name}: layer={layer} is out of range: the "
+                           f"image has {count} layer{'s' if count != 1 else ''} "
+                           f"(allowed: {allowed})")
+
+    def find_disk_layer(self, podman):
+        """The index of the first layer with a regular file under disk/."""
+        index = 0
+        while index < len(self.slots):
+            slot = self.slots[index]
+            with slot.lock:
+                if slot.plan is not None:
+                    self.build_from_storage(slot)
+            if slot.layer is None:
+                # Not in storage: one "podman save" looks through the layers
+                # from here up to the next one that storage holds.
+                run = [index]
+                while run[-1] + 1 < len(self.slots) and self.slots[run[-1] + 1].plan is None:
+                    run.append(run[-1] + 1)
+                layer = save_layers(podman, self.image, run, self.settings.verify != "false",
+                                    keep=Layer.disks)
+                if layer is None:
+                    index = run[-1] + 1
+                    continue
+                slot = self.slots[layer.index]
+                with slot.lock:
+                    self.keep(slot, layer)
+            if slot.layer.disks():
+                return self.check_one_disk(slot.layer)
+            log.debug(f"layer {slot.index} holds no disk/ file")
+            index = slot.index + 1
+        raise CdiError(f"{self.settings.name}: layer=auto: no layer holds a VM disk "
+                       f"(a regular file under disk/); looked at {len(self.slots)} layers")
+
+    def check_one_disk(self, layer):
+        disks = layer.disks()
+        if len(disks) > 1:
+            raise CdiError(f"{self.settings.name}: layer=auto: layer {layer.index} holds "
+                           f"{len(disks)} disks ({', '.join(d.name for d in disks)}): "
+                           "pick one with layer=N and the tar filter's tar-entry=")
+        return layer.index
+
+    def build_in_background(self):
+        """Open every layer that storage holds, in a thread: a client asking
+        for one meanwhile waits for that one alone.  Once open, removing
+        the image cannot change it."""
+        def run():
+            for slot in self.slots:
+                with slot.lock:
+                    if slot.layer is None and slot.plan is not None:
+                        self.build_from_storage(slot)
+        threading.Thread(target=run, name="open-layers", daemon=True).start()
+
+    # ------------------------------------------------------------ serving
+
+    def find(self, name):
+        """The Slot of export NAME: "" (the default), an index (negative
+        from the top) or a diffID; None if there is none."""
+        count = len(self.slots)
+        if name == "":
+            return self.slots[self.default_index]
+        if re.fullmatch(r"-?[0-9]{1,20}", name) and -count <= int(name) < count:
+            return self.slots[int(name) % count]
+        return next((slot for slot in self.slots if slot.diff_id == name), None)
+
+    def open(self, name):
+        """The Layer of export NAME, built if it is not yet; starts its digest
+        check.  Raises LookupError if there is no such export, CdiError if
+        it cannot be served."""
+        slot = self.find(name)
+        if slot is None:
+            raise LookupError(f"no export {name!r}: the exports are "
+                              + ", ".join(self.names())
+                              + " (or -1, -2, ... or a layer's diffID)")
+        layer = slot.layer  # set once: a ready export needs no lock
+        if layer is None or not slot.checked:
+            with slot.lock:
+                if slot.layer is None:
+                    with Workspace(self.settings.name) as workspace:
+                        self.build(slot, Podman(workspace, self.settings.name))
+                layer = slot.layer
+                if not slot.checked and self.settings.verify != "false":
+                    slot.checked = True
+                    check_in_background(layer, self.settings.name)
+        return layer
+
+    def names(self):
+        return [str(slot.index) for slot in self.slots]
+
+    def listing(self):
+        """(name, description) of every export."""
+        return [(str(slot.index), self.describe(slot)) for slot in self.slots]
+
+    def describe(self, slot):
+        """What export SLOT holds; a layer that storage holds is opened to
+        tell, one that must be copied is not."""
+        with slot.lock:
+            if slot.layer is None and slot.plan is not None:
+                self.build_from_storage(slot)
+            if slot.description is not None:
+                return slot.description
+            head = f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}"
+            if slot.failure:
+                return f"{head}: cannot be served: {slot.failure}"
+            return (f"{head}: copied with podman save when first opened "
+                    f"({slot.not_in_storage})")
+
+    def close(self):
+        for slot in self.slots:
+            with slot.lock:
+                if slot.layer is not None:
+                    slot.layer.close()
+
+    # ----------------------------------------------- building, under slot.lock
+
+    def build(self, slot, podman):
+        """Build SLOT's layer: from storage, else copied with PODMAN."""
+        if slot.plan is not None:
+            self.build_from_storage(slot)
+        if slot.layer is None:
+            log.debug(f"layer {slot.index}: {slot.not_in_storage}: "
+                      "copying the layer with podman save")
+            try:
+                layer = save_layers(podman, self.image, [slot.index],
+                                    self.settings.verify != "false", keep=bool)
+                if layer is None:
+                    raise CdiError(f"{self.settings.name}: save: podman's archive has no "
+                                   f"layer {slot.diff_id}")
+            except CdiError as error:
+                slot.failure = str(error)
+                raise
+            self.keep(slot, layer)
+
+    def build_from_storage(self, slot):
+        try:
+            self.keep(slot, storage_layer(slot.index, slot.diff_id, slot.plan))
+        except StorageUnavailable as reason:
+            slot.plan = None
+            slot.not_in_storage = f"cannot serve from podman's storage ({reason})"
+
+    def keep(self, slot, layer):
+        slot.failure = None
+        slot.checked = slot.checked or layer.how == "copy"  # checked while copied
+        slot.description = (f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}, "
+                            f"{describe_size(layer.size)}: {layer.describe_contents()}")
+        slot.layer = layer
+        log.debug(f"export {slot.index}: {layer.how}: {slot.description}")

@@ -1,0 +1,181 @@
+"""The plugin's key=value parameters: each checked as it arrives, then all
+together once nbdkit has passed them all."""
+
+import dataclasses
+import os
+import re
+from typing import Optional, Union
+
+from .errors import CdiError
+
+# What each parameter means, for --dump-plugin and for error messages.
+PARAMETERS = {
+    "name": "IMAGE (required) the image, anything podman pull accepts",
+    "layer": "N|auto default export: 0 = base (default), negative counts from "
+             "the top, auto = the layer holding the VM disk (disk/...)",
+    "pull": "missing|always|never when to contact the registry (default missing)",
+    "tls-verify": "true|false passed to podman pull",
+    "authfile": "PATH registry credentials, passed to podman pull",
+    "cert-dir": "PATH TLS certificates, passed to podman pull",
+    "platform": "OS/ARCH[/VARIANT] image to take from a multi-arch manifest list",
+    "verify": "true|before|false check each layer hashes to its diffID "
+              "(default true: while copying, or in the background)",
+    "copy": "true|false copy the layer to TMPDIR instead of serving it from "
+            "podman's storage (default false)",
+}
+PULL_POLICIES = ("missing", "always", "never")
+# Image transports podman understands; other "word:" prefixes are registry ports.
+TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir",
+              "containers-storage", "docker-daemon")
+EXAMPLE_IMAGE = "quay.io/kubevirt/fedora-cloud-container-disk-demo"
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every parameter, parsed.  None: not given (podman's own default)."""
+    name: Optional[str] = None
+    layer: Union[int, str] = 0         # an index, negative from the top, or "auto"
+    pull: str = "missing"
+    tls_verify: Optional[bool] = None
+    authfile: Optional[str] = None
+    cert_dir: Optional[str] = None
+    platform: Optional[str] = None
+    verify: str = "true"               # "true", "before" or "false"
+    copy: bool = False
+
+    def set(self, key, value):
+        """Parse and keep KEY=VALUE; every error names the key."""
+        parser = PARSERS.get(key)
+        if parser is None:
+            raise CdiError(f"unknown parameter {key!r}: this plugin takes "
+                           + ", ".join(f"{known}=" for known in PARAMETERS))
+        setattr(self, key.replace("-", "_"), parser(key, value))
+
+    def check_complete(self):
+        """Checks that need every parameter, once nbdkit has passed them."""
+        if self.name is None:
+            raise CdiError("you must supply name=IMAGE after the script name, "
+                           f"for example: nbdkit python cdi.py name={EXAMPLE_IMAGE}")
+        if self.authfile is not None and not os.path.isfile(self.authfile):
+            raise CdiError(f"authfile={self.authfile!r}: no such file")
+        if self.cert_dir is not None and not os.path.isdir(self.cert_dir):
+            raise CdiError(f"cert-dir={self.cert_dir!r}: no such directory")
+        if self.pull == "never" and local_reference(self.name) is None:
+            raise CdiError(f"pull=never cannot be used with {self.name}: "
+                           "that transport always imports the image")
+
+    def registry_options(self):
+        """podman pull's options for these settings, each one argv element."""
+        options = []
+        if self.tls_verify is not None:
+            options.append(f"--tls-verify={str(self.tls_verify).lower()}")
+        for option, value in (("authfile", self.authfile), ("cert-dir", self.cert_dir),
+                              ("platform", self.platform)):
+            if value is not None:
+                options.append(f"--{option}={value}")
+        return options
+
+
+def split_transport(name):
+    """Return (transport, rest); transport is "" for a plain registry name."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in TRANSPORTS:
+        return prefix, rest
+    return "", name
+
+
+def local_reference(name):
+    """The name to look up in local storage, or None for file transports,
+    which podman must always import."""
+    transport, rest = split_transport(name)
+    if transport == "":
+        return name
+    if transport == "docker":
+        return rest.lstrip("/")
+    if transport == "containers-storage":
+        return rest
+    return None
+
+
+def registry_of(name):
+    """The registry host a name refers to, as podman would contact it."""
+    reference = local_reference(name) or name
+    first, sep, _ = reference.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "the default search registries"
+
+
+def parse_image_name(key, value):
+    if value == "":
+        raise CdiError(f"name= is empty: expected an image such as {EXAMPLE_IMAGE}")
+    if value.startswith("-"):
+        raise CdiError(f"name={value!r}: an image name cannot start with '-'")
+    if not value.isprintable() or any(character.isspace() for character in value):
+        raise CdiError(f"name={value!r}: an image name cannot contain "
+                       "spaces or control characters")
+    return value
+
+
+def parse_layer(key, value):
+    if value == "auto":
+        return value
+    if not re.fullmatch(r"-?[0-9]+", value):
+        raise CdiError(f"layer={value!r}: expected an integer "
+                       "(0 = base layer, -1 = top layer) or auto")
+    if len(value) > 20:
+        raise CdiError(f"layer={value[:20]}...: too many digits for a layer number")
+    if value.startswith("-") and int(value) == 0:
+        raise CdiError(f"layer={value!r} is ambiguous: "
+                       "use 0 for the base layer or -1 for the top layer")
+    return int(value)
+
+
+def parse_bool(key, value):
+    words = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+    try:
+        return words[value.lower()]
+    except KeyError:
+        raise CdiError(f"{key}={value!r}: expected true or false") from None
+
+
+def parse_pull(key, value):
+    if value not in PULL_POLICIES:
+        raise CdiError(f"{key}={value!r}: expected one of " + ", ".join(PULL_POLICIES))
+    return value
+
+
+def parse_path(key, value):
+    if value == "":
+        raise CdiError(f"{key}= is empty: expected a path")
+    return os.path.abspath(value)
+
+
+def parse_platform(key, value):
+    if not re.fullmatch(r"[a-z0-9_]+/[a-z0-9_]+(/[a-z0-9_.]+)?", value):
+        raise CdiError(f"platform={value!r}: expected OS/ARCH[/VARIANT], "
+                       "for example linux/arm64/v8")
+    return value
+
+
+def parse_verify(key, value):
+    if value == "before":
+        return value
+    try:
+        return str(parse_bool(key, value)).lower()
+    except CdiError:
+        raise CdiError(f"verify={value!r}: expected true, before or false") from None
+
+
+PARSERS = {
+    "name": parse_image_name,
+    "layer": parse_layer,
+    "pull": parse_pull,
+    "tls-verify": parse_bool,
+    "authfile": parse_path,
+    "cert-dir": parse_path,
+    "platform": parse_platform,
+    "verify": parse_verify,
+    "copy": parse_bool,
+}

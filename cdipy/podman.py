@@ -1,0 +1,101 @@
+"""Running podman in a workspace, and what its errors mean to the user."""
+
+import logging
+import re
+import subprocess
+import time
+
+from .errors import CdiError
+from .parameters import registry_of
+from .progress import PROGRESS_INTERVAL, describe_size
+from .workspace import memory_file, stderr_text
+
+log = logging.getLogger("cdipy")
+
+# podman's message patterns, and what they mean to the user.
+DIAGNOSES = [
+    (r"no space left on device",
+     "no space left on device in TMPDIR={tmpdir}"),
+    (r"short-name .* did not resolve|unqualified-search",
+     "short name with no search registries configured: use a fully "
+     "qualified name such as quay.io/ORG/IMAGE"),
+    (r"unauthorized|authentication required",
+     "authentication required by {registry}: run podman login or pass "
+     "authfile=PATH"),
+    (r"manifest unknown|name unknown|image not known|no such image",
+     "image not found"),
+    (r"file integrity checksum failed|digest did not match",
+     "the layer in local storage does not match its digest: remove the image "
+     "(podman rmi) and pull it again"),
+    (r"no such file or directory", "file not found"),
+    (r"happened during read: unexpected EOF|connection reset by peer",
+     "the connection to {registry} was cut during the download"),
+    (r"pinging container registry|connection refused|no such host|"
+     r"i/o timeout|network is unreachable|server gave HTTP response",
+     "registry {registry} unreachable"),
+]
+
+
+class Podman:
+    """podman commands for image IMAGE_NAME, run in WORKSPACE."""
+
+    def __init__(self, workspace, image_name):
+        self.workspace = workspace
+        self.image_name = image_name
+        self.space_needed = None  # bytes, once the image is known
+
+    def start(self, args, stdout=subprocess.PIPE):
+        return self.workspace.start(["podman", *args], stdout=stdout)
+
+    def run(self, args, step, ok_statuses=(0,)):
+        """Run podman to completion; return (exit status, stdout text)."""
+        with memory_file("podman-stdout") as output:
+            process = self.start(args, stdout=output)
+            started = time.monotonic()
+            while True:
+                try:
+                    process.wait(timeout=PROGRESS_INTERVAL)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.debug(f"podman {args[0]} still running after "
+                              f"{time.monotonic() - started:.0f} s")
+            if process.returncode not in ok_statuses:
+                raise self.failure(process, step)
+            output.seek(0)
+            return process.returncode, output.read().decode(errors="replace")
+
+    def failure(self, process, step):
+        """The CdiError for a podman command that failed at STEP."""
+        text = stderr_text(process)
+        meaning = diagnose(text, registry_of(self.image_name), self.workspace.tmpdir)
+        if meaning.startswith("no space left") and self.space_needed is not None:
+            meaning += (f"; the import needs up to {describe_size(self.space_needed)} "
+                        "free (podman stages its own copy of the layer)")
+        return CdiError(f"{self.image_name}: {step}: {meaning}"
+                        f" ({describe_status(process)}: {summary(text)})")
+
+
+def diagnose(stderr_text, registry, tmpdir):
+    """What podman's STDERR_TEXT means, in words the user can act on.
+    REGISTRY is the one the name refers to, if podman names none."""
+    for pattern, meaning in DIAGNOSES:
+        if re.search(pattern, stderr_text, re.IGNORECASE):
+            match = re.search(r"pinging container registry ([^:\s]+(:[0-9]+)?)",
+                              stderr_text)
+            return meaning.format(registry=match.group(1) if match else registry,
+                                  tmpdir=tmpdir)
+    return "podman failed"
+
+
+def summary(stderr_text):
+    """podman's own last words: its "Error:" line, else its last lines."""
+    lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    chosen = errors[-1:] or lines[-3:]
+    return " / ".join(chosen) or "(no message)"
+
+
+def describe_status(process):
+    if process.returncode < 0:
+        return f"podman killed by signal {-process.returncode}"
+    return f"podman exit status {process.returncode}"

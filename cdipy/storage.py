@@ -1,0 +1,173 @@
+"""Serving a layer in place from podman's overlay storage.
+
+podman keeps, for each layer, its files in overlay/ID/diff/ and the tar
+headers it was unpacked from in overlay-layers/ID.tar-split.gz.  The tar
+is rebuilt from the two: the headers in memory, each file's contents from
+the file itself, held open so that removing the image changes nothing we
+serve.  Anything unexpected raises StorageUnavailable, and the copy path
+takes over.
+"""
+
+import base64
+import dataclasses
+import gzip
+import json
+import os
+import stat
+import zlib
+from typing import Optional
+
+from .errors import StorageUnavailable
+from .layer import Layer, clean_name, member_from_header
+
+# Tar headers of one layer kept in memory, at most.
+MAX_HEADER_BYTES = 16 << 20
+HEADER_BLOCK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class StoragePlan:
+    """Where one layer is in podman's storage."""
+    diff_dir: str
+    tar_split: str
+    diff_size: Optional[int]
+
+
+def storage_plans(image):
+    """The StoragePlan of each layer of IMAGE (an inspect record), base
+    first, from its chain of layers in layers.json."""
+    driver = image.get("GraphDriver") or {}
+    if driver.get("Name") != "overlay":
+        raise StorageUnavailable(f"storage driver {driver.get('Name')!r} is not overlay")
+    upper = (driver.get("Data") or {}).get("UpperDir", "")
+    layer_dir = os.path.dirname(upper)
+    overlay_dir = os.path.dirname(layer_dir)
+    if os.path.basename(upper) != "diff" or os.path.basename(overlay_dir) != "overlay":
+        raise StorageUnavailable(f"unexpected layer directory {upper!r}")
+    layers_dir = os.path.join(os.path.dirname(overlay_dir), "overlay-layers")
+    try:
+        with open(os.path.join(layers_dir, "layers.json"), "rb") as file:
+            records = {record["id"]: record for record in json.load(file)}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StorageUnavailable(f"cannot read layers.json: {error}") from None
+    chain = layer_chain(records, os.path.basename(layer_dir))
+    if [record.get("diff-digest") for record in chain] != image["RootFS"]["Layers"]:
+        raise StorageUnavailable("storage layers do not match the image's diffIDs")
+    return [StoragePlan(os.path.join(overlay_dir, record["id"], "diff"),
+                        os.path.join(layers_dir, record["id"] + ".tar-split.gz"),
+                        record.get("diff-size"))
+            for record in chain]
+
+
+def layer_chain(records, top_id):
+    """The records from the base layer up to TOP_ID, following "parent"."""
+    chain = []
+    layer_id = top_id
+    while layer_id:
+        record = records.get(layer_id)
+        if record is None or record in chain:
+            raise StorageUnavailable(f"layer {layer_id} is not in layers.json")
+        chain.append(record)
+        layer_id = record.get("parent")
+    chain.reverse()
+    return chain
+
+
+def storage_layer(index, diff_id, plan):
+    """Layer INDEX read in place, as PLAN says where it is."""
+    layer = Layer(index, diff_id, "storage")
+    pending = bytearray()     # tar bytes not yet added to the layer
+    header_bytes = 0
+    try:
+        with gzip.open(plan.tar_split, "rb") as stream, DirectoryTree(plan.diff_dir) as tree:
+            for data, name, size in tar_split_entries(stream, plan.tar_split):
+                if data is not None:
+                    pending += data
+                    header_bytes += len(data)
+                    if header_bytes > MAX_HEADER_BYTES:
+                        raise StorageUnavailable("too many headers to keep in memory")
+                    continue
+                offset = layer.size + len(pending)
+                layer.members.append(member_from_header(pending[-HEADER_BLOCK:],
+                                                        clean_name(name), size, offset))
+                if size:
+                    fd = tree.open_file(name)
+                    layer.add_bytes(pending)
+                    pending = bytearray()
+                    layer.add_file(fd, size)
+                    check_file(fd, name, size)
+            layer.add_bytes(pending)
+        if plan.diff_size is not None and layer.size != plan.diff_size:
+            raise StorageUnavailable(f"rebuilt {layer.size} bytes, storage says "
+                                     f"{plan.diff_size}")
+    except OSError as error:
+        layer.close()
+        raise StorageUnavailable(f"cannot read {plan.tar_split}: {error}") from None
+    except BaseException:
+        layer.close()
+        raise
+    return layer
+
+
+def tar_split_entries(stream, path):
+    """Yield (bytes, None, 0) for raw tar data and (None, name, size) for a
+    file's contents, from a tar-split STREAM (read from PATH)."""
+    try:
+        for line in stream:
+            entry = json.loads(line)
+            if entry["type"] == 2:
+                yield base64.b64decode(entry.get("payload") or "", validate=True), None, 0
+            elif entry["type"] == 1:
+                raw = entry.get("name_raw")
+                name = base64.b64decode(raw, validate=True) if raw else os.fsencode(entry["name"])
+                size = entry.get("size") or 0
+                if not isinstance(size, int) or size < 0:
+                    raise ValueError(f"size {size!r}")
+                yield None, name, size
+            else:
+                raise StorageUnavailable(f"tar-split entry of type {entry['type']}")
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as error:
+        raise StorageUnavailable(f"unreadable tar-split {path}: {error}") from None
+
+
+def check_file(fd, name, size):
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_size != size:
+        raise StorageUnavailable(f"{name!r} in storage is not the {size}-byte file "
+                                 "the tar-split says")
+
+
+class DirectoryTree:
+    """Opens files beneath one directory, following no symlink and no
+    '..', and opening each directory on the way once."""
+
+    def __init__(self, path):
+        try:
+            self.directories = {(): os.open(path, os.O_RDONLY | os.O_DIRECTORY)}
+        except OSError as error:
+            raise StorageUnavailable(f"cannot open {path}: {error.strerror}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for fd in self.directories.values():
+            os.close(fd)
+
+    def open_file(self, name):
+        parts = tuple(part for part in name.split(b"/") if part not in (b"", b"."))
+        if not parts or b".." in parts:
+            raise StorageUnavailable(f"unsafe name {name!r} in the tar-split")
+        try:
+            return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW,
+                           dir_fd=self.directory(parts[:-1]))
+        except OSError as error:
+            raise StorageUnavailable(f"cannot open {name!r}: {error.strerror}") from None
+
+    def directory(self, parts):
+        fd = self.directories.get(parts)
+        if fd is None:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY,
+                         dir_fd=self.directory(parts[:-1]))
+            self.directories[parts] = fd
+        return fd
