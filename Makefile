@@ -1,4 +1,4 @@
-# cdi.py: make setup | check | lint | test | demo
+# cdi.py: make setup | check | lint | unit | test | demo | install
 
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
@@ -9,7 +9,7 @@ RUFF_VERSION = 0.17.6
 RUFF = python3 -m ruff
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup check lint test demo bench soak check-slow
+.PHONY: setup check lint unit test demo install uninstall bench soak check-slow
 
 # Install whatever is missing: Debian packages, then ruff from PyPI.
 setup:
@@ -28,11 +28,16 @@ setup:
 			'ruff==$(RUFF_VERSION)'
 
 lint: setup
-	$(RUFF) check cdi.py tests bench
+	$(RUFF) check cdi.py cdipy tests bench
 	$(PYTHON) -m py_compile cdi.py
 
-test: setup
-	$(PYTHON) -m pytest tests
+# The core alone, in seconds: no nbdkit, podman or registry.
+unit: setup
+	$(PYTHON) -m pytest tests/unit
+
+# Unit tests first, then end to end with real nbdkit, podman and registries.
+test: unit
+	$(PYTHON) -m pytest tests/e2e
 
 check: lint test
 
@@ -47,8 +52,27 @@ bench: setup
 # Minutes of random reads on 16 connections, every byte checked, memory
 # watched: CDI_SOAK_SECONDS (default 300).
 soak: setup
-	$(PYTHON) -m pytest -m soak tests/test_reliability.py
+	$(PYTHON) -m pytest -m soak tests/e2e/test_reliability.py
 
 # The tests too long for make check: an 8.1 GiB file stored sparsely (~3 min).
 check-slow: setup
-	$(PYTHON) -m pytest -m slow tests
+	$(PYTHON) -m pytest -m slow tests/e2e
+
+# make install [PREFIX=/usr/local] [DESTDIR=...]: the cdipy package on the
+# embedded Python's path, and the plugin as nbdkit-cdipy-plugin in nbdkit's
+# plugin directory, so that "nbdkit cdipy name=IMAGE" runs it.
+PREFIX = /usr/local
+PLUGINDIR = $(shell nbdkit --dump-config 2>/dev/null | sed -n 's/^plugindir=//p')
+# The directory of Python's path under PREFIX (Debian: .../dist-packages).
+PYTHONDIR = $(shell $(PYTHON) -c 'import sys, sysconfig; \
+	print(next((p for p in sys.path if p.startswith("$(PREFIX)/lib/") and p.endswith("-packages")), \
+	sysconfig.get_path("purelib", "posix_prefix", {"base": "$(PREFIX)"})))')
+
+install:
+	@test -n "$(PLUGINDIR)" || { echo "make install: nbdkit not found; run make setup"; exit 1; }
+	install -d $(DESTDIR)$(PYTHONDIR)/cdipy $(DESTDIR)$(PLUGINDIR)
+	install -m 0644 cdipy/*.py $(DESTDIR)$(PYTHONDIR)/cdipy/
+	install -m 0755 cdi.py $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin
+
+uninstall:
+	rm -rf $(DESTDIR)$(PYTHONDIR)/cdipy $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin

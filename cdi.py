@@ -182,5 +182,7 @@ def cleanup():
 def data_error(layer, doing, offset, error):
     """The CdiError for a failed data callback; the client sees its errno."""
     nbdkit.set_error(error.errno or errno.EIO)
+    if layer.failure:
+        return CdiError(layer.failure)
     return CdiError(f"{doing} layer {layer.index} at offset {offset}: "
                     f"{error.strerror or error}")

@@ -46,6 +46,9 @@ def save_layers(podman, image, wanted, verify, keep):
                 if keep(layer):
                     return layer
                 layer.close()
+        # The whole archive was read: podman has finished, perhaps failed.
+        if process.wait() != 0:
+            raise podman.failure(process, "save")
         return None
     except (tarfile.TarError, CdiError):
         if podman.workspace.signal_received is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-CDI = str(Path(__file__).resolve().parent.parent / "cdi.py")
+CDI = str(Path(__file__).resolve().parents[2] / "cdi.py")
 NBDKIT = shutil.which("nbdkit") or "nbdkit"  # absolute: tests may empty PATH
 REGISTRY_USER = "tester"
 REGISTRY_PASSWORD = "cdi-test-password"
