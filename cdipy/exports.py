@@ -163,7 +163,7 @@ class Exports:
         count = len(self.slots)
         if name == "":
             return self.slots[self.default_index]
-        if re.fullmatch(r"-?[0-9]{1,20}", name) and -count <= int(name) < count:
+        if re.fullmatch(r"0|-?[1-9][0-9]{0,19}", name) and -count <= int(name) < count:
             return self.slots[int(name) % count]
         return next((slot for slot in self.slots if slot.diff_id == name), None)
 

@@ -27,6 +27,9 @@ DIAGNOSES = [
     (r"file integrity checksum failed|digest did not match",
      "the layer in local storage does not match its digest: remove the image "
      "(podman rmi) and pull it again"),
+    (r"flate: corrupt input",
+     "podman's copy of the layer in local storage is corrupt: remove the image "
+     "(podman rmi) and pull it again"),
     (r"no such file or directory", "file not found"),
     (r"happened during read: unexpected EOF|connection reset by peer",
      "the connection to {registry} was cut during the download"),
@@ -80,9 +83,9 @@ def diagnose(stderr_text, registry, tmpdir):
     REGISTRY is the one the name refers to, if podman names none."""
     for pattern, meaning in DIAGNOSES:
         if re.search(pattern, stderr_text, re.IGNORECASE):
-            match = re.search(r"pinging container registry ([^:\s]+(:[0-9]+)?)",
+            match = re.search(r"pinging container registry (\[[^]\s]+\]|[^:\s]+)(:[0-9]+)?",
                               stderr_text)
-            return meaning.format(registry=match.group(1) if match else registry,
+            return meaning.format(registry=match.group(0).split()[-1] if match else registry,
                                   tmpdir=tmpdir)
     return "podman failed"
 

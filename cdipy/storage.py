@@ -125,7 +125,7 @@ def tar_split_entries(stream, path):
                     raise ValueError(f"size {size!r}")
                 yield None, name, size
             else:
-                raise StorageUnavailable(f"tar-split entry of type {entry['type']}")
+                raise ValueError(f"entry of type {entry['type']}")
     except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as error:
         raise StorageUnavailable(f"unreadable tar-split {path}: {error}") from None
 
