@@ -36,9 +36,11 @@ if os.path.isdir(os.path.join(HERE, "cdipy")):
 
 from cdipy.errors import CdiError  # noqa: E402
 from cdipy.exports import prepare  # noqa: E402
+from cdipy.layer import DATA, HOLE, ZERO  # noqa: E402
 from cdipy.parameters import PARAMETERS, Settings  # noqa: E402
 
 API_VERSION = 2
+EXTENT_FLAGS = {DATA: 0, HOLE: nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO, ZERO: nbdkit.EXTENT_ZERO}
 
 settings = Settings()  # filled by config
 exports = None         # the running plugin's whole state, from get_ready on
@@ -165,8 +167,7 @@ def extents(layer, count, offset, flags):
         runs = layer.extents(offset, count, first_only=flags & nbdkit.FLAG_REQ_ONE)
     except OSError as error:
         raise data_error(layer, "mapping", offset, error) from None
-    return [(start, length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO if hole else 0)
-            for start, length, hole in runs]
+    return [(start, length, EXTENT_FLAGS[kind]) for start, length, kind in runs]
 
 
 # The files behind a layer are regular files: let the kernel prefetch.

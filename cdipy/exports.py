@@ -7,6 +7,7 @@ never waits behind the building of another.
 """
 
 import logging
+import os
 import re
 import threading
 import time
@@ -17,8 +18,8 @@ from .layer import Layer
 from .podman import Podman
 from .progress import describe_size
 from .save import save_layers
-from .storage import storage_layer, storage_plans
-from .verify import check_digest, check_in_background
+from .storage import raise_open_file_limit, storage_layer, storage_plans
+from .verify import CheckRecords, check_and_remember, remembered, start_check
 from .workspace import Workspace
 
 log = logging.getLogger("cdipy")
@@ -28,6 +29,7 @@ def prepare(settings):
     """Find the image and build its default export; return the Exports.
     The heavy work of start-up, done once before any client connects."""
     started = time.monotonic()
+    raise_open_file_limit()
     with Workspace(settings.name, guard=True) as workspace:
         podman = Podman(workspace, settings.name)
         image = find_image(podman, settings)
@@ -45,7 +47,8 @@ def prepare(settings):
     if settings.verify == "before" and default.layer.how == "storage":
         default.checked = True
         try:
-            check_digest(default.layer, settings.name)
+            if not remembered(default.layer, exports.records):
+                check_and_remember(default.layer, settings.name, exports.records)
         except BaseException:
             exports.close()
             raise
@@ -73,6 +76,8 @@ class Exports:
         self.settings = settings
         self.image = image
         self.diff_ids = tuple(image["RootFS"]["Layers"])
+        self.records = CheckRecords(os.path.join(settings.cache_directory(), "checked")
+                                    if settings.cache_directory() else None)
         plans, why = [None] * len(self.diff_ids), "copy=true"
         if not settings.copy:
             try:
@@ -185,7 +190,7 @@ class Exports:
                 layer = slot.layer
                 if not slot.checked and self.settings.verify != "false":
                     slot.checked = True
-                    check_in_background(layer, self.settings.name)
+                    start_check(layer, self.settings.name, self.records)
         return layer
 
     def names(self):

@@ -3,6 +3,7 @@ each either bytes in memory (tar headers) or a range of an open file (a
 file's contents), and the tar members they hold."""
 
 import bisect
+import contextlib
 import errno
 import os
 import tarfile
@@ -32,18 +33,39 @@ class Member:
         return self.kind == "file" and self.name.startswith("disk/")
 
 
+class FileSegment:
+    """LENGTH bytes of a file, from its start: open as FD, or, in a layer
+    with an opener, opened on demand by NAME (then IDENTITY, once known,
+    is the (device, inode, size, mtime, ctime) it must still have)."""
+
+    __slots__ = ("fd", "length", "name", "identity")
+
+    def __init__(self, length, fd=None, name=None):
+        self.fd = fd
+        self.length = length
+        self.name = name
+        self.identity = None
+
+
+# Kinds of extent.
+DATA, HOLE, ZERO = "data", "hole", "zero"
+
+
 class Layer:
     """The bytes of layer INDEX, whose digest is DIFF_ID.  HOW says where
-    they come from ("storage" or "copy")."""
+    they come from ("storage" or "copy").  OPENER, if given, opens its
+    files on demand (see storage.LazyFiles); otherwise every file is open."""
 
-    def __init__(self, index, diff_id, how):
+    def __init__(self, index, diff_id, how, opener=None):
         self.index = index
         self.diff_id = diff_id
         self.how = how
+        self.opener = opener
         self.starts = []      # offset in the layer of each segment
-        self.sources = []     # bytes, or (fd, length) read from offset 0 of fd
+        self.sources = []     # bytes, or a FileSegment
         self.size = 0
         self.members = []
+        self.zeros = ()       # sorted (start, end) ranges known to be all zeros
         self.failure = None   # set when the layer fails its check: reads then fail
 
     def add_bytes(self, data):
@@ -52,10 +74,13 @@ class Layer:
             self.sources.append(bytes(data))
             self.size += len(data)
 
-    def add_file(self, fd, length):
+    def add_file(self, segment):
         self.starts.append(self.size)
-        self.sources.append((fd, length))
-        self.size += length
+        self.sources.append(segment)
+        self.size += segment.length
+
+    def files(self):
+        return [source for source in self.sources if type(source) is FileSegment]
 
     def segments(self, offset, count):
         """Yield (source, offset within it, length) covering the range."""
@@ -64,59 +89,75 @@ class Layer:
         while offset < end:
             source = self.sources[index]
             within = offset - self.starts[index]
-            length = len(source) if isinstance(source, bytes) else source[1]
+            length = len(source) if type(source) is bytes else source.length
             piece = min(length - within, end - offset)
             yield source, within, piece
             offset += piece
             index += 1
 
+    def holding(self, segment):
+        """A context manager giving SEGMENT's open descriptor."""
+        if self.opener is None:
+            return contextlib.nullcontext(segment.fd)
+        return self.opener.holding(segment)
+
     def read(self, view, offset):
         """Fill VIEW with the bytes at OFFSET; OSError if they can't be read."""
         if self.failure:
             raise OSError(errno.EIO, self.failure)
-        # The common case, a read inside one file, costs one bisect and one
-        # preadv: Python's per-request cost is what limits throughput.
+        # The common case, a read inside one file held open, costs one
+        # bisect and one preadv: Python's per-request cost is what limits
+        # throughput.
         index = bisect.bisect_right(self.starts, offset) - 1
         source = self.sources[index]
         within = offset - self.starts[index]
-        if type(source) is tuple and within + len(view) <= source[1]:
-            read_exactly(source[0], view, within)
+        if (type(source) is FileSegment and self.opener is None
+                and within + len(view) <= source.length):
+            read_exactly(source.fd, view, within)
             return
         for source, within, piece in self.segments(offset, len(view)):
-            if isinstance(source, bytes):
+            if type(source) is bytes:
                 view[:piece] = source[within:within + piece]
             else:
-                read_exactly(source[0], view[:piece], within)
+                with self.holding(source) as fd:
+                    read_exactly(fd, view[:piece], within)
             view = view[piece:]
 
     def extents(self, offset, count, first_only=False):
-        """(offset, length, is_hole) runs covering the range, or only the
-        first.  A range whose bytes can't be read raises OSError: it must
-        never be called a hole, or a client would copy zeros for it."""
+        """(offset, length, kind) runs covering the range, or only the first;
+        kind is DATA, HOLE or ZERO (known to read as zeros).  A range whose
+        bytes can't be read raises OSError: it must never be called a hole
+        or zero, or a client would copy zeros for it."""
         if self.failure:
             raise OSError(errno.EIO, self.failure)
         runs = []
         position = offset
         for source, within, piece in self.segments(offset, count):
-            if isinstance(source, bytes):
-                runs.append((position, piece, False))
+            if type(source) is bytes:
+                runs.append((position, piece, DATA))
             else:
-                for start, length, hole in file_extents(source[0], within, piece, first_only):
-                    runs.append((position + start - within, length, hole))
+                with self.holding(source) as fd:
+                    runs += [(position + start - within, length, kind) for start, length, kind
+                             in file_extents(fd, within, piece, first_only)]
             if first_only:
                 break
             position += piece
-        return runs
+        if self.zeros:
+            runs = split_zeros(runs, self.zeros)
+        return runs[:1] if first_only else merge_runs(runs)
 
     def prefetch(self, offset, count):
         for source, within, piece in self.segments(offset, count):
-            if not isinstance(source, bytes):
-                os.posix_fadvise(source[0], within, piece, os.POSIX_FADV_WILLNEED)
+            if type(source) is FileSegment:
+                with self.holding(source) as fd:
+                    os.posix_fadvise(fd, within, piece, os.POSIX_FADV_WILLNEED)
 
     def close(self):
-        for source in self.sources:
-            if not isinstance(source, bytes):
-                os.close(source[0])
+        if self.opener is not None:
+            self.opener.close()
+        else:
+            for segment in self.files():
+                os.close(segment.fd)
         self.sources = []
         self.starts = []
 
@@ -174,7 +215,7 @@ def read_exactly(fd, view, offset):
 
 
 def file_extents(fd, offset, count, first_only=False):
-    """(offset, length, is_hole) runs of FD's range, from SEEK_DATA and
+    """(offset, length, DATA or HOLE) runs of FD's range, from SEEK_DATA and
     SEEK_HOLE.  A range past the end of the file raises OSError (EIO)."""
     end = offset + count
     check_file_covers(fd, end)
@@ -182,11 +223,11 @@ def file_extents(fd, offset, count, first_only=False):
     while offset < end and not (first_only and runs):
         data = seek(fd, offset, os.SEEK_DATA, end)
         if data > offset:
-            runs.append((offset, data - offset, True))
+            runs.append((offset, data - offset, HOLE))
         if data >= end or (first_only and runs):
             break
         hole = seek(fd, data, os.SEEK_HOLE, end)
-        runs.append((data, hole - data, False))
+        runs.append((data, hole - data, DATA))
         offset = hole
     # Shortened meanwhile?  Then the "hole" at its end was lost data.
     check_file_covers(fd, end)
@@ -219,3 +260,40 @@ def member_from_header(header, name, size, offset):
     # took 40% of the time to ready of a layer with thousands of files.
     typeflag = bytes(header[156:157]) if len(header) == tarfile.BLOCKSIZE else b""
     return Member(name, member_kind(name, typeflag), size, offset)
+
+
+def split_zeros(runs, zeros):
+    """RUNS with the parts of DATA runs inside ZEROS, sorted (start, end)
+    ranges, turned into ZERO runs."""
+    starts = [start for start, _ in zeros]
+    result = []
+    for start, length, kind in runs:
+        offset, end = start, start + length
+        if kind != DATA:
+            result.append((start, length, kind))
+            continue
+        index = max(bisect.bisect_right(starts, offset) - 1, 0)
+        while offset < end:
+            zero_start, zero_end = zeros[index] if index < len(zeros) else (end, end)
+            if zero_end <= offset:
+                index += 1
+                continue
+            if zero_start > offset:
+                piece = min(zero_start, end) - offset
+                result.append((offset, piece, DATA))
+            else:
+                piece = min(zero_end, end) - offset
+                result.append((offset, piece, ZERO))
+            offset += piece
+    return result
+
+
+def merge_runs(runs):
+    """RUNS with neighbours of the same kind joined."""
+    merged = []
+    for start, length, kind in runs:
+        if merged and merged[-1][2] == kind:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length, kind)
+        else:
+            merged.append((start, length, kind))
+    return merged

@@ -22,6 +22,8 @@ PARAMETERS = {
               "(default true: while copying, or in the background)",
     "copy": "true|false copy the layer to TMPDIR instead of serving it from "
             "podman's storage (default false)",
+    "cache": "DIR where layers that passed their check are remembered "
+             "(default $XDG_CACHE_HOME/cdi-py, else ~/.cache/cdi-py)",
 }
 PULL_POLICIES = ("missing", "always", "never")
 # Image transports podman understands; other "word:" prefixes are registry ports.
@@ -42,6 +44,7 @@ class Settings:
     platform: Optional[str] = None
     verify: str = "true"               # "true", "before" or "false"
     copy: bool = False
+    cache: Optional[str] = None        # None: the default, from the environment
 
     def set(self, key, value):
         """Parse and keep KEY=VALUE; every error names the key."""
@@ -63,6 +66,14 @@ class Settings:
         if self.pull == "never" and local_reference(self.name) is None:
             raise CdiError(f"pull=never cannot be used with {self.name}: "
                            "that transport always imports the image")
+
+    def cache_directory(self):
+        """The cache=, else the XDG default; None if there is no home."""
+        if self.cache is not None:
+            return self.cache
+        base = os.environ.get("XDG_CACHE_HOME") or (
+            os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None)
+        return os.path.join(os.path.abspath(base), "cdi-py") if base else None
 
     def registry_options(self):
         """podman pull's options for these settings, each one argv element."""
@@ -178,4 +189,5 @@ PARSERS = {
     "platform": parse_platform,
     "verify": parse_verify,
     "copy": parse_bool,
+    "cache": parse_path,
 }

@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 
 from .errors import CdiError
-from .layer import Layer, Member, clean_name, member_kind
+from .layer import FileSegment, Layer, Member, clean_name, member_kind
 from .progress import Progress, describe_size
 
 log = logging.getLogger("cdipy")
@@ -71,7 +71,7 @@ def copied_layer(podman, source, size, index, diff_id, *, verify):
                            f"to {digest} but the image says {diff_id}; refusing "
                            "to serve it (verify=false skips this check)")
         layer = Layer(index, diff_id, "copy")
-        layer.add_file(fd, size)
+        layer.add_file(FileSegment(size, fd=fd))
         layer.members = scan_members(fd)
     except BaseException:
         os.close(fd)

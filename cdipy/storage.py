@@ -9,19 +9,29 @@ takes over.
 """
 
 import base64
+import collections
+import contextlib
 import dataclasses
+import errno
 import gzip
 import json
 import os
+import resource
 import stat
+import threading
 import zlib
 from typing import Optional
 
 from .errors import StorageUnavailable
-from .layer import Layer, clean_name, member_from_header
+from .layer import FileSegment, Layer, clean_name, member_from_header
 
 # Tar headers of one layer kept in memory, at most.
 MAX_HEADER_BYTES = 16 << 20
+# A layer of at most this many files has them all opened before it is
+# served, and held; a bigger one opens them when they are read...
+EAGER_FILES = 1024
+# ...keeping at most this many open at a time.
+LAZY_OPEN_FILES = 256
 HEADER_BLOCK = 512
 
 
@@ -74,39 +84,60 @@ def layer_chain(records, top_id):
 
 
 def storage_layer(index, diff_id, plan):
-    """Layer INDEX read in place, as PLAN says where it is."""
-    layer = Layer(index, diff_id, "storage")
+    """Layer INDEX read in place, as PLAN says where it is.  A layer of at
+    most EAGER_FILES files has them all opened now and held; a bigger one
+    opens them on demand, at most LAZY_OPEN_FILES at a time."""
+    entries = list(layer_entries(plan))
+    file_count = sum(1 for data, _, size in entries if data is None and size)
+    opener = LazyFiles(plan.diff_dir) if file_count > EAGER_FILES else None
+    layer = Layer(index, diff_id, "storage", opener)
     pending = bytearray()     # tar bytes not yet added to the layer
-    header_bytes = 0
     try:
-        with gzip.open(plan.tar_split, "rb") as stream, DirectoryTree(plan.diff_dir) as tree:
-            for data, name, size in tar_split_entries(stream, plan.tar_split):
+        with DirectoryTree(plan.diff_dir) as tree:
+            for data, name, size in entries:
                 if data is not None:
                     pending += data
-                    header_bytes += len(data)
-                    if header_bytes > MAX_HEADER_BYTES:
-                        raise StorageUnavailable("too many headers to keep in memory")
                     continue
                 offset = layer.size + len(pending)
                 layer.members.append(member_from_header(pending[-HEADER_BLOCK:],
                                                         clean_name(name), size, offset))
                 if size:
-                    fd = tree.open_file(name)
                     layer.add_bytes(pending)
                     pending = bytearray()
-                    layer.add_file(fd, size)
-                    check_file(fd, name, size)
+                    if opener is None:
+                        fd = tree.open_file(name)
+                        layer.add_file(FileSegment(size, fd=fd))
+                        check_file(fd, name, size)
+                    else:
+                        layer.add_file(FileSegment(size, name=name))
             layer.add_bytes(pending)
         if plan.diff_size is not None and layer.size != plan.diff_size:
             raise StorageUnavailable(f"rebuilt {layer.size} bytes, storage says "
                                      f"{plan.diff_size}")
     except OSError as error:
         layer.close()
-        raise StorageUnavailable(f"cannot read {plan.tar_split}: {error}") from None
+        raise StorageUnavailable(f"cannot read {plan.diff_dir}: {error}") from None
     except BaseException:
         layer.close()
         raise
     return layer
+
+
+def layer_entries(plan):
+    """The tar-split entries of PLAN's layer, each file name checked safe."""
+    header_bytes = 0
+    try:
+        with gzip.open(plan.tar_split, "rb") as stream:
+            for data, name, size in tar_split_entries(stream, plan.tar_split):
+                if data is not None:
+                    header_bytes += len(data)
+                    if header_bytes > MAX_HEADER_BYTES:
+                        raise StorageUnavailable("too many headers to keep in memory")
+                elif size:
+                    name_parts(name)  # raises for an unsafe name
+                yield data, name, size
+    except OSError as error:
+        raise StorageUnavailable(f"cannot read {plan.tar_split}: {error}") from None
 
 
 def tar_split_entries(stream, path):
@@ -137,6 +168,14 @@ def check_file(fd, name, size):
                                  "the tar-split says")
 
 
+def name_parts(name):
+    """NAME's components, refusing names that could leave the layer."""
+    parts = tuple(part for part in name.split(b"/") if part not in (b"", b"."))
+    if not parts or b".." in parts:
+        raise StorageUnavailable(f"unsafe name {name!r} in the tar-split")
+    return parts
+
+
 class DirectoryTree:
     """Opens files beneath one directory, following no symlink and no
     '..', and opening each directory on the way once."""
@@ -155,9 +194,7 @@ class DirectoryTree:
             os.close(fd)
 
     def open_file(self, name):
-        parts = tuple(part for part in name.split(b"/") if part not in (b"", b"."))
-        if not parts or b".." in parts:
-            raise StorageUnavailable(f"unsafe name {name!r} in the tar-split")
+        parts = name_parts(name)
         try:
             return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW,
                            dir_fd=self.directory(parts[:-1]))
@@ -171,3 +208,84 @@ class DirectoryTree:
                          dir_fd=self.directory(parts[:-1]))
             self.directories[parts] = fd
         return fd
+
+
+class LazyFiles:
+    """Opens the files of a big layer beneath its directory when they are
+    read, keeping at most LAZY_OPEN_FILES open (the least recently used is
+    closed).  A descriptor is only used and closed under the lock, so it is
+    never closed while a read uses it."""
+
+    def __init__(self, path):
+        self.root = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self.lock = threading.Lock()
+        self.open_segments = collections.OrderedDict()  # FileSegment -> None
+
+    @contextlib.contextmanager
+    def holding(self, segment):
+        with self.lock:
+            if segment.fd is None:
+                self.make_room()
+                segment.fd = self.open(segment)
+            self.open_segments[segment] = None
+            self.open_segments.move_to_end(segment)
+            yield segment.fd
+
+    def make_room(self):
+        while len(self.open_segments) >= LAZY_OPEN_FILES:
+            oldest, _ = self.open_segments.popitem(last=False)
+            os.close(oldest.fd)
+            oldest.fd = None
+
+    def open(self, segment):
+        """SEGMENT's file, which must still be the file the tar-split (and,
+        once checked, the digest check) saw; else OSError (EIO)."""
+        try:
+            fd = open_beneath(self.root, name_parts(segment.name))
+        except OSError as error:
+            raise OSError(errno.EIO, f"cannot open {segment.name!r} in storage: "
+                                     f"{error.strerror}") from None
+        status = os.fstat(fd)
+        if (not stat.S_ISREG(status.st_mode) or status.st_size != segment.length
+                or segment.identity not in (None, identity(status))):
+            os.close(fd)
+            raise OSError(errno.EIO, f"{segment.name!r} in storage is not the file "
+                                     "the layer was built from")
+        return fd
+
+    def close(self):
+        with self.lock:
+            for segment in self.open_segments:
+                os.close(segment.fd)
+                segment.fd = None
+            self.open_segments.clear()
+            os.close(self.root)
+
+
+def open_beneath(root, parts):
+    """Open PARTS beneath directory ROOT, following no symlink."""
+    fd = root
+    try:
+        for part in parts[:-1]:
+            parent, fd = fd, os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY,
+                                     dir_fd=fd)
+            if parent != root:
+                os.close(parent)
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        if fd != root:
+            os.close(fd)
+
+
+def identity(status):
+    """What tells a file apart, and tells that it changed."""
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+            status.st_ctime_ns)
+
+
+def raise_open_file_limit():
+    """Serving in place holds files open: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,30 +1,107 @@
-"""Checking a layer's bytes against its diffID (sha256)."""
+"""Checking a layer's bytes against its diffID (sha256), and remembering
+the layers that passed.
 
+A check reads the whole layer; on the way it notes the ranges that are all
+zeros, which extents then reports as such.  A layer that passed is
+remembered in the cache directory, keyed by its diffID and the identity
+(device, inode, size, mtime, ctime) of every file it reads, so the next
+start of an unchanged layer needs no hash at all.
+"""
+
+import contextlib
+import errno
 import hashlib
+import json
 import logging
+import os
+import re
+import stat
+import tempfile
 import threading
 import time
 
 from .errors import CdiError
 from .progress import Progress
+from .storage import identity
 
 log = logging.getLogger("cdipy")
 
 CHECK_CHUNK = 1 << 20
+# Zeros are noted in blocks of this size, aligned in the layer.
+ZERO_BLOCK = bytes(64 << 10)
+# The lowest priority: a check must not slow the clients' reads.
+CHECK_NICENESS = 19
+
+
+def start_check(layer, image_name, records):
+    """Make sure LAYER is checked: at once if RECORDS remember it passed,
+    otherwise by a thread, while reads are served from podman's storage,
+    which podman checked when it stored the layer."""
+    # Cheap for a layer whose files are all open: done now, so that the
+    # very first client already sees the known zeros.
+    if layer.opener is None and remembered(layer, records):
+        return
+
+    def run():
+        with contextlib.suppress(OSError):  # not allowed: keep the priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
+        try:
+            if layer.opener is None or not remembered(layer, records):
+                check_and_remember(layer, image_name, records)
+        except CdiError as error:
+            log.debug(str(error))  # layer.failure is set: every read fails now
+
+    threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True).start()
+
+
+def check_and_remember(layer, image_name, records):
+    """check_digest, then remember that LAYER passed (with its zeros)."""
+    before = fingerprint(layer)
+    layer.zeros = check_digest(layer, image_name)
+    records.store(layer.diff_id, before, layer.zeros)
+
+
+def remembered(layer, records):
+    """Whether RECORDS say LAYER, with its files as they are now, passed;
+    if so its known zeros are set."""
+    try:
+        zeros = records.lookup(layer.diff_id, fingerprint(layer))
+    except OSError as error:
+        layer.failure = f"cannot read layer {layer.index} ({error.strerror})"
+        raise CdiError(layer.failure) from None
+    if zeros is None:
+        return False
+    layer.zeros = zeros
+    log.debug(f"layer {layer.index} passed its check before, unchanged since")
+    return True
+
+
+def fingerprint(layer):
+    """What identifies the bytes LAYER reads: its diffID and the identity of
+    each of its files, which a lazily opened file must then keep."""
+    digest = hashlib.sha256(layer.diff_id.encode())
+    for segment in layer.files():
+        with layer.holding(segment) as fd:
+            segment.identity = identity(os.fstat(fd))
+        digest.update(repr(segment.identity).encode())
+    return digest.hexdigest()
 
 
 def check_digest(layer, image_name):
-    """Read LAYER whole and compare its sha256 with its diffID.  After a
-    mismatch, or a read error, every read of the layer fails."""
+    """Read LAYER whole and compare its sha256 with its diffID; return the
+    (start, end) ranges that are all zeros.  After a mismatch, or a read
+    error, every read of the layer fails."""
     started = time.monotonic()
     digest = hashlib.sha256()
     buffer = bytearray(CHECK_CHUNK)
+    zeros = []
     progress = Progress(f"verified layer {layer.index}:", layer.size)
     try:
         for offset in range(0, layer.size, CHECK_CHUNK):
             view = memoryview(buffer)[:min(CHECK_CHUNK, layer.size - offset)]
             layer.read(view, offset)
             digest.update(view)
+            note_zeros(buffer, len(view), offset, zeros)
             progress.add(len(view))
     except OSError as error:
         # Unchecked data must not be served as if it had been checked.
@@ -38,15 +115,77 @@ def check_digest(layer, image_name):
                          "serve it (verify=false skips this check)")
         raise CdiError(layer.failure)
     log.debug(f"verified layer {layer.index} in {time.monotonic() - started:.2f} s")
+    return [tuple(zero) for zero in zeros]
 
 
-def check_in_background(layer, image_name):
-    """Start check_digest in a thread: reads are served meanwhile, from
-    podman's storage, which podman checked when it stored the layer."""
-    def run():
+def note_zeros(buffer, length, offset, zeros):
+    """Add the all-zero blocks of BUFFER[:LENGTH], at OFFSET in the layer,
+    to ZEROS, a list of [start, end] merged as it grows."""
+    block = len(ZERO_BLOCK)
+    for start in range(0, length, block):
+        size = min(block, length - start)
+        # startswith compares in place: no copy of the block.
+        if buffer.startswith(ZERO_BLOCK if size == block else bytes(size), start):
+            if zeros and zeros[-1][1] == offset + start:
+                zeros[-1][1] += size
+            else:
+                zeros.append([offset + start, offset + start + size])
+
+
+class CheckRecords:
+    """The layers that passed their check, one small JSON file each in
+    DIRECTORY (None: remember nothing).  Written whole under a temporary
+    name; read only from a directory and files that only we can write."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def lookup(self, diff_id, print_):
+        """The zeros of the layer DIFF_ID if it passed with files PRINT_."""
+        record = self.read(self.path(diff_id))
+        if record.get("diff_id") != diff_id or record.get("fingerprint") != print_:
+            return None
+        return [tuple(zero) for zero in record.get("zeros", [])]
+
+    def read(self, path):
+        if path is None:
+            return {}
         try:
-            check_digest(layer, image_name)
-        except CdiError as error:
-            log.debug(str(error))  # layer.failure is set: every read fails now
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                log.debug(f"ignoring {path}: {error.strerror}")
+            return {}
+        with os.fdopen(fd, "rb") as file:
+            if not (only_ours(os.fstat(fd)) and only_ours(os.stat(self.directory))):
+                log.debug(f"ignoring {path}: others may write to it")
+                return {}
+            try:
+                return json.load(file)
+            except ValueError:
+                return {}
 
-    threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True).start()
+    def store(self, diff_id, print_, zeros):
+        path = self.path(diff_id)
+        if path is None:
+            return
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".checked-")
+            with os.fdopen(fd, "w") as file:
+                json.dump({"diff_id": diff_id, "fingerprint": print_,
+                           "zeros": zeros}, file)
+            os.replace(temporary, path)
+        except OSError as error:
+            log.debug(f"cannot remember the check in {self.directory}: {error.strerror}")
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(temporary)
+
+    def path(self, diff_id):
+        if self.directory is None or not re.fullmatch(r"sha256:[0-9a-f]{64}", diff_id):
+            return None
+        return os.path.join(self.directory, diff_id.replace(":", "-") + ".json")
+
+
+def only_ours(status):
+    return status.st_uid == os.geteuid() and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)

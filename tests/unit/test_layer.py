@@ -9,7 +9,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdipy.layer import Layer, Member, clean_name, file_extents, member_from_header, member_kind
+from cdipy.layer import (
+    DATA,
+    HOLE,
+    FileSegment,
+    Layer,
+    Member,
+    clean_name,
+    file_extents,
+    member_from_header,
+    member_kind,
+)
 
 MIB = 1 << 20
 HEADER = b"H" * 512
@@ -65,7 +75,7 @@ def sparse_layer(new_layer, sparse_path):
     """A 512-byte header, the sparse file, a 512-byte trailer."""
     layer = new_layer()
     layer.add_bytes(HEADER)
-    layer.add_file(os.open(sparse_path, os.O_RDONLY), 3 * MIB)
+    layer.add_file(FileSegment(3 * MIB, fd=os.open(sparse_path, os.O_RDONLY)))
     layer.add_bytes(TRAILER)
     return layer
 
@@ -81,7 +91,7 @@ def read(layer, offset, count):
 def test_segments_are_laid_end_to_end(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(b"abc")
-    layer.add_file(write_file(b"0123456789"), 10)
+    layer.add_file(FileSegment(10, fd=write_file(b"0123456789")))
     layer.add_bytes(b"xyz")
     assert layer.starts == [0, 3, 13]
     assert layer.size == 16
@@ -108,7 +118,7 @@ def test_add_bytes_keeps_a_copy_of_a_buffer_changed_later(new_layer):
 def test_read_inside_one_file_returns_its_bytes(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(HEADER)
-    layer.add_file(write_file(bytes(range(256)) * 4), 1024)
+    layer.add_file(FileSegment(1024, fd=write_file(bytes(range(256)) * 4)))
     assert read(layer, 512 + 100, 50) == bytes(range(100, 150))
 
 
@@ -121,7 +131,7 @@ def test_read_inside_one_bytes_segment_returns_its_bytes(new_layer):
 def test_read_across_segment_edges_joins_header_file_and_padding(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(b"head")
-    layer.add_file(write_file(b"contents"), 8)
+    layer.add_file(FileSegment(8, fd=write_file(b"contents")))
     layer.add_bytes(b"pad")
     assert read(layer, 2, 12) == b"adcontentspa"
 
@@ -129,8 +139,8 @@ def test_read_across_segment_edges_joins_header_file_and_padding(new_layer, writ
 def test_read_of_the_whole_layer_equals_its_segments_joined(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(b"head")
-    layer.add_file(write_file(b"one", "one"), 3)
-    layer.add_file(write_file(b"two!", "two"), 4)
+    layer.add_file(FileSegment(3, fd=write_file(b"one", "one")))
+    layer.add_file(FileSegment(4, fd=write_file(b"two!", "two")))
     layer.add_bytes(b"end")
     assert read(layer, 0, layer.size) == b"headonetwo!end"
 
@@ -138,21 +148,21 @@ def test_read_of_the_whole_layer_equals_its_segments_joined(new_layer, write_fil
 def test_read_starting_exactly_at_a_segment_edge_reads_that_segment(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(b"head")
-    layer.add_file(write_file(b"contents"), 8)
+    layer.add_file(FileSegment(8, fd=write_file(b"contents")))
     assert read(layer, 4, 3) == b"con"
 
 
 def test_read_at_the_very_end_returns_the_last_bytes(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(b"head")
-    layer.add_file(write_file(b"contents"), 8)
+    layer.add_file(FileSegment(8, fd=write_file(b"contents")))
     assert read(layer, layer.size - 3, 3) == b"nts"
 
 
 def test_read_inside_a_file_shorter_than_the_map_raises_eio(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(HEADER)
-    layer.add_file(write_file(b"x" * 100), 200)
+    layer.add_file(FileSegment(200, fd=write_file(b"x" * 100)))
     with pytest.raises(OSError) as raised:
         read(layer, 512 + 50, 100)
     assert (raised.value.errno, raised.value.strerror) == (
@@ -161,7 +171,7 @@ def test_read_inside_a_file_shorter_than_the_map_raises_eio(new_layer, write_fil
 
 def test_read_across_the_end_of_a_file_shorter_than_the_map_raises_eio(new_layer, write_file):
     layer = new_layer()
-    layer.add_file(write_file(b"x" * 100), 200)
+    layer.add_file(FileSegment(200, fd=write_file(b"x" * 100)))
     layer.add_bytes(TRAILER)
     with pytest.raises(OSError) as raised:
         read(layer, 150, 100)
@@ -182,7 +192,7 @@ def test_read_of_a_failed_layer_raises_eio_with_the_failure(new_layer):
 def test_close_closes_the_files_it_holds(new_layer, write_file):
     layer = new_layer()
     fd = write_file(b"contents")
-    layer.add_file(fd, 8)
+    layer.add_file(FileSegment(8, fd=fd))
     layer.close()
     with pytest.raises(OSError) as raised:
         os.fstat(fd)
@@ -193,35 +203,35 @@ def test_close_closes_the_files_it_holds(new_layer, write_file):
 
 def test_extents_of_a_sparse_file_are_holes_between_data(sparse_layer):
     assert sparse_layer.extents(0, sparse_layer.size) == [
-        (0, 512, False),
-        (512, MIB, True),
-        (512 + MIB, 4096, False),
-        (512 + MIB + 4096, 2 * MIB - 4096, True),
-        (512 + 3 * MIB, 512, False),
+        (0, 512, DATA),
+        (512, MIB, HOLE),
+        (512 + MIB, 4096, DATA),
+        (512 + MIB + 4096, 2 * MIB - 4096, HOLE),
+        (512 + 3 * MIB, 512, DATA),
     ]
 
 
 def test_extents_of_bytes_segments_are_data_even_when_zero(new_layer):
     layer = new_layer()
     layer.add_bytes(bytes(1024))
-    assert layer.extents(0, 1024) == [(0, 1024, False)]
+    assert layer.extents(0, 1024) == [(0, 1024, DATA)]
 
 
 def test_extents_of_a_range_inside_a_hole_is_one_hole(sparse_layer):
-    assert sparse_layer.extents(512 + 100, 1000) == [(612, 1000, True)]
+    assert sparse_layer.extents(512 + 100, 1000) == [(612, 1000, HOLE)]
 
 
 def test_extents_first_only_in_a_hole_returns_one_run_at_the_offset(sparse_layer):
-    assert sparse_layer.extents(612, 2 * MIB, first_only=True) == [(612, MIB - 100, True)]
+    assert sparse_layer.extents(612, 2 * MIB, first_only=True) == [(612, MIB - 100, HOLE)]
 
 
 def test_extents_first_only_in_data_returns_one_run_at_the_offset(sparse_layer):
     offset = 512 + MIB
-    assert sparse_layer.extents(offset, 2 * MIB, first_only=True) == [(offset, 4096, False)]
+    assert sparse_layer.extents(offset, 2 * MIB, first_only=True) == [(offset, 4096, DATA)]
 
 
 def test_extents_first_only_in_bytes_returns_the_rest_of_that_segment(sparse_layer):
-    assert sparse_layer.extents(10, 10000, first_only=True) == [(10, 502, False)]
+    assert sparse_layer.extents(10, 10000, first_only=True) == [(10, 502, DATA)]
 
 
 @settings(max_examples=60, deadline=None, database=None,
@@ -232,9 +242,9 @@ def test_extents_tile_any_range_and_their_holes_read_as_zeros(sparse_layer, data
     count = data.draw(st.integers(1, sparse_layer.size - offset), label="count")
     runs = sparse_layer.extents(offset, count)
     position = offset
-    for start, length, hole in runs:
+    for start, length, kind in runs:
         assert start == position and length > 0
-        if hole:
+        if kind == HOLE:
             assert read(sparse_layer, start, length) == bytes(length)
         position += length
     assert position == offset + count
@@ -270,13 +280,13 @@ def test_extents_of_a_failed_layer_raise_eio_with_the_failure(sparse_layer):
 def test_file_extents_after_the_last_data_is_a_hole_to_the_end(sparse_path):
     # SEEK_DATA past the last data fails with ENXIO: the rest is a hole.
     with open(sparse_path, "rb") as file:
-        assert file_extents(file.fileno(), 2 * MIB, 4096) == [(2 * MIB, 4096, True)]
+        assert file_extents(file.fileno(), 2 * MIB, 4096) == [(2 * MIB, 4096, HOLE)]
 
 
 def test_file_extents_of_a_whole_sparse_file(sparse_path):
     with open(sparse_path, "rb") as file:
         assert file_extents(file.fileno(), 0, 3 * MIB) == [
-            (0, MIB, True), (MIB, 4096, False), (MIB + 4096, 2 * MIB - 4096, True)]
+            (0, MIB, HOLE), (MIB, 4096, DATA), (MIB + 4096, 2 * MIB - 4096, HOLE)]
 
 
 @pytest.mark.usefixtures("sparse_path")  # skips where the filesystem has no holes
@@ -285,7 +295,7 @@ def test_file_extents_of_a_file_with_no_data_is_one_hole(tmp_path):
     with open(path, "wb") as file:
         file.truncate(MIB)
     with open(path, "rb") as file:
-        assert file_extents(file.fileno(), 0, MIB) == [(0, MIB, True)]
+        assert file_extents(file.fileno(), 0, MIB) == [(0, MIB, HOLE)]
 
 
 # ---------------------------------------------------------- what it contains
@@ -313,7 +323,7 @@ def test_describe_contents_names_a_qcow2_disk_with_its_virtual_size(new_layer, w
     qcow2 = b"QFI\xfb" + bytes(20) + (10 << 30).to_bytes(8, "big") + bytes(992)
     layer = new_layer()
     layer.add_bytes(HEADER)
-    layer.add_file(write_file(qcow2), len(qcow2))
+    layer.add_file(FileSegment(len(qcow2), fd=write_file(qcow2)))
     layer.members = [Member("disk", "directory", 0, 0),
                      Member("disk/disk.qcow2", "file", len(qcow2), 512)]
     assert layer.describe_contents() == "disk/disk.qcow2 (qcow2, 10.0 GiB virtual)"
@@ -322,7 +332,7 @@ def test_describe_contents_names_a_qcow2_disk_with_its_virtual_size(new_layer, w
 def test_describe_contents_gives_a_raw_disk_its_size(new_layer, write_file):
     layer = new_layer()
     layer.add_bytes(HEADER)
-    layer.add_file(write_file(bytes(MIB)), MIB)
+    layer.add_file(FileSegment(MIB, fd=write_file(bytes(MIB))))
     layer.members = [Member("disk/disk.img", "file", MIB, 512)]
     assert layer.describe_contents() == "disk/disk.img (1.0 MiB)"
 
@@ -336,7 +346,7 @@ def test_describe_contents_of_a_disk_too_small_for_a_header_gives_its_size(new_l
 
 def test_describe_contents_of_an_unreadable_disk_says_why(new_layer, write_file):
     layer = new_layer()
-    layer.add_file(write_file(bytes(MIB)), MIB)
+    layer.add_file(FileSegment(MIB, fd=write_file(bytes(MIB))))
     layer.members = [Member("disk/disk.img", "file", MIB, 0)]
     layer.failure = "digest mismatch"
     assert layer.describe_contents() == "disk/disk.img (1.0 MiB, unreadable: digest mismatch)"

@@ -7,6 +7,7 @@ padding go into a gzipped tar-split beside it."""
 
 import base64
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -18,6 +19,7 @@ import pytest
 from cdipy import storage
 from cdipy.errors import StorageUnavailable
 from cdipy.storage import StoragePlan, layer_chain, storage_layer, storage_plans, tar_split_entries
+from cdipy.verify import fingerprint
 
 MTIME = 1700000000
 DIFF_ID = "sha256:" + "a" * 64
@@ -447,6 +449,68 @@ def test_storage_layer_close_releases_every_descriptor(stored):
 
 
 # --------------------------------------------------- the chain of layers
+
+# ------------------------------------------------- big layers, opened lazily
+
+@pytest.fixture
+def many(tmp_path, monkeypatch):
+    """(the tar, its StoragePlan) of a layer of 40 files, with the limits
+    lowered so that it counts as big: files opened on demand, 8 at most."""
+    monkeypatch.setattr(storage, "EAGER_FILES", 10)
+    monkeypatch.setattr(storage, "LAZY_OPEN_FILES", 8)
+    entries = [directory("many")] + [regular(f"many/{index}", os.urandom(700 + index))
+                                     for index in range(40)]
+    tar = make_tar(entries)
+    unpack(entries, tmp_path / "diff")
+    tar_split = write_tar_split(tmp_path / "many.tar-split.gz", tar_split_lines(tar))
+    return tar, StoragePlan(str(tmp_path / "diff"), tar_split, len(tar))
+
+
+def test_big_layer_is_built_without_opening_its_files(many):
+    before = open_descriptors()
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1])) as layer:
+        assert open_descriptors() == before + 1  # its directory
+        assert all(segment.fd is None for segment in layer.files())
+
+
+def test_big_layer_reads_exactly_with_few_files_open(many):
+    before = open_descriptors()
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1])) as layer:
+        assert read_all(layer) == many[0]
+        assert open_descriptors() <= before + 1 + 8
+    assert open_descriptors() == before
+
+
+def test_big_layer_file_removed_before_its_first_read_fails_with_eio(many, tmp_path):
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1])) as layer:
+        (tmp_path / "diff/many/39").unlink()
+        with pytest.raises(OSError) as failure:
+            read_all(layer)
+        assert failure.value.errno == errno.EIO
+        assert "cannot open b'many/39' in storage: No such file or directory" in str(
+            failure.value)
+
+
+def test_big_layer_file_replaced_after_its_check_fails_with_eio(many, tmp_path):
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1])) as layer:
+        fingerprint(layer)  # what the digest check records
+        read_all(layer)     # file 0 is closed again to make room
+        path = tmp_path / "diff/many/0"
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)  # the same bytes, another file
+        with pytest.raises(OSError) as failure:
+            read_all(layer)
+        assert "b'many/0' in storage is not the file the layer was built from" in str(
+            failure.value)
+
+
+def test_big_layer_with_an_unsafe_name_is_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "EAGER_FILES", 0)
+    lines = [segment(b"h" * 512), {"type": 1, "name": "../x", "size": 3, "position": 1}]
+    with pytest.raises(StorageUnavailable, match="unsafe name b'../x' in the tar-split"):
+        storage_layer(0, DIFF_ID, handmade_plan(tmp_path, lines))
+
 
 def test_layer_chain_follows_parents_down_to_the_base():
     records = {"top": {"id": "top", "parent": "mid"}, "mid": {"id": "mid", "parent": "base"},
