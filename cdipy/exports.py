@@ -13,7 +13,7 @@ import threading
 import time
 
 from .errors import CdiError, StorageUnavailable
-from .image import find_image
+from .image import find_image, graph_root
 from .layer import Layer
 from .podman import Podman
 from .progress import describe_size
@@ -34,7 +34,8 @@ def prepare(settings):
         podman = Podman(workspace, settings.name)
         image = find_image(podman, settings)
         podman.space_needed = 2 * image.get("Size", 0)
-        exports = Exports(settings, image)
+        vfs = (image.get("GraphDriver") or {}).get("Name") == "vfs" and not settings.copy
+        exports = Exports(settings, image, graph_root(podman) if vfs else None)
         log.debug(f"found image {image['Id']} ({len(exports.slots)} layers) in "
                   f"{time.monotonic() - started:.2f} s")
         try:
@@ -72,7 +73,7 @@ class Slot:
 
 
 class Exports:
-    def __init__(self, settings, image):
+    def __init__(self, settings, image, graph_root=None):
         self.settings = settings
         self.image = image
         self.diff_ids = tuple(image["RootFS"]["Layers"])
@@ -81,7 +82,7 @@ class Exports:
         plans, why = [None] * len(self.diff_ids), "copy=true"
         if not settings.copy:
             try:
-                plans = storage_plans(image)
+                plans = storage_plans(image, graph_root)
             except StorageUnavailable as reason:
                 why = f"cannot serve from podman's storage ({reason})"
         # Made once, never changed: read without a lock.

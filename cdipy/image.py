@@ -53,3 +53,9 @@ def platform_matches(image, platform):
     actual = [image.get("Os", ""), image.get("Architecture", ""),
               image.get("Variant", "")][:len(wanted)]
     return actual == wanted
+
+
+def graph_root(podman):
+    """Where podman keeps its storage."""
+    _, output = podman.run(["info", "--format", "{{.Store.GraphRoot}}"], "info")
+    return output.strip()

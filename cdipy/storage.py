@@ -43,30 +43,57 @@ class StoragePlan:
     diff_size: Optional[int]
 
 
-def storage_plans(image):
+def storage_plans(image, graph_root=None):
     """The StoragePlan of each layer of IMAGE (an inspect record), base
-    first, from its chain of layers in layers.json."""
+    first: overlay keeps a layer's own files in overlay/ID/diff, vfs a full
+    tree in vfs/dir/ID (GRAPH_ROOT, which vfs images don't tell) holding
+    that layer's bytes for each file its tar-split names."""
     driver = image.get("GraphDriver") or {}
-    if driver.get("Name") != "overlay":
-        raise StorageUnavailable(f"storage driver {driver.get('Name')!r} is not overlay")
-    upper = (driver.get("Data") or {}).get("UpperDir", "")
-    layer_dir = os.path.dirname(upper)
-    overlay_dir = os.path.dirname(layer_dir)
-    if os.path.basename(upper) != "diff" or os.path.basename(overlay_dir) != "overlay":
-        raise StorageUnavailable(f"unexpected layer directory {upper!r}")
-    layers_dir = os.path.join(os.path.dirname(overlay_dir), "overlay-layers")
-    try:
-        with open(os.path.join(layers_dir, "layers.json"), "rb") as file:
-            records = {record["id"]: record for record in json.load(file)}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StorageUnavailable(f"cannot read layers.json: {error}") from None
-    chain = layer_chain(records, os.path.basename(layer_dir))
+    if driver.get("Name") == "overlay":
+        upper = (driver.get("Data") or {}).get("UpperDir", "")
+        layer_dir = os.path.dirname(upper)
+        files_dir = os.path.dirname(layer_dir)
+        if os.path.basename(upper) != "diff" or os.path.basename(files_dir) != "overlay":
+            raise StorageUnavailable(f"unexpected layer directory {upper!r}")
+        layers_dir = os.path.join(os.path.dirname(files_dir), "overlay-layers")
+        chain = layer_chain(read_layers(layers_dir), os.path.basename(layer_dir))
+        diff_dirs = [os.path.join(files_dir, record["id"], "diff") for record in chain]
+    elif driver.get("Name") == "vfs" and graph_root:
+        layers_dir = os.path.join(graph_root, "vfs-layers")
+        chain = chain_of_digests(read_layers(layers_dir), image["RootFS"]["Layers"])
+        diff_dirs = [os.path.join(graph_root, "vfs", "dir", record["id"]) for record in chain]
+    else:
+        raise StorageUnavailable(f"storage driver {driver.get('Name')!r} is not "
+                                 "overlay or vfs")
     if [record.get("diff-digest") for record in chain] != image["RootFS"]["Layers"]:
         raise StorageUnavailable("storage layers do not match the image's diffIDs")
-    return [StoragePlan(os.path.join(overlay_dir, record["id"], "diff"),
-                        os.path.join(layers_dir, record["id"] + ".tar-split.gz"),
+    return [StoragePlan(diff_dir, os.path.join(layers_dir, record["id"] + ".tar-split.gz"),
                         record.get("diff-size"))
-            for record in chain]
+            for diff_dir, record in zip(diff_dirs, chain)]
+
+
+def read_layers(layers_dir):
+    """The records of layers.json in LAYERS_DIR, by layer ID."""
+    try:
+        with open(os.path.join(layers_dir, "layers.json"), "rb") as file:
+            return {record["id"]: record for record in json.load(file)}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StorageUnavailable(f"cannot read layers.json: {error}") from None
+
+
+def chain_of_digests(records, diff_ids):
+    """The records of a chain of layers, base first, whose digests are
+    DIFF_IDS: each the child of the one before."""
+    chain = []
+    for diff_id in diff_ids:
+        parent = chain[-1]["id"] if chain else None
+        record = next((record for record in records.values()
+                       if (record.get("parent") or None) == parent
+                       and record.get("diff-digest") == diff_id), None)
+        if record is None:
+            raise StorageUnavailable(f"no layer {diff_id} in layers.json")
+        chain.append(record)
+    return chain
 
 
 def layer_chain(records, top_id):

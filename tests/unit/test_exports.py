@@ -99,23 +99,23 @@ def test_copy_true_copies_every_layer(exports):
 
 
 def test_storage_driver_other_than_overlay_copies_every_layer():
-    exports = Exports(Settings(name=NAME), image_record(driver={"Name": "vfs", "Data": {}}))
+    exports = Exports(Settings(name=NAME), image_record(driver={"Name": "btrfs", "Data": {}}))
     assert [slot.not_in_storage for slot in exports.slots] == [
-        "cannot serve from podman's storage (storage driver 'vfs' is not overlay)"] * 3
+        "cannot serve from podman's storage (storage driver 'btrfs' is not overlay or vfs)"] * 3
     assert [slot.plan for slot in exports.slots] == [None] * 3
 
 
 def test_image_without_graph_driver_copies_every_layer():
     exports = Exports(Settings(name=NAME), image_record())
     assert exports.slots[0].not_in_storage == (
-        "cannot serve from podman's storage (storage driver None is not overlay)")
+        "cannot serve from podman's storage (storage driver None is not overlay or vfs)")
 
 
 def test_describe_of_a_layer_storage_cannot_serve_says_why():
-    exports = Exports(Settings(name=NAME), image_record(driver={"Name": "vfs"}))
+    exports = Exports(Settings(name=NAME), image_record(driver={"Name": "btrfs"}))
     assert exports.describe(exports.slots[2]) == (
         f"layer 2 of 3: {DIFF_IDS[2]}: copied with podman save when first opened "
-        "(cannot serve from podman's storage (storage driver 'vfs' is not overlay))")
+        "(cannot serve from podman's storage (storage driver 'btrfs' is not overlay or vfs))")
 
 
 # ------------------------------------------------------- the default layer

@@ -559,11 +559,38 @@ def test_storage_plans_locate_each_layer_base_first(overlay_root):
                     f"{root}/overlay-layers/top.tar-split.gz", 2048)]
 
 
+def vfs_root(tmp_path, records):
+    (tmp_path / "vfs-layers").mkdir()
+    (tmp_path / "vfs-layers" / "layers.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+VFS_IMAGE = {"GraphDriver": {"Name": "vfs", "Data": None},
+             "RootFS": {"Layers": ["sha256:" + "1" * 64, "sha256:" + "2" * 64]}}
+
+
+def test_storage_plans_on_vfs_follow_the_chain_of_the_diff_ids(tmp_path):
+    # Two layers with the top's digest: only one is the child of the base.
+    root = vfs_root(tmp_path, [
+        {"id": "other", "parent": "elsewhere", "diff-digest": "sha256:" + "2" * 64},
+        {"id": "top", "parent": "base", "diff-digest": "sha256:" + "2" * 64, "diff-size": 9},
+        {"id": "base", "diff-digest": "sha256:" + "1" * 64, "diff-size": 8}])
+    assert storage_plans(VFS_IMAGE, str(root)) == [
+        StoragePlan(f"{root}/vfs/dir/base", f"{root}/vfs-layers/base.tar-split.gz", 8),
+        StoragePlan(f"{root}/vfs/dir/top", f"{root}/vfs-layers/top.tar-split.gz", 9)]
+
+
+def test_storage_plans_on_vfs_without_the_chain_name_the_missing_layer(tmp_path):
+    root = vfs_root(tmp_path, [{"id": "base", "diff-digest": "sha256:" + "1" * 64}])
+    with pytest.raises(StorageUnavailable, match="no layer sha256:2{64} in layers.json"):
+        storage_plans(VFS_IMAGE, str(root))
+
+
 def test_storage_plans_of_another_driver_are_unavailable():
-    image = {"GraphDriver": {"Name": "vfs"}, "RootFS": {"Layers": []}}
+    image = {"GraphDriver": {"Name": "btrfs"}, "RootFS": {"Layers": []}}
     with pytest.raises(StorageUnavailable) as raised:
         storage_plans(image)
-    assert str(raised.value) == "storage driver 'vfs' is not overlay"
+    assert str(raised.value) == "storage driver 'btrfs' is not overlay or vfs"
 
 
 def test_storage_plans_of_an_unexpected_layer_directory_are_unavailable():
