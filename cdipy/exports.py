@@ -243,7 +243,8 @@ class Exports:
 
     def build_from_storage(self, slot):
         try:
-            self.keep(slot, storage_layer(slot.index, slot.diff_id, slot.plan))
+            self.keep(slot, storage_layer(slot.index, slot.diff_id, slot.plan,
+                                          self.settings.name))
         except StorageUnavailable as reason:
             slot.plan = None
             slot.not_in_storage = f"cannot serve from podman's storage ({reason})"

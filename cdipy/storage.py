@@ -22,8 +22,10 @@ import threading
 import zlib
 from typing import Optional
 
+from . import userns
 from .errors import StorageUnavailable
 from .layer import FileSegment, Layer, clean_name, member_from_header
+from .userns import NamespaceOpener
 
 # Tar headers of one layer kept in memory, at most.
 MAX_HEADER_BYTES = 16 << 20
@@ -110,17 +112,19 @@ def layer_chain(records, top_id):
     return chain
 
 
-def storage_layer(index, diff_id, plan):
+def storage_layer(index, diff_id, plan, image_name="the image"):
     """Layer INDEX read in place, as PLAN says where it is.  A layer of at
     most EAGER_FILES files has them all opened now and held; a bigger one
-    opens them on demand, at most LAZY_OPEN_FILES at a time."""
+    opens them on demand, at most LAZY_OPEN_FILES at a time.  Files a
+    rootless user cannot open are opened now, in podman's user namespace,
+    and held."""
     entries = list(layer_entries(plan))
     file_count = sum(1 for data, _, size in entries if data is None and size)
     opener = LazyFiles(plan.diff_dir) if file_count > EAGER_FILES else None
     layer = Layer(index, diff_id, "storage", opener)
     pending = bytearray()     # tar bytes not yet added to the layer
     try:
-        with DirectoryTree(plan.diff_dir) as tree:
+        with DirectoryTree(plan.diff_dir) as tree, NamespaceOpener(image_name) as namespace:
             for data, name, size in entries:
                 if data is not None:
                     pending += data
@@ -131,10 +135,12 @@ def storage_layer(index, diff_id, plan):
                 if size:
                     layer.add_bytes(pending)
                     pending = bytearray()
-                    if opener is None:
-                        fd = tree.open_file(name)
-                        layer.add_file(FileSegment(size, fd=fd))
+                    if opener is None or not tree.readable(name):
+                        fd = tree.open_file(name, namespace)
+                        layer.add_file(FileSegment(size, fd=fd, name=name))
                         check_file(fd, name, size)
+                        if opener is not None:
+                            opener.pin(layer.sources[-1])
                     else:
                         layer.add_file(FileSegment(size, name=name))
             layer.add_bytes(pending)
@@ -204,10 +210,11 @@ def name_parts(name):
 
 
 class DirectoryTree:
-    """Opens files beneath one directory, following no symlink and no
+    """Opens files beneath directory PATH, following no symlink and no
     '..', and opening each directory on the way once."""
 
     def __init__(self, path):
+        self.path = path
         try:
             self.directories = {(): os.open(path, os.O_RDONLY | os.O_DIRECTORY)}
         except OSError as error:
@@ -220,13 +227,31 @@ class DirectoryTree:
         for fd in self.directories.values():
             os.close(fd)
 
-    def open_file(self, name):
+    def open_file(self, name, namespace=None):
+        """NAME opened read-only; one we may not open, through NAMESPACE."""
         parts = name_parts(name)
         try:
             return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW,
                            dir_fd=self.directory(parts[:-1]))
         except OSError as error:
-            raise StorageUnavailable(f"cannot open {name!r}: {error.strerror}") from None
+            if not (namespace and userns.needed() and userns.is_permission_error(error)):
+                raise StorageUnavailable(f"cannot open {name!r}: {error.strerror}") from None
+        try:
+            return namespace.open(self.path, parts)
+        except OSError as error:
+            raise StorageUnavailable(f"cannot open {name!r} in podman's user namespace: "
+                                     f"{error.strerror}") from None
+
+    def readable(self, name):
+        """Whether we may open NAME ourselves (always, as root)."""
+        if not userns.needed():
+            return True
+        parts = name_parts(name)
+        try:
+            return os.access(parts[-1], os.R_OK, dir_fd=self.directory(parts[:-1]),
+                             follow_symlinks=False)
+        except OSError:
+            return False
 
     def directory(self, parts):
         fd = self.directories.get(parts)
@@ -247,6 +272,10 @@ class LazyFiles:
         self.root = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         self.lock = threading.Lock()
         self.open_segments = collections.OrderedDict()  # FileSegment -> None
+        self.pinned = []  # segments opened once and held: never closed early
+
+    def pin(self, segment):
+        self.pinned.append(segment)
 
     @contextlib.contextmanager
     def holding(self, segment):
@@ -254,8 +283,9 @@ class LazyFiles:
             if segment.fd is None:
                 self.make_room()
                 segment.fd = self.open(segment)
-            self.open_segments[segment] = None
-            self.open_segments.move_to_end(segment)
+                self.open_segments[segment] = None
+            elif segment in self.open_segments:
+                self.open_segments.move_to_end(segment)
             yield segment.fd
 
     def make_room(self):
@@ -282,10 +312,11 @@ class LazyFiles:
 
     def close(self):
         with self.lock:
-            for segment in self.open_segments:
+            for segment in [*self.open_segments, *self.pinned]:
                 os.close(segment.fd)
                 segment.fd = None
             self.open_segments.clear()
+            self.pinned = []
             os.close(self.root)
 
 

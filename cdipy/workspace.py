@@ -106,7 +106,7 @@ class Workspace:
         for signum, handler in self.saved_handlers.items():
             signal.signal(signum, handler)
 
-    def start(self, argv, stdout=subprocess.PIPE):
+    def start(self, argv, stdout=subprocess.PIPE, pass_fds=()):
         """Start ARGV with TMPDIR in this workspace; its stderr goes to a file
         in memory (process.stderr_file)."""
         log.debug("running: " + " ".join(argv))
@@ -121,7 +121,7 @@ class Workspace:
         try:
             process = subprocess.Popen([*PARENT_DEATH_SIGNAL, program, *argv[1:]],
                                        stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=stderr, env=env)
+                                       stderr=stderr, env=env, pass_fds=pass_fds)
             process.stderr_file = stderr
             self.children.append(process)
             if self.guardian:

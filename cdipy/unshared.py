@@ -1,0 +1,46 @@
+"""The helper of userns.py, run as "podman unshare python3 -m cdipy.unshared
+FD": for each request on the socket FD (a directory, and a file's path
+beneath it), open the file following no symlink and send back its
+descriptor, or the errno.  Exits when the socket closes."""
+
+import errno
+import os
+import socket
+import struct
+import sys
+
+from cdipy import storage
+
+
+def serve(connection):
+    stream = connection.makefile("rb")
+    while True:
+        header = stream.read(4)
+        if len(header) != 4:
+            return
+        (length,) = struct.unpack("!I", header)
+        root = stream.read(length)
+        parts = stream.readline().rstrip(b"\n").split(b"\0")
+        try:
+            fd = open_beneath(root, parts)
+        except OSError as error:
+            connection.sendall(struct.pack("!I", error.errno or errno.EIO))
+            continue
+        try:
+            socket.send_fds(connection, [struct.pack("!I", 0)], [fd])
+        finally:
+            os.close(fd)
+
+
+def open_beneath(root, parts):
+    if not parts or any(part in (b"", b".", b"..") for part in parts):
+        raise OSError(errno.EINVAL, "unsafe name")
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return storage.open_beneath(directory, parts)
+    finally:
+        os.close(directory)
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])))
