@@ -6,6 +6,7 @@ import bisect
 import contextlib
 import errno
 import os
+import re
 import tarfile
 
 from .progress import describe_size
@@ -47,6 +48,9 @@ class FileSegment:
         self.identity = None
 
 
+LEADING_ZEROS = re.compile(rb"\0*")
+# Zeros that segments of zeros are views of.
+SHARED_ZEROS = memoryview(bytes(64 << 10))
 # Kinds of extent.
 DATA, HOLE, ZERO = "data", "hole", "zero"
 
@@ -62,22 +66,34 @@ class Layer:
         self.how = how
         self.opener = opener
         self.starts = []      # offset in the layer of each segment
-        self.sources = []     # bytes, or a FileSegment
+        self.sources = []     # bytes, a view of zeros, or a FileSegment
+        self.bytes_held = 0   # tar bytes kept in memory
         self.size = 0
         self.members = []
         self.zeros = ()       # sorted (start, end) ranges known to be all zeros
         self.failure = None   # set when the layer fails its check: reads then fail
 
     def add_bytes(self, data):
+        """Add tar bytes DATA.  Zeros that lead it (the padding after a file,
+        the end of the archive) are a view of shared zeros, not a copy: a
+        layer of many small files would otherwise keep as many zeros as
+        headers in memory."""
+        zeros = LEADING_ZEROS.match(data).end()
+        while zeros:
+            piece = min(zeros, len(SHARED_ZEROS))
+            self.add_segment(SHARED_ZEROS[:piece], piece)
+            data, zeros = data[piece:], zeros - piece
         if data:
-            self.starts.append(self.size)
-            self.sources.append(bytes(data))
-            self.size += len(data)
+            self.add_segment(bytes(data), len(data))
+            self.bytes_held += len(data)
+
+    def add_segment(self, source, length):
+        self.starts.append(self.size)
+        self.sources.append(source)
+        self.size += length
 
     def add_file(self, segment):
-        self.starts.append(self.size)
-        self.sources.append(segment)
-        self.size += segment.length
+        self.add_segment(segment, segment.length)
 
     def files(self):
         return [source for source in self.sources if type(source) is FileSegment]
@@ -89,7 +105,7 @@ class Layer:
         while offset < end:
             source = self.sources[index]
             within = offset - self.starts[index]
-            length = len(source) if type(source) is bytes else source.length
+            length = source.length if type(source) is FileSegment else len(source)
             piece = min(length - within, end - offset)
             yield source, within, piece
             offset += piece
@@ -116,7 +132,7 @@ class Layer:
             read_exactly(source.fd, view, within)
             return
         for source, within, piece in self.segments(offset, len(view)):
-            if type(source) is bytes:
+            if type(source) is not FileSegment:
                 view[:piece] = source[within:within + piece]
             else:
                 with self.holding(source) as fd:
@@ -133,7 +149,7 @@ class Layer:
         runs = []
         position = offset
         for source, within, piece in self.segments(offset, count):
-            if type(source) is bytes:
+            if type(source) is not FileSegment:
                 runs.append((position, piece, DATA))
             else:
                 with self.holding(source) as fd:
@@ -157,7 +173,8 @@ class Layer:
             self.opener.close()
         else:
             for segment in self.files():
-                os.close(segment.fd)
+                if segment.fd is not None:
+                    os.close(segment.fd)
         self.sources = []
         self.starts = []
 

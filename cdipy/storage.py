@@ -118,35 +118,19 @@ def storage_layer(index, diff_id, plan, image_name="the image"):
     opens them on demand, at most LAZY_OPEN_FILES at a time.  Files a
     rootless user cannot open are opened now, in podman's user namespace,
     and held."""
-    entries = list(layer_entries(plan))
-    file_count = sum(1 for data, _, size in entries if data is None and size)
-    opener = LazyFiles(plan.diff_dir) if file_count > EAGER_FILES else None
-    layer = Layer(index, diff_id, "storage", opener)
-    pending = bytearray()     # tar bytes not yet added to the layer
+    layer = Layer(index, diff_id, "storage")
     try:
+        map_layer(layer, plan)
+        files = layer.files()
+        if len(files) > EAGER_FILES:
+            layer.opener = LazyFiles(plan.diff_dir)
         with DirectoryTree(plan.diff_dir) as tree, NamespaceOpener(image_name) as namespace:
-            for data, name, size in entries:
-                if data is not None:
-                    pending += data
-                    continue
-                offset = layer.size + len(pending)
-                layer.members.append(member_from_header(pending[-HEADER_BLOCK:],
-                                                        clean_name(name), size, offset))
-                if size:
-                    layer.add_bytes(pending)
-                    pending = bytearray()
-                    if opener is None or not tree.readable(name):
-                        fd = tree.open_file(name, namespace)
-                        layer.add_file(FileSegment(size, fd=fd, name=name))
-                        check_file(fd, name, size)
-                        if opener is not None:
-                            opener.pin(layer.sources[-1])
-                    else:
-                        layer.add_file(FileSegment(size, name=name))
-            layer.add_bytes(pending)
-        if plan.diff_size is not None and layer.size != plan.diff_size:
-            raise StorageUnavailable(f"rebuilt {layer.size} bytes, storage says "
-                                     f"{plan.diff_size}")
+            for segment in files:
+                if layer.opener is None or not tree.readable(segment.name):
+                    segment.fd = tree.open_file(segment.name, namespace)
+                    check_file(segment.fd, segment.name, segment.length)
+                    if layer.opener is not None:
+                        layer.opener.pin(segment)
     except OSError as error:
         layer.close()
         raise StorageUnavailable(f"cannot read {plan.diff_dir}: {error}") from None
@@ -156,29 +140,37 @@ def storage_layer(index, diff_id, plan, image_name="the image"):
     return layer
 
 
-def layer_entries(plan):
-    """The tar-split entries of PLAN's layer, each file name checked safe."""
-    header_bytes = 0
+def map_layer(layer, plan):
+    """Fill LAYER's offset map and members from PLAN's tar-split: headers
+    in memory, a FileSegment (not open yet) for each file's contents."""
+    pending = bytearray()     # tar bytes not yet added to the layer
     try:
         with gzip.open(plan.tar_split, "rb") as stream:
             for data, name, size in tar_split_entries(stream, plan.tar_split):
                 if data is not None:
-                    header_bytes += len(data)
-                    if header_bytes > MAX_HEADER_BYTES:
-                        raise StorageUnavailable("too many headers to keep in memory")
-                elif size:
+                    pending += data
+                    continue
+                if layer.bytes_held + len(pending) > MAX_HEADER_BYTES:
+                    raise StorageUnavailable("too many headers to keep in memory")
+                layer.members.append(member_from_header(
+                    pending[-HEADER_BLOCK:], clean_name(name), size, layer.size + len(pending)))
+                if size:
                     name_parts(name)  # raises for an unsafe name
-                yield data, name, size
+                    layer.add_bytes(pending)
+                    pending = bytearray()
+                    layer.add_file(FileSegment(size, name=name))
     except OSError as error:
         raise StorageUnavailable(f"cannot read {plan.tar_split}: {error}") from None
+    layer.add_bytes(pending)
+    if plan.diff_size is not None and layer.size != plan.diff_size:
+        raise StorageUnavailable(f"rebuilt {layer.size} bytes, storage says {plan.diff_size}")
 
 
 def tar_split_entries(stream, path):
     """Yield (bytes, None, 0) for raw tar data and (None, name, size) for a
     file's contents, from a tar-split STREAM (read from PATH)."""
     try:
-        for line in stream:
-            entry = json.loads(line)
+        for entry in json_lines(stream):
             if entry["type"] == 2:
                 yield base64.b64decode(entry.get("payload") or "", validate=True), None, 0
             elif entry["type"] == 1:
@@ -192,6 +184,22 @@ def tar_split_entries(stream, path):
                 raise ValueError(f"entry of type {entry['type']}")
     except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as error:
         raise StorageUnavailable(f"unreadable tar-split {path}: {error}") from None
+
+
+def json_lines(stream, chunk=1 << 20):
+    """The JSON value on each line of STREAM, parsed a chunk at a time as
+    one JSON array: a json.loads per line took most of the time to ready of
+    a layer of 20,000 files."""
+    rest = b""
+    while True:
+        block = stream.read(chunk)
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop() if block else b""
+        lines = [line for line in lines if line.strip()]
+        if lines:
+            yield from json.loads(b"[" + b",".join(lines) + b"]")
+        if not block:
+            return
 
 
 def check_file(fd, name, size):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CDI, NBDKIT, podman
+from conftest import CDI, NBDKIT, podman, serve, sha256
+from lab import directory, regular, tar_layer
 
 MIB = 1 << 20
 
@@ -185,3 +186,22 @@ def test_opening_a_ready_export_does_not_wait_for_another_being_built(many_files
     assert float(output) < 0.1, log
     opened, built = log.index("python: open returned handle"), log.index("export 0: storage")
     assert opened < built, "the base layer was built before the default export opened"
+
+
+def test_layer_of_more_files_than_descriptors_serves_exactly_from_storage(lab):
+    entries = [directory("many")] + [regular(f"many/{index}", str(index).encode())
+                                     for index in range(25000)]
+    layer = tar_layer(entries)
+    tag = f"localhost/cdi-test/many-files-{os.urandom(4).hex()}:1"
+    with lab.loaded(tag, [layer]) as image, \
+            serve(lab, f"name={image.name}", "verify=false", verbose=True) as server:
+        handle = server.connect()
+        try:
+            data = b"".join(handle.pread(min(4 * MIB, layer.size - offset), offset)
+                            for offset in range(0, layer.size, 4 * MIB))
+            held = len(os.listdir(f"/proc/{server.pid}/fd"))
+        finally:
+            handle.shutdown()
+    assert sha256(data) == image.diff_ids[0]
+    assert held < 400, f"nbdkit held {held} descriptors"
+    assert "copying the layer with podman save" not in server.log()

@@ -164,8 +164,8 @@ def test_tar_split_entries_come_in_stream_order():
 def test_tar_split_bad_json_names_the_file():
     with pytest.raises(StorageUnavailable) as raised:
         entries_of(b"not json\n")
-    assert str(raised.value) == ("unreadable tar-split /s/l.tar-split.gz: "
-                                 "Expecting value: line 1 column 1 (char 0)")
+    assert str(raised.value).startswith("unreadable tar-split /s/l.tar-split.gz: "
+                                        "Expecting value: ")
 
 
 def test_tar_split_unknown_entry_type_names_the_file():
