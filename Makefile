@@ -3,7 +3,7 @@
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
-	podman skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
+	podman uidmap skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
 RUFF_VERSION = 0.17.6
 # Through the interpreter: a pip-installed ruff may have no command on PATH yet.
 RUFF = python3 -m ruff
@@ -44,10 +44,10 @@ check: lint test
 demo: setup
 	tests/demo.sh
 
-# Benchmarks in a private podman and registry; sizes and runs from
-# BENCH_SIZES (default "1G 4G") and BENCH_RUNS (default 5).  See bench/README.md.
+# Benchmarks in a private podman and registry: BENCH_SIZE (default 1G) and
+# BENCH_RUNS (default 5).  See bench/README.md.
 bench: setup
-	@BENCH_SIZES="$(BENCH_SIZES)" BENCH_RUNS="$(BENCH_RUNS)" $(PYTHON) bench/bench.py
+	@BENCH_SIZE="$(BENCH_SIZE)" BENCH_RUNS="$(BENCH_RUNS)" $(PYTHON) bench/bench.py
 
 # Minutes of random reads on 16 connections, every byte checked, memory
 # watched: CDI_SOAK_SECONDS (default 300).

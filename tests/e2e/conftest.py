@@ -1,182 +1,29 @@
-"""Fixtures: a private podman, a real registry, small images, nbdkit runs.
-
-Everything lives under one temporary directory: podman's storage and
-configuration (through CONTAINERS_STORAGE_CONF, CONTAINERS_REGISTRIES_CONF
-and CONTAINERS_CONF), two registries on 127.0.0.1 (one open, one that
-requires a password) and the TMPDIR each test gives the plugin.  The user's
-own podman storage and /etc are never touched.
+"""Fixtures: the session's lab (lab.py: a private podman and two registries
+on 127.0.0.1, one open, one that requires a password), its images, and the
+ways the tests run the plugin.  Every test's TMPDIR must be empty when it
+ends; the user's own podman storage and /etc are never touched.
 """
 
-import base64
-import contextlib
 import hashlib
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd
 import pytest
 
-CDI = str(Path(__file__).resolve().parents[2] / "cdi.py")
-NBDKIT = shutil.which("nbdkit") or "nbdkit"  # absolute: tests may empty PATH
-REGISTRY_USER = "tester"
-REGISTRY_PASSWORD = "cdi-test-password"
-# bcrypt of REGISTRY_PASSWORD, made once with bcrypt.hashpw (cost 4).
-REGISTRY_PASSWORD_HASH = "$2b$04$EDKwHu0455l8FQL.stnNVeXRKyIL4nB1/5VRbiT/JytpnoaKv5Ema"
+from lab import CDI, NBDKIT, Lab, free_port, inspect, podman, sha256, wait_for
 
-
-@dataclass
-class Image:
-    name: str               # the local tag
-    id: str
-    diff_ids: list = field(default_factory=list)
-
-
-def podman(*args, check=True):
-    result = subprocess.run(["podman", *args], check=False, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed: {result.stderr}")
-    return result.stdout
-
-
-def inspect(reference):
-    record = json.loads(podman("image", "inspect", reference))[0]
-    return Image(reference, record["Id"], record["RootFS"]["Layers"])
-
-
-def build_image(tag, layers, workdir, platform=None):
-    """Build TAG FROM scratch with one ADD, so one layer, per entry of
-    LAYERS, a list of {path in image: bytes}."""
-    context = Path(tempfile.mkdtemp(dir=workdir))
-    lines = ["FROM scratch"]
-    for index, files in enumerate(layers):
-        for path, data in files.items():
-            source = context / f"layer{index}" / path.lstrip("/")
-            source.parent.mkdir(parents=True, exist_ok=True)
-            source.write_bytes(data)
-        lines.append(f"ADD layer{index}/ /")
-    (context / "Containerfile").write_text("\n".join(lines) + "\n")
-    platform_args = [f"--platform={platform}"] if platform else []
-    podman("build", "--quiet", "--no-cache", *platform_args, "-t", tag, str(context))
-    shutil.rmtree(context)
-    return inspect(tag)
-
-
-def sha256(data):
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def registry(workdir, name, auth=False):
-    """A Distribution registry on 127.0.0.1; yields its host:port."""
-    port = free_port()
-    root = Path(workdir) / name
-    root.mkdir()
-    config = [
-        "version: 0.1",
-        "log: {level: error}",
-        f"storage: {{filesystem: {{rootdirectory: {root}/data}}}}",
-        f"http: {{addr: '127.0.0.1:{port}'}}",
-    ]
-    if auth:
-        (root / "htpasswd").write_text(f"{REGISTRY_USER}:{REGISTRY_PASSWORD_HASH}\n")
-        config.append(f"auth: {{htpasswd: {{realm: cdi-test, path: {root}/htpasswd}}}}")
-    (root / "config.yml").write_text("\n".join(config) + "\n")
-    process = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
-                               stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", port), timeout=1):
-                break
-            assert process.poll() is None, "docker-registry exited at start"
-            assert time.monotonic() < deadline, "docker-registry did not start"
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait()
-
-
-class Lab:
-    """The session's podman, registries and images."""
-
-    def __init__(self, workdir, registry_address, auth_registry_address):
-        self.workdir = workdir
-        self.registry = registry_address
-        self.auth_registry = auth_registry_address
-        self.authfile = Path(workdir) / "auth.json"
-        token = base64.b64encode(f"{REGISTRY_USER}:{REGISTRY_PASSWORD}".encode())
-        self.authfile.write_text(json.dumps(
-            {"auths": {auth_registry_address: {"auth": token.decode()}}}))
-
-    def build(self, tag, layers, platform=None):
-        return build_image(tag, layers, self.workdir, platform)
-
-    def push(self, image, remote, authfile=None):
-        extra = [f"--authfile={authfile}"] if authfile else []
-        podman("push", "--quiet", *extra, image.name, f"docker://{remote}")
-
-
-def write_podman_config(workdir, registries):
-    storage = Path(workdir) / "storage.conf"
-    storage.write_text(
-        "[storage]\n"
-        'driver = "overlay"\n'
-        f'graphroot = "{workdir}/graph"\n'
-        f'runroot = "{workdir}/run"\n'
-        "[storage.options.overlay]\n"
-        # No private bind mount of the graph root: nothing to unmount later.
-        'skip_mount_home = "true"\n')
-    registries_conf = Path(workdir) / "registries.conf"
-    registries_conf.write_text(
-        "unqualified-search-registries = []\n" + "".join(
-            f'[[registry]]\nlocation = "{address}"\ninsecure = true\n'
-            for address in registries))
-    containers = Path(workdir) / "containers.conf"
-    containers.write_text(
-        "[engine]\n"
-        f'tmp_dir = "{workdir}/libpod-tmp"\n'
-        'events_logger = "none"\n')
-    return {"CONTAINERS_STORAGE_CONF": str(storage),
-            "CONTAINERS_REGISTRIES_CONF": str(registries_conf),
-            "CONTAINERS_CONF": str(containers),
-            "TMPDIR": str(Path(workdir) / "tmp")}
+# Test files import these from here too.
+__all__ = ["CDI", "NBDKIT", "free_port", "inspect", "podman", "sha256"]
 
 
 @pytest.fixture(scope="session")
 def lab():
-    workdir = tempfile.mkdtemp(prefix="cdi-tests-")
-    saved = dict(os.environ)
-    try:
-        with registry(workdir, "registry") as open_registry, \
-             registry(workdir, "auth-registry", auth=True) as auth_registry:
-            os.environ.update(write_podman_config(workdir, [open_registry, auth_registry]))
-            os.mkdir(os.environ["TMPDIR"])
-            try:
-                yield Lab(workdir, open_registry, auth_registry)
-            finally:
-                podman("rmi", "--all", "--force", check=False)
-                podman("manifest", "rm", "--all", check=False)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with Lab("cdi-tests-", auth_registry=True) as session:
+        yield session
 
 
 def make_disk(size=8 << 20):
@@ -225,18 +72,21 @@ def plugin_tmpdir(lab, monkeypatch):
     yield path
     for image_id in set(podman("images", "--all", "--quiet", "--no-trunc").split()) - before:
         podman("rmi", "--force", image_id, check=False)
-    deadline = time.monotonic() + 30
-    while os.listdir(path) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = os.listdir(path)
-    shutil.rmtree(path, ignore_errors=True)
-    assert left == [], f"TMPDIR not empty after the test: {left}"
+    try:
+        wait_for(lambda: not os.listdir(path), 30,
+                 lambda: f"TMPDIR not empty after the test: {os.listdir(path)}")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def plugin_args(*params, filters=(), verbose=False):
+    # -v without a line per request: the plugin's own messages.
+    return ((["-v", "-D", "nbdkit.backend.datapath=0"] if verbose else [])
+            + [f"--filter={name}" for name in filters] + ["python", CDI, *params])
 
 
 def nbdkit_command(*params, options=(), filters=()):
-    return ([NBDKIT, *options, "--exit-with-parent"]
-            + [f"--filter={name}" for name in filters]
-            + ["python", CDI, *params])
+    return [NBDKIT, *options, "--exit-with-parent", *plugin_args(*params, filters=filters)]
 
 
 def run_nbdkit(*params, run="true", env=None, timeout=120, verbose=False, filters=()):
@@ -274,25 +124,8 @@ def read_export(*params, export_name=""):
         handle.shutdown()
 
 
-@contextlib.contextmanager
-def serve(*params, filters=()):
-    """nbdkit in the background on a Unix socket; yields the socket path."""
-    directory = tempfile.mkdtemp(prefix="cdi-sock-")
-    sock = os.path.join(directory, "sock")
-    command = nbdkit_command(*params, options=["-f", "-U", sock], filters=filters)
-    process = subprocess.Popen(command,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not os.path.exists(sock):
-            if process.poll() is not None:
-                raise AssertionError(f"nbdkit exited: {process.stderr.read()}")
-            assert time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.05)
-        yield sock
-    finally:
-        process.terminate()
-        process.wait()
-        process.stderr.close()
-        shutil.rmtree(directory, ignore_errors=True)
+def serve(lab, *params, filters=(), verbose=False, ready=True, **popen):
+    """nbdkit serving PARAMS in the background: a context manager yielding
+    the lab.Nbdkit, ready (when READY) and stopped at the end."""
+    return lab.nbdkit(plugin_args(*params, filters=filters, verbose=verbose),
+                      ready=ready, **popen)

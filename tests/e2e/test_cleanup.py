@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbdkit_command, podman, run_nbdkit
+from conftest import run_nbdkit, serve
+from lab import podman, processes_mentioning, wait_for
 
 PATIENCE = 30  # seconds the plugin is promised to clean up in
 
@@ -37,29 +38,10 @@ def big(lab):
     podman("rmi", "--force", image.id, check=False)
 
 
-@pytest.fixture
-def socket_path(lab):
-    """Where a background nbdkit listens: outside TMPDIR, which must stay empty."""
-    directory = tempfile.mkdtemp(prefix="sock-", dir=lab.workdir)
-    yield os.path.join(directory, "nbd.sock")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def processes_mentioning(image):
+def import_processes(image):
     """PIDs of live processes whose command line names IMAGE: nbdkit and its
     guardian (a fork, so the same command line) by name, podman by ID."""
-    words = (image.name.encode(), image.id.encode())
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command_line = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue  # gone meanwhile
-        if any(word in command_line for word in words):
-            found.add(int(entry.name))
-    return found
+    return processes_mentioning(image.name, image.id)
 
 
 def kill_processes(pids):
@@ -87,62 +69,48 @@ def podman_bytes(tmpdir):
     return total
 
 
-def wait_for(condition, deadline, message):
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(message())
-        time.sleep(0.02)
-
-
 @contextlib.contextmanager
-def importing(image, socket_path):
+def importing(lab, image):
     """nbdkit in the background, in a process group of its own, caught while
-    podman is staging IMAGE in the workspace.  Yields the Popen.  Whatever
-    is left at the end is killed; if the test failed, what it left in TMPDIR
-    is removed too, so that the failure is reported once, by the test."""
+    podman is staging IMAGE in the workspace.  Yields the lab.Nbdkit.
+    Whatever is left at the end is killed; if the test failed, what it left
+    in TMPDIR is removed too, so that the failure is reported once, by the test."""
     tmpdir = os.environ["TMPDIR"]
     failed = False
     # copy=true: served in place from storage, the import writes nothing.
-    command = nbdkit_command(f"name={image.name}", "copy=true",
-                             options=["-f", "-U", socket_path])
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while podman_bytes(tmpdir) == 0:
-            if process.poll() is not None:
-                raise AssertionError(f"nbdkit exited before the import was seen: "
-                                     f"{process.stderr.read()}")
-            assert time.monotonic() < deadline, "the import did not start"
-            time.sleep(0.01)
-        assert not os.path.exists(socket_path), "the import ended too soon to test"
-        yield process
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        process.stderr.close()
-        kill_processes(processes_mentioning(image))
-        wait_for(lambda: not processes_mentioning(image), time.monotonic() + 10,
-                 lambda: f"cannot kill {describe(processes_mentioning(image))}")
-        if failed:
-            for entry in Path(tmpdir).iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink()
+    with serve(lab, f"name={image.name}", "copy=true", ready=False,
+               start_new_session=True) as nbdkit:
+        try:
+            wait_for(lambda: podman_bytes(tmpdir) or nbdkit.process.poll() is not None, 120,
+                     "the import did not start")
+            assert nbdkit.process.poll() is None, \
+                f"nbdkit exited before the import was seen: {nbdkit.log()}"
+            assert not nbdkit.is_ready(), "the import ended too soon to test"
+            yield nbdkit
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if nbdkit.process.poll() is None:
+                os.killpg(nbdkit.pid, signal.SIGKILL)
+                nbdkit.process.wait()
+            kill_processes(import_processes(image))
+            wait_for(lambda: not import_processes(image), 10,
+                     lambda: f"cannot kill {describe(import_processes(image))}")
+            if failed:
+                for entry in Path(tmpdir).iterdir():
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink()
 
 
 def assert_cleaned_up(image, tmpdir, deadline):
     """TMPDIR empty and no process of the import left, by DEADLINE."""
-    wait_for(lambda: not os.listdir(tmpdir), deadline,
+    wait_for(lambda: not os.listdir(tmpdir), deadline - time.monotonic(),
              lambda: f"TMPDIR still holds {tmpdir_entries(tmpdir)}")
-    wait_for(lambda: not processes_mentioning(image), deadline,
-             lambda: f"processes left: {describe(processes_mentioning(image))}")
+    wait_for(lambda: not import_processes(image), deadline - time.monotonic(),
+             lambda: f"processes left: {describe(import_processes(image))}")
 
 
 def describe(pids):
@@ -155,39 +123,37 @@ def describe(pids):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_signal_during_import_removes_everything(big, plugin_tmpdir, socket_path,
-                                                 signal_name):
-    with importing(big, socket_path) as nbdkit:
-        nbdkit.send_signal(getattr(signal, signal_name))
+def test_signal_during_import_removes_everything(lab, big, plugin_tmpdir, signal_name):
+    with importing(lab, big) as nbdkit:
+        nbdkit.process.send_signal(getattr(signal, signal_name))
         deadline = time.monotonic() + PATIENCE
         try:
-            _, stderr = nbdkit.communicate(timeout=PATIENCE)
+            status = nbdkit.process.wait(timeout=PATIENCE)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"nbdkit still running {PATIENCE} s after "
-                                 f"{signal_name}: {describe(processes_mentioning(big))}"
+                                 f"{signal_name}: {describe(import_processes(big))}"
                                  ) from None
-        assert nbdkit.returncode != 0
-        assert f"{big.name}: import interrupted by {signal_name}" in stderr
+        assert status != 0
+        assert f"{big.name}: import interrupted by {signal_name}" in nbdkit.log()
         assert_cleaned_up(big, plugin_tmpdir, deadline)
 
 
-def test_guardian_cleans_up_when_nbdkit_is_killed(big, plugin_tmpdir, socket_path):
-    with importing(big, socket_path) as nbdkit:
-        helpers = processes_mentioning(big) - {nbdkit.pid}
+def test_guardian_cleans_up_when_nbdkit_is_killed(lab, big, plugin_tmpdir):
+    with importing(lab, big) as nbdkit:
+        helpers = import_processes(big) - {nbdkit.pid}
         assert len(helpers) >= 2, f"expected a guardian and podman: {describe(helpers)}"
-        nbdkit.kill()
+        nbdkit.process.kill()
         deadline = time.monotonic() + PATIENCE
-        assert nbdkit.wait() == -signal.SIGKILL
+        assert nbdkit.process.wait() == -signal.SIGKILL
         assert_cleaned_up(big, plugin_tmpdir, deadline)
 
 
-def test_next_start_removes_workspace_of_killed_process_group(big, three, plugin_tmpdir,
-                                                              socket_path):
-    with importing(big, socket_path) as nbdkit:
+def test_next_start_removes_workspace_of_killed_process_group(lab, big, three, plugin_tmpdir):
+    with importing(lab, big) as nbdkit:
         os.killpg(nbdkit.pid, signal.SIGKILL)
-        nbdkit.wait()
-        wait_for(lambda: not processes_mentioning(big), time.monotonic() + 10,
-                 lambda: f"processes left: {describe(processes_mentioning(big))}")
+        nbdkit.process.wait()
+        wait_for(lambda: not import_processes(big), 10,
+                 lambda: f"processes left: {describe(import_processes(big))}")
         stale = list(Path(plugin_tmpdir).glob(f"cdi-py-{nbdkit.pid}-*"))
         assert len(stale) == 1, tmpdir_entries(plugin_tmpdir)
         assert any(stale[0].iterdir()), "podman's staged files should be left too"

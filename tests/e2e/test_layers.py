@@ -58,7 +58,7 @@ def test_nbdcopy_copies_the_layer(three, lab):
     os.unlink(target)
 
 
-def test_many_connections_read_random_ranges(three):
+def test_many_connections_read_random_ranges(lab, three):
     expected = read_export(f"name={three.name}")
     size = len(expected)
     failures = []
@@ -76,8 +76,9 @@ def test_many_connections_read_random_ranges(three):
         finally:
             handle.shutdown()
 
-    with serve(f"name={three.name}") as sock:
-        threads = [threading.Thread(target=reader, args=(sock, seed)) for seed in range(8)]
+    with serve(lab, f"name={three.name}") as server:
+        threads = [threading.Thread(target=reader, args=(server.socket, seed))
+                   for seed in range(8)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -13,7 +13,6 @@ other command at once, so one example costs one short nbdkit run.
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -226,12 +225,6 @@ def check(outcome, key, value, name=NAME):
         f"{name}: image not found in local storage" in outcome.stderr, outcome.stderr
 
 
-def known_bug(key, value):
-    """Values that hit the bug test_layer_with_thousands_of_digits_is_one_line shows."""
-    return key == "layer" and is_text(value) and \
-        re.fullmatch(r"-?[0-9]{4301,}", value if isinstance(value, str) else value.decode())
-
-
 # ---------------------------------------------------------------- tests
 
 
@@ -241,8 +234,6 @@ def known_bug(key, value):
 def test_hostile_value_is_refused_naming_its_key_or_passed_safely(
         fake_podman, plugin_tmpdir, key, data):
     value = data.draw(values(key), label="value")
-    if known_bug(key, value):
-        return
     params = [argument(key, value)]
     if key != "name":
         params.insert(0, f"name={NAME}")
@@ -262,16 +253,6 @@ def test_unknown_key_is_refused_naming_it(fake_podman, plugin_tmpdir, key, value
         assert outcome.stderr.startswith(
             f"nbdkit: error: {CDI}: config: error: unknown parameter {key!r}: "
             "this plugin takes name=, layer=, pull=, tls-verify="), outcome.stderr
-
-
-@EXAMPLES
-@given(key=text.filter(lambda key: not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", key)))
-def test_argument_nbdkit_cannot_parse_never_reaches_podman(fake_podman, plugin_tmpdir, key):
-    # Not a key nbdkit accepts (or an nbdkit option): nbdkit itself says no.
-    outcome = run(fake_podman, plugin_tmpdir, f"name={NAME}", f"{key}=value")
-    assert outcome.status == 1
-    assert outcome.calls == []
-    assert outcome.stderr.startswith("nbdkit: ")
 
 
 @pytest.mark.parametrize("trick", ["$(touch${IFS}%s)", "`touch${IFS}%s`", ";touch${IFS}%s",

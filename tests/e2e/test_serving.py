@@ -1,9 +1,11 @@
 """Serving when storage misbehaves, and exports that never wait for each
 other: each test here failed before the fix it covers."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,11 +84,18 @@ def logged_run(scratch, *params, run):
     returns (RUN's stdout, the log)."""
     log = scratch / "nbdkit.log"
     with open(log, "w") as log_file:
-        result = subprocess.run(
+        # A session of its own: if the test fails by timeout, RUN dies too.
+        process = subprocess.Popen(
             [NBDKIT, "-v", "-U", str(scratch / "sock"), "python", CDI, *params, "--run", run],
-            check=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-            text=True, env=dict(os.environ, LOG=str(log)), timeout=120)
-    return result.stdout, log.read_text()
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, text=True,
+            env=dict(os.environ, LOG=str(log)), start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return output, log.read_text()
 
 
 def wait_for_log(text):

@@ -16,140 +16,24 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
 import pytest
 
-from conftest import inspect, nbdkit_error, podman, read_export, run_nbdkit, serve, sha256
-
-MTIME = 1700000000  # of every entry: layers are reproducible
-ZEROS = bytes(1 << 20)
-
-
-# ----------------------------------------------------------- crafting images
-
-def regular(name, data=b"", mode=0o644):
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, MTIME
-    return info, data
-
-
-def directory(name):
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
-    return info, None
-
-
-def symlink(name, target):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, MTIME
-    return info, None
-
-
-def hardlink(name, target):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o644, MTIME
-    return info, None
-
-
-def whiteout(path):
-    """The entry that deletes PATH of a lower layer."""
-    parent, _, base = path.rpartition("/")
-    return regular(f"{parent}/.wh.{base}" if parent else f".wh.{base}")
-
-
-def layer_tar(entries, tar_format=tarfile.PAX_FORMAT):
-    """The bytes of a layer tar holding ENTRIES, (TarInfo, data) pairs.
-    Names are str; surrogate escapes stand for bytes that are not UTF-8."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tar_format,
-                      encoding="utf-8", errors="surrogateescape") as archive:
-        for info, data in entries:
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
-
-
-@dataclass
-class Blob:
-    """SIZE bytes, zero except PIECES, (offset, bytes) in ascending order:
-    a big blob is written to disk sparsely and never held in memory."""
-    size: int
-    pieces: list
-
-    @classmethod
-    def of(cls, data):
-        return cls(len(data), [(0, data)])
-
-    def digest(self):
-        hasher = hashlib.sha256()
-        position = 0
-        for offset, data in [*self.pieces, (self.size, b"")]:
-            while position < offset:
-                chunk = ZEROS[:offset - position]
-                hasher.update(chunk)
-                position += len(chunk)
-            hasher.update(data)
-            position += len(data)
-        return "sha256:" + hasher.hexdigest()
-
-    def write_to(self, file):
-        """Write at FILE's position, seeking over the zeros."""
-        start = file.tell()
-        for offset, data in self.pieces:
-            file.seek(start + offset)
-            file.write(data)
-        file.seek(start + self.size)
-
-
-def write_docker_archive(path, tag, layers):
-    """A docker-archive at PATH of image TAG whose layers are the Blobs
-    LAYERS, base first; returns their diffIDs."""
-    diff_ids = [layer.digest() for layer in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    layer_names = [f"{index}/layer.tar" for index in range(len(layers))]
-    manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
-                            "Layers": layer_names}]).encode()
-    members = [(config_name, Blob.of(config)), *zip(layer_names, layers),
-               ("manifest.json", Blob.of(manifest))]
-    with open(path, "wb") as archive:
-        for name, blob in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = blob.size, MTIME
-            archive.write(info.tobuf(tarfile.PAX_FORMAT))
-            blob.write_to(archive)
-            archive.write(bytes(-blob.size % 512))
-        archive.write(bytes(1024))
-    return diff_ids
-
-
-def load_image(lab, tag, layers):
-    """Load image TAG whose layers are LAYERS (bytes or Blobs) into podman."""
-    layers = [layer if isinstance(layer, Blob) else Blob.of(layer) for layer in layers]
-    scratch = Path(tempfile.mkdtemp(dir=lab.workdir, prefix="archive-"))
-    try:
-        diff_ids = write_docker_archive(scratch / "image.tar", tag, layers)
-        # Not "podman load": it tries the file as an oci-archive first, and
-        # unpacks all of it into /var/tmp to find out.
-        podman("pull", "--quiet", f"docker-archive:{scratch / 'image.tar'}")
-    finally:
-        shutil.rmtree(scratch)
-    image = inspect(tag)
-    assert image.diff_ids == diff_ids, "podman changed the layers"
-    return image
-
-
-@contextlib.contextmanager
-def loaded(lab, tag, layers):
-    """The image TAG with LAYERS, removed at the end."""
-    image = load_image(lab, tag, layers)
-    try:
-        yield image
-    finally:
-        podman("rmi", "--force", image.id, check=False)
+from conftest import nbdkit_error, read_export, run_nbdkit, serve
+from lab import (
+    MTIME,
+    Layer,
+    directory,
+    hardlink,
+    layer_tar,
+    podman,
+    regular,
+    sha256,
+    symlink,
+    whiteout,
+)
 
 
 def pseudo_random(size, seed):
@@ -241,7 +125,7 @@ MIXED_CONTENTS = ["1 directory, 5 files, 5 links", "4 directories",
 
 @pytest.fixture(scope="module")
 def mixed(lab):
-    with loaded(lab, "localhost/cdi-test/mixed:1", list(MIXED.values())) as image:
+    with lab.loaded("localhost/cdi-test/mixed:1", list(MIXED.values())) as image:
         yield image
 
 
@@ -300,7 +184,7 @@ THROUGH_SYMLINK = layer_tar([directory("real"), symlink("escape", "real"),
 @pytest.fixture(scope="module")
 def through_symlink(lab):
     layers = [THROUGH_SYMLINK, layer_tar([regular("top.txt", b"top\n")])]
-    with loaded(lab, "localhost/cdi-test/through-symlink:1", layers) as image:
+    with lab.loaded("localhost/cdi-test/through-symlink:1", layers) as image:
         yield image
 
 
@@ -348,14 +232,16 @@ def vfs_storage(lab):
     shutil.rmtree(root)
 
 
-def test_other_storage_driver_falls_back_to_podman_save(lab, vfs_storage):
-    image = load_image(lab, "localhost/cdi-test/on-vfs:1", [
-        layer_tar([regular("base.txt", b"base\n")]),
-        layer_tar([regular("top.txt", b"top\n"), symlink("link", "/etc/passwd")])])
-    digest, log = served_digest(f"name={image.name}", "layer=1", verbose=True)
-    assert ("cannot serve from podman's storage (storage driver 'vfs' is not overlay): "
-            "copying the layer with podman save") in log
-    assert digest == image.diff_ids[1]
+def test_vfs_storage_serves_every_layer_in_place(lab, vfs_storage):
+    image = lab.load("localhost/cdi-test/on-vfs:1", [
+        layer_tar([regular("base.txt", b"base\n"), regular("gone.txt", b"gone\n")]),
+        layer_tar([whiteout("gone.txt"), regular("top.txt", b"top\n"),
+                   symlink("link", "/etc/passwd")])])
+    for index, diff_id in enumerate(image.diff_ids):
+        digest, log = served_digest(f"name={image.name}", f"layer={index}", verbose=True)
+        assert digest == diff_id
+        assert f"export {index}: storage: layer {index} of 2: {diff_id}" in log
+        assert "copying the layer with podman save" not in log
 
 
 # ------------------------------------------------- the image goes away
@@ -366,8 +252,8 @@ def test_removing_the_image_while_serving_changes_no_byte(lab):
               layer_tar([regular("top.txt", b"top\n")])]
     expected = layers[0]
     half = len(expected) // 2
-    with loaded(lab, "localhost/cdi-test/removed:1", layers) as image, \
-            serve(f"name={image.name}") as sock, connected(sock) as handle:
+    with lab.loaded("localhost/cdi-test/removed:1", layers) as image, \
+            serve(lab, f"name={image.name}") as server, connected(server.socket) as handle:
         first_half = read_range(handle, 0, half)
         driver_data = json.loads(podman("image", "inspect", "--format",
                                         "{{json .GraphDriver.Data}}", image.id))
@@ -375,9 +261,9 @@ def test_removing_the_image_while_serving_changes_no_byte(lab):
         podman("rmi", "--force", image.id)
         assert not any(os.path.exists(path) for path in diff_dirs)
         assert first_half + read_range(handle, half, len(expected)) == expected
-        with connected(sock) as late:
+        with connected(server.socket) as late:
             assert read_range(late, 0, len(expected)) == expected
-        with connected(sock, export_name="1") as late:
+        with connected(server.socket, export_name="1") as late:
             assert read_range(late, 0, len(layers[1])) == layers[1]
 
 
@@ -456,8 +342,7 @@ AUTO_IMAGES = {
 @pytest.fixture(scope="module")
 def auto_images(lab):
     with contextlib.ExitStack() as stack:
-        yield {case: stack.enter_context(loaded(lab, f"localhost/cdi-test/auto-{case}:1",
-                                                layers))
+        yield {case: stack.enter_context(lab.loaded(f"localhost/cdi-test/auto-{case}:1", layers))
                for case, layers in AUTO_IMAGES.items()}
 
 
@@ -508,7 +393,7 @@ def qcow2_image(lab):
         shutil.rmtree(scratch)
     layers = [layer_tar([regular("etc/os-release", b"ID=test\n")]),
               layer_tar([directory("disk"), regular("disk/downloaded", qcow2)])]
-    with loaded(lab, "localhost/cdi-test/qcow2:1", layers) as image:
+    with lab.loaded("localhost/cdi-test/qcow2:1", layers) as image:
         yield image
 
 
@@ -537,7 +422,7 @@ SPARSE_LAYER = layer_tar([regular("sparse.bin", SPARSE)])
 def sparse_image(lab):
     """An image whose stored sparse.bin has holes: podman writes every byte,
     fallocate --dig-holes makes holes of its zero blocks, same content."""
-    with loaded(lab, "localhost/cdi-test/sparse:1", [SPARSE_LAYER]) as image:
+    with lab.loaded("localhost/cdi-test/sparse:1", [SPARSE_LAYER]) as image:
         upper = podman("image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}",
                        image.id).strip()
         stored = Path(upper) / "sparse.bin"
@@ -578,15 +463,16 @@ def test_file_over_8_gib_is_served_exactly_and_sparsely(lab):
     start = len(header)
     nonzero = [(start, b"first"), (start + (5 << 30), b"middle"),
                (start + HUGE_SIZE - 4, b"last")]
-    layer = Blob(start + HUGE_SIZE + (-HUGE_SIZE % 512) + 1024, [(0, header), *nonzero])
-    with loaded(lab, "localhost/cdi-test/huge:1", [layer]) as image:
+    layer = Layer(start + HUGE_SIZE + (-HUGE_SIZE % 512) + 1024,
+                  [(offset, len(data), data) for offset, data in [(0, header), *nonzero]])
+    with lab.loaded("localhost/cdi-test/huge:1", [layer]) as image:
         upper = podman("image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}",
                        image.id).strip()
         subprocess.run(["fallocate", "--dig-holes", f"{upper}/disk/huge.img"], check=True)
         # verify=false: the test hashes every byte itself.
         params = (f"name={image.name}", "verify=false")
         extents = extent_map(*params)
-        with serve(*params) as sock, connected(sock) as handle:
+        with serve(lab, *params) as server, connected(server.socket) as handle:
             assert handle.get_size() == layer.size
             assert handle.get_export_description().endswith(": disk/huge.img (8.1 GiB)")
             hasher = hashlib.sha256()

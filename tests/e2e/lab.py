@@ -1,0 +1,527 @@
+"""The lab the end-to-end tests and the bench share: a private podman,
+Distribution registries, images, and nbdkit servers in the background.
+
+Everything lives under one temporary directory: podman's storage and
+configuration (through CONTAINERS_STORAGE_CONF, CONTAINERS_REGISTRIES_CONF
+and CONTAINERS_CONF), the registries' data on 127.0.0.1, the plugin's cache
+(XDG_CACHE_HOME) and the servers' sockets and logs.  The user's own podman
+storage, ~/.cache and /etc are never touched.
+Images are built FROM scratch with one ADD per layer, or crafted byte by
+byte as docker-archives, so that every byte of every layer is known.
+"""
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbd
+
+CDI = str(Path(__file__).resolve().parents[2] / "cdi.py")
+NBDKIT = shutil.which("nbdkit") or "nbdkit"  # absolute: tests may empty PATH
+REGISTRY_USER = "tester"
+REGISTRY_PASSWORD = "cdi-test-password"
+# bcrypt of REGISTRY_PASSWORD, made once with bcrypt.hashpw (cost 4).
+REGISTRY_PASSWORD_HASH = "$2b$04$EDKwHu0455l8FQL.stnNVeXRKyIL4nB1/5VRbiT/JytpnoaKv5Ema"
+# A registry gets SIGTERM when its starter dies, even by SIGKILL (nbdkit has
+# --exit-with-parent for that).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+MTIME = 1_700_000_000  # of every crafted entry: layers are reproducible
+MIB = 1 << 20
+
+
+class Lab:
+    """A private podman with registries, as a context manager: inside it,
+    the environment points podman at the lab; on exit every image and
+    registry is gone, the environment is as it was and the directory removed."""
+
+    def __init__(self, prefix, parent=None, registry=True, auth_registry=False):
+        """The directory is PREFIX... in PARENT (default: tempfile's); REGISTRY
+        and AUTH_REGISTRY say which registries to start, by address in
+        self.registry and self.auth_registry (with its self.authfile)."""
+        self.prefix, self.parent = prefix, parent
+        self.wants_registry, self.wants_auth_registry = registry, auth_registry
+        self.registry = self.auth_registry = self.authfile = None
+        self.podman_is_ours = False
+
+    def __enter__(self):
+        self.saved_environment = dict(os.environ)
+        self.workdir = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
+        self.services = contextlib.ExitStack()
+        try:
+            if self.wants_registry:
+                self.registry = self.services.enter_context(
+                    registry(self.workdir, "registry")).address
+            if self.wants_auth_registry:
+                self.auth_registry = self.services.enter_context(
+                    registry(self.workdir, "auth-registry", auth=True)).address
+                token = base64.b64encode(f"{REGISTRY_USER}:{REGISTRY_PASSWORD}".encode())
+                self.authfile = self.workdir / "auth.json"
+                self.authfile.write_text(json.dumps(
+                    {"auths": {self.auth_registry: {"auth": token.decode()}}}))
+            addresses = [address for address in (self.registry, self.auth_registry) if address]
+            os.environ.update(podman_environment(self.workdir, addresses))
+            self.podman_is_ours = True
+            os.mkdir(os.environ["TMPDIR"])
+            # cdi.py remembers the layers it checked there: not in ~/.cache.
+            os.environ["XDG_CACHE_HOME"] = str(self.workdir / "cache")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.podman_is_ours:  # never "rmi --all" in the user's own storage
+                podman("rmi", "--all", "--force", check=False)
+                podman("manifest", "rm", "--all", check=False)
+        finally:
+            self.services.close()
+            os.environ.clear()
+            os.environ.update(self.saved_environment)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def build(self, tag, layers, platform=None):
+        """Build TAG FROM scratch with one ADD, so one layer, per entry of
+        LAYERS, a dict {path in the image: bytes, or a function that writes
+        the file at the path it is given}."""
+        context = Path(tempfile.mkdtemp(prefix="context-", dir=self.workdir))
+        try:
+            lines = ["FROM scratch"]
+            for index, files in enumerate(layers):
+                for path, content in files.items():
+                    source = context / f"layer{index}" / path.lstrip("/")
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    if callable(content):
+                        content(source)
+                    else:
+                        source.write_bytes(content)
+                lines.append(f"ADD layer{index}/ /")
+            (context / "Containerfile").write_text("\n".join(lines) + "\n")
+            platform_args = [f"--platform={platform}"] if platform else []
+            podman("build", "--quiet", "--no-cache", *platform_args, "-t", tag, str(context))
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+        return inspect(tag)
+
+    def load(self, tag, layers):
+        """Load image TAG whose layers are LAYERS (Layers or bytes), base
+        first, from a docker-archive written here."""
+        layers = [layer if isinstance(layer, Layer) else Layer.of(layer) for layer in layers]
+        archive = self.workdir / f"archive-{os.urandom(4).hex()}.tar"
+        try:
+            diff_ids = write_docker_archive(archive, tag, layers)
+            # Not "podman load": it tries the file as an oci-archive first,
+            # and unpacks all of it into TMPDIR to find out.
+            podman("pull", "--quiet", f"docker-archive:{archive}")
+        finally:
+            archive.unlink(missing_ok=True)
+        image = inspect(tag)
+        assert image.diff_ids == diff_ids, "podman changed the layers"
+        return image
+
+    @contextlib.contextmanager
+    def loaded(self, tag, layers):
+        """The image TAG loaded with LAYERS, removed at the end."""
+        image = self.load(tag, layers)
+        try:
+            yield image
+        finally:
+            podman("rmi", "--force", image.id, check=False)
+
+    def push(self, image, remote, authfile=None):
+        extra = [f"--authfile={authfile}"] if authfile else []
+        podman("push", "--quiet", *extra, image.name, f"docker://{remote}")
+
+    @contextlib.contextmanager
+    def nbdkit(self, args, ready=True, env=None, **popen):
+        """nbdkit ARGS in the background, stopped at the end; yields the
+        Nbdkit once it is ready (at once if READY is false)."""
+        server = Nbdkit(args, self.workdir, env, **popen)
+        try:
+            if ready:
+                server.wait_ready()
+            yield server
+        finally:
+            server.stop()
+
+
+class Nbdkit:
+    """nbdkit -f on a Unix socket, its stderr in a file.  It is ready once
+    its -P pidfile holds its PID: nbdkit writes it once it listens.  (The
+    socket file is no sign: it appears before nbdkit listens, and connecting
+    then fails with ECONNREFUSED, as seen with nbdkit 1.44.)"""
+
+    def __init__(self, args, parent, env=None, **popen):
+        self.directory = Path(tempfile.mkdtemp(prefix="nbdkit-", dir=parent))
+        self.socket = str(self.directory / "sock")
+        self.pidfile = self.directory / "pid"
+        self.log_path = self.directory / "stderr"
+        self.final_log = None
+        command = [NBDKIT, "-f", "--exit-with-parent", "-U", self.socket,
+                   "-P", str(self.pidfile), *args]
+        with open(self.log_path, "wb") as log:
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=log,
+                                            env=env, **popen)
+        self.pid = self.process.pid
+
+    def is_ready(self):
+        with contextlib.suppress(FileNotFoundError):
+            return self.pidfile.read_text().endswith("\n")
+        return False
+
+    def wait_ready(self, timeout=300):
+        """Seconds from start until ready; AssertionError if nbdkit exits first."""
+        wait_for(lambda: self.is_ready() or self.process.poll() is not None, timeout,
+                 lambda: f"nbdkit not ready after {timeout} s: {self.log()}", interval=0.001)
+        seconds = time.monotonic() - self.started
+        assert self.process.poll() is None, \
+            f"nbdkit exited with status {self.process.returncode}: {self.log()}"
+        return seconds
+
+    def uri(self, export=""):
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def connect(self, export=""):
+        handle = nbd.NBD()
+        handle.set_export_name(export)
+        handle.connect_unix(self.socket)
+        return handle
+
+    def log(self):
+        if self.final_log is not None:
+            return self.final_log
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        stop_process(self.process)
+        self.final_log = self.log()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def check_passed(log, index):
+    """Whether cdi.py's log (nbdkit -v) says layer INDEX passed its digest
+    check, just now or remembered from an earlier start."""
+    return (f"verified layer {index} in " in log
+            or f"layer {index} passed its check before" in log)
+
+
+# ------------------------------------------------------------ processes
+
+def podman(*args, check=True):
+    """podman ARGS; its stdout.  With CHECK, AssertionError if it fails."""
+    result = subprocess.run(["podman", *args], check=False, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: exit status {result.returncode}: "
+                             f"{result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class Image:
+    name: str               # the local tag
+    id: str
+    diff_ids: list = field(default_factory=list)
+
+
+def inspect(reference):
+    record = json.loads(podman("image", "inspect", reference))[0]
+    return Image(reference, record["Id"], record["RootFS"]["Layers"])
+
+
+def wait_for(condition, timeout, message, interval=0.01):
+    """Poll CONDITION until it returns something true, and return that.
+    After TIMEOUT seconds, AssertionError(MESSAGE), a string or a function
+    that makes one."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)
+    return value
+
+
+def processes_mentioning(*words):
+    """PIDs of live processes (not this one) whose command line holds one
+    of WORDS."""
+    words = [word if isinstance(word, bytes) else word.encode() for word in words]
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile
+            command_line = (entry / "cmdline").read_bytes()
+            if any(word in command_line for word in words):
+                found.add(int(entry.name))
+    return found
+
+
+def stop_process(process, patience=30):
+    """SIGTERM, then SIGKILL if PROCESS is still there after PATIENCE seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=patience)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------- podman's world
+
+@dataclass
+class Registry:
+    address: str            # host:port
+    process: subprocess.Popen
+
+
+@contextlib.contextmanager
+def registry(workdir, name, auth=False):
+    """A Distribution registry on 127.0.0.1 with its data in WORKDIR/NAME,
+    requiring REGISTRY_USER's password with AUTH; yields a Registry."""
+    address = f"127.0.0.1:{free_port()}"
+    root = Path(workdir) / name
+    root.mkdir()
+    config = ["version: 0.1", "log: {level: error}",
+              f"storage: {{filesystem: {{rootdirectory: {root}/data}}}}",
+              f"http: {{addr: '{address}'}}"]
+    if auth:
+        (root / "htpasswd").write_text(f"{REGISTRY_USER}:{REGISTRY_PASSWORD_HASH}\n")
+        config.append(f"auth: {{htpasswd: {{realm: cdi-test, path: {root}/htpasswd}}}}")
+    (root / "config.yml").write_text("\n".join(config) + "\n")
+    with open(root / "log", "wb") as log:
+        process = subprocess.Popen(
+            [*DIE_WITH_PARENT, "docker-registry", "serve", str(root / "config.yml")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: answers(address) or process.poll() is not None, 30,
+                 "docker-registry did not answer within 30 s")
+        assert process.poll() is None, \
+            f"docker-registry exited at start: {(root / 'log').read_text()}"
+        yield Registry(address, process)
+    finally:
+        stop_process(process)
+
+
+def answers(address):
+    """Whether the registry at ADDRESS answers its API (401: with a password)."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=1)
+    try:
+        connection.request("GET", "/v2/")
+        return connection.getresponse().status in (200, 401)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def podman_environment(workdir, registries):
+    """Write podman's configuration for WORKDIR, the REGISTRIES (host:port)
+    allowed without TLS; return the environment variables that select it."""
+    storage = Path(workdir) / "storage.conf"
+    storage.write_text(
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'graphroot = "{workdir}/graph"\n'
+        f'runroot = "{workdir}/run"\n'
+        "[storage.options.overlay]\n"
+        # No private bind mount of the graph root: nothing to unmount later.
+        'skip_mount_home = "true"\n')
+    registries_conf = Path(workdir) / "registries.conf"
+    registries_conf.write_text(
+        "unqualified-search-registries = []\n" + "".join(
+            f'[[registry]]\nlocation = "{address}"\ninsecure = true\n'
+            for address in registries))
+    containers = Path(workdir) / "containers.conf"
+    containers.write_text(
+        "[engine]\n"
+        f'tmp_dir = "{workdir}/libpod-tmp"\n'
+        'events_logger = "none"\n')
+    return {"CONTAINERS_STORAGE_CONF": str(storage),
+            "CONTAINERS_REGISTRIES_CONF": str(registries_conf),
+            "CONTAINERS_CONF": str(containers),
+            "TMPDIR": str(Path(workdir) / "tmp")}
+
+
+# ------------------------------------------------------- crafted layers
+
+def regular(name, data=b"", mode=0o644):
+    """A file entry.  DATA: its bytes, or a size: that many bytes of the
+    layer's pseudo-random stream."""
+    info = tarfile.TarInfo(name)
+    info.size = data if isinstance(data, int) else len(data)
+    info.mode, info.mtime = mode, MTIME
+    return info, data
+
+
+def directory(name):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
+    return info, None
+
+
+def symlink(name, target):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, MTIME
+    return info, None
+
+
+def hardlink(name, target):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o644, MTIME
+    return info, None
+
+
+def whiteout(path):
+    """The entry that deletes PATH of a lower layer."""
+    parent, _, base = path.rpartition("/")
+    return regular(f"{parent}/.wh.{base}" if parent else f".wh.{base}")
+
+
+def layer_tar(entries, tar_format=tarfile.PAX_FORMAT):
+    """The bytes of a small layer holding ENTRIES, as tarfile writes them."""
+    return tar_layer(entries, tar_format=tar_format).read()
+
+
+def tar_layer(entries, seed="", tar_format=tarfile.PAX_FORMAT):
+    """The Layer of a tar archive of ENTRIES, (TarInfo, data) pairs, laid
+    out as tarfile lays them out.  Names are str; surrogate escapes stand
+    for bytes that are not UTF-8."""
+    layer = Layer(seed=seed)
+    for info, data in entries:
+        layer.append(info.tobuf(tar_format, "utf-8", "surrogateescape"))
+        if info.size:
+            layer.files[info.name] = (layer.size, info.size)
+            layer.append(data if isinstance(data, bytes) else info.size)
+            layer.append(bytes(-info.size % tarfile.BLOCKSIZE))
+    layer.append(bytes(2 * tarfile.BLOCKSIZE))
+    layer.append(bytes(-layer.size % tarfile.RECORDSIZE))
+    return layer
+
+
+class Layer:
+    """A layer known byte by byte, never held whole in memory: PIECES,
+    (offset, length, bytes or an offset in the pseudo-random stream named
+    SEED), in ascending order, and zeros between them."""
+
+    def __init__(self, size=0, pieces=(), seed=""):
+        self.size, self.pieces, self.seed = size, list(pieces), seed
+        self.files = {}  # name -> (offset of its data in the layer, size)
+        self.stream_size = 0
+
+    @classmethod
+    def of(cls, data):
+        return cls(len(data), [(0, len(data), data)])
+
+    def append(self, data):
+        """Add DATA, bytes or a length of the stream, at the end."""
+        if isinstance(data, int):
+            self.pieces.append((self.size, data, self.stream_size))
+            self.stream_size += data
+            self.size += data
+        elif data:
+            self.pieces.append((self.size, len(data), bytes(data)))
+            self.size += len(data)
+
+    def read(self, offset=0, length=None):
+        """The bytes of the range, up to the end of the layer."""
+        end = self.size if length is None else min(offset + length, self.size)
+        out = bytearray(max(0, end - offset))
+        for start, size, source in self.pieces:
+            low, high = max(offset, start), min(end, start + size)
+            if low < high:
+                out[low - offset:high - offset] = (
+                    source[low - start:high - start] if isinstance(source, bytes)
+                    else prng_bytes(self.seed, source + low - start, high - low))
+        return bytes(out)
+
+    def chunks(self, size=4 * MIB):
+        for offset in range(0, self.size, size):
+            yield self.read(offset, size)
+
+    def write_to(self, file, chunk_size=4 * MIB):
+        """Write the layer at FILE's position, seeking over chunks of zeros
+        (a big sparse layer stays sparse); return its "sha256:" digest."""
+        digest = hashlib.sha256()
+        zeros = bytes(chunk_size)
+        for chunk in self.chunks(chunk_size):
+            digest.update(chunk)
+            if chunk == zeros[:len(chunk)]:
+                file.seek(len(chunk), os.SEEK_CUR)
+            else:
+                file.write(chunk)
+        return "sha256:" + digest.hexdigest()
+
+
+PRNG_BLOCK = 64 << 10
+
+
+def prng_bytes(seed, offset, length):
+    """LENGTH bytes at OFFSET of an endless pseudo-random stream named SEED,
+    computed block by block."""
+    out = bytearray()
+    block, skip = divmod(offset, PRNG_BLOCK)
+    while len(out) < length:
+        data = random.Random(f"{seed}:{block}").randbytes(PRNG_BLOCK)
+        out += data[skip:skip + length - len(out)]
+        skip = 0
+        block += 1
+    return bytes(out)
+
+
+def write_docker_archive(path, tag, layers):
+    """A docker-archive (what podman save writes) at PATH of image TAG made
+    of LAYERS, base first; returns their diffIDs.  The config comes after
+    the layers, so that each layer is hashed while it is written."""
+    def member(archive, name, size):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = size, MTIME
+        archive.write(info.tobuf(tarfile.PAX_FORMAT))
+
+    layer_names = [f"{index}/layer.tar" for index in range(len(layers))]
+    with open(path, "wb") as archive:
+        diff_ids = []
+        for name, layer in zip(layer_names, layers):
+            member(archive, name, layer.size)
+            diff_ids.append(layer.write_to(archive))
+            archive.write(bytes(-layer.size % tarfile.BLOCKSIZE))
+        config = json.dumps({
+            "architecture": "amd64", "os": "linux",
+            # A nonce: the image ID is unique to this session.
+            "config": {"Labels": {"cdi-test-nonce": os.urandom(8).hex()}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": "lab.py"}] * len(layers),
+        }).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
+                                "Layers": layer_names}]).encode()
+        for name, data in ((config_name, config), ("manifest.json", manifest)):
+            member(archive, name, len(data))
+            archive.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
+        archive.write(bytes(2 * tarfile.BLOCKSIZE))
+    return diff_ids
