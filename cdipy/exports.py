@@ -12,6 +12,7 @@ import re
 import threading
 import time
 
+from .cache import PrivateCache
 from .errors import CdiError, StorageUnavailable
 from .image import find_image, graph_root
 from .layer import Layer
@@ -77,8 +78,10 @@ class Exports:
         self.settings = settings
         self.image = image
         self.diff_ids = tuple(image["RootFS"]["Layers"])
-        self.records = CheckRecords(os.path.join(settings.cache_directory(), "checked")
-                                    if settings.cache_directory() else None)
+        cache = settings.cache_directory()
+        self.records = CheckRecords(PrivateCache(os.path.join(cache, "checked")
+                                                 if cache else None))
+        self.maps = PrivateCache(os.path.join(cache, "maps") if cache else None)
         plans, why = [None] * len(self.diff_ids), "copy=true"
         if not settings.copy:
             try:
@@ -244,7 +247,7 @@ class Exports:
     def build_from_storage(self, slot):
         try:
             self.keep(slot, storage_layer(slot.index, slot.diff_id, slot.plan,
-                                          self.settings.name))
+                                          self.settings.name, self.maps))
         except StorageUnavailable as reason:
             slot.plan = None
             slot.not_in_storage = f"cannot serve from podman's storage ({reason})"

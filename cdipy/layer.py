@@ -5,6 +5,7 @@ file's contents), and the tar members they hold."""
 import bisect
 import contextlib
 import errno
+import marshal
 import os
 import re
 import tarfile
@@ -79,13 +80,16 @@ class Layer:
         layer of many small files would otherwise keep as many zeros as
         headers in memory."""
         zeros = LEADING_ZEROS.match(data).end()
-        while zeros:
-            piece = min(zeros, len(SHARED_ZEROS))
+        self.add_zeros(zeros)
+        if zeros < len(data):
+            self.add_segment(bytes(data[zeros:]), len(data) - zeros)
+            self.bytes_held += len(data) - zeros
+
+    def add_zeros(self, count):
+        while count:
+            piece = min(count, len(SHARED_ZEROS))
             self.add_segment(SHARED_ZEROS[:piece], piece)
-            data, zeros = data[piece:], zeros - piece
-        if data:
-            self.add_segment(bytes(data), len(data))
-            self.bytes_held += len(data)
+            count -= piece
 
     def add_segment(self, source, length):
         self.starts.append(self.size)
@@ -314,3 +318,38 @@ def merge_runs(runs):
         else:
             merged.append((start, length, kind))
     return merged
+
+
+# The version of dump_map's format.
+MAP_FORMAT = 1
+
+
+def dump_map(layer):
+    """LAYER's map and members, not its open files, as bytes to cache."""
+    sources = [(source.length, source.name) if type(source) is FileSegment
+               else len(source) if type(source) is memoryview else bytes(source)
+               for source in layer.sources]
+    members = [(member.name, member.kind, member.size, member.offset)
+               for member in layer.members]
+    return marshal.dumps((MAP_FORMAT, layer.size, sources, members))
+
+
+def load_map(layer, data):
+    """Fill the new LAYER from DATA, made by dump_map; return it, or None if
+    DATA is not such a map."""
+    try:
+        version, size, sources, members = marshal.loads(data)
+        if version != MAP_FORMAT:
+            return None
+        for source in sources:
+            if type(source) is tuple:
+                layer.add_file(FileSegment(source[0], name=source[1]))
+            elif type(source) is int:
+                layer.add_zeros(source)
+            else:
+                layer.add_segment(source, len(source))
+                layer.bytes_held += len(source)
+        layer.members = [Member(*member) for member in members]
+    except (EOFError, ValueError, TypeError):
+        return None
+    return layer if layer.size == size else None

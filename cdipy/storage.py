@@ -14,17 +14,20 @@ import contextlib
 import dataclasses
 import errno
 import gzip
+import hashlib
 import json
 import os
 import resource
 import stat
 import threading
+import time
 import zlib
 from typing import Optional
 
 from . import userns
+from .cache import PrivateCache
 from .errors import StorageUnavailable
-from .layer import FileSegment, Layer, clean_name, member_from_header
+from .layer import FileSegment, Layer, clean_name, dump_map, load_map, member_from_header
 from .userns import NamespaceOpener
 
 # Tar headers of one layer kept in memory, at most.
@@ -34,6 +37,10 @@ MAX_HEADER_BYTES = 16 << 20
 EAGER_FILES = 1024
 # ...keeping at most this many open at a time.
 LAZY_OPEN_FILES = 256
+# Entries mapped between two chances for other threads to take the GIL: a
+# layer mapped in the background must not hold up a client's open.
+GIL_TURN = 64
+NO_CACHE = PrivateCache(None)
 HEADER_BLOCK = 512
 
 
@@ -112,15 +119,14 @@ def layer_chain(records, top_id):
     return chain
 
 
-def storage_layer(index, diff_id, plan, image_name="the image"):
+def storage_layer(index, diff_id, plan, image_name="the image", maps=NO_CACHE):
     """Layer INDEX read in place, as PLAN says where it is.  A layer of at
     most EAGER_FILES files has them all opened now and held; a bigger one
     opens them on demand, at most LAZY_OPEN_FILES at a time.  Files a
     rootless user cannot open are opened now, in podman's user namespace,
-    and held."""
-    layer = Layer(index, diff_id, "storage")
+    and held.  The map of a big layer is kept in the PrivateCache MAPS."""
+    layer = mapped_layer(index, diff_id, plan, maps)
     try:
-        map_layer(layer, plan)
         files = layer.files()
         if len(files) > EAGER_FILES:
             layer.opener = LazyFiles(plan.diff_dir)
@@ -140,13 +146,35 @@ def storage_layer(index, diff_id, plan, image_name="the image"):
     return layer
 
 
+def mapped_layer(index, diff_id, plan, maps):
+    """Layer INDEX with its map: from MAPS if it holds one made from this
+    very tar-split, else made from it (and kept, for a big layer)."""
+    try:
+        status = os.stat(plan.tar_split)
+    except OSError as error:
+        raise StorageUnavailable(f"cannot read {plan.tar_split}: {error.strerror}") from None
+    name = hashlib.sha256(repr((diff_id, plan, identity(status))).encode()).hexdigest()
+    data = maps.read(name + ".map")
+    layer = data and load_map(Layer(index, diff_id, "storage"), data)
+    if layer and layer.size == (plan.diff_size or layer.size):
+        return layer
+    layer = Layer(index, diff_id, "storage")
+    map_layer(layer, plan)
+    if len(layer.members) > EAGER_FILES:
+        maps.write(name + ".map", dump_map(layer))
+    return layer
+
+
 def map_layer(layer, plan):
     """Fill LAYER's offset map and members from PLAN's tar-split: headers
     in memory, a FileSegment (not open yet) for each file's contents."""
     pending = bytearray()     # tar bytes not yet added to the layer
     try:
         with gzip.open(plan.tar_split, "rb") as stream:
-            for data, name, size in tar_split_entries(stream, plan.tar_split):
+            for count, (data, name, size) in enumerate(
+                    tar_split_entries(stream, plan.tar_split)):
+                if count % GIL_TURN == 0:
+                    time.sleep(0)  # let a thread answering a client run
                 if data is not None:
                     pending += data
                     continue

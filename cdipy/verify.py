@@ -9,14 +9,11 @@ start of an unchanged layer needs no hash at all.
 """
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import stat
-import tempfile
 import threading
 import time
 
@@ -133,59 +130,32 @@ def note_zeros(buffer, length, offset, zeros):
 
 
 class CheckRecords:
-    """The layers that passed their check, one small JSON file each in
-    DIRECTORY (None: remember nothing).  Written whole under a temporary
-    name; read only from a directory and files that only we can write."""
+    """The layers that passed their check: a small JSON entry each in the
+    PrivateCache CACHE."""
 
-    def __init__(self, directory):
-        self.directory = directory
+    def __init__(self, cache):
+        self.cache = cache
 
     def lookup(self, diff_id, print_):
         """The zeros of the layer DIFF_ID if it passed with files PRINT_."""
-        record = self.read(self.path(diff_id))
+        data = self.cache.read(entry_name(diff_id)) if entry_name(diff_id) else None
+        try:
+            record = json.loads(data) if data else {}
+        except ValueError:
+            record = {}
         if record.get("diff_id") != diff_id or record.get("fingerprint") != print_:
             return None
         return [tuple(zero) for zero in record.get("zeros", [])]
 
-    def read(self, path):
-        if path is None:
-            return {}
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as error:
-            if error.errno != errno.ENOENT:
-                log.debug(f"ignoring {path}: {error.strerror}")
-            return {}
-        with os.fdopen(fd, "rb") as file:
-            if not (only_ours(os.fstat(fd)) and only_ours(os.stat(self.directory))):
-                log.debug(f"ignoring {path}: others may write to it")
-                return {}
-            try:
-                return json.load(file)
-            except ValueError:
-                return {}
-
     def store(self, diff_id, print_, zeros):
-        path = self.path(diff_id)
-        if path is None:
-            return
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".checked-")
-            with os.fdopen(fd, "w") as file:
-                json.dump({"diff_id": diff_id, "fingerprint": print_,
-                           "zeros": zeros}, file)
-            os.replace(temporary, path)
-        except OSError as error:
-            log.debug(f"cannot remember the check in {self.directory}: {error.strerror}")
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(temporary)
-
-    def path(self, diff_id):
-        if self.directory is None or not re.fullmatch(r"sha256:[0-9a-f]{64}", diff_id):
-            return None
-        return os.path.join(self.directory, diff_id.replace(":", "-") + ".json")
+        if entry_name(diff_id):
+            self.cache.write(entry_name(diff_id), json.dumps(
+                {"diff_id": diff_id, "fingerprint": print_, "zeros": zeros}).encode())
 
 
-def only_ours(status):
-    return status.st_uid == os.geteuid() and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+def entry_name(diff_id):
+    """The file name of DIFF_ID's record; None for a diffID that is not a
+    sha256, which must never become a path."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", diff_id):
+        return None
+    return diff_id.replace(":", "-") + ".json"

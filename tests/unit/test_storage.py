@@ -17,6 +17,7 @@ import tarfile
 import pytest
 
 from cdipy import storage
+from cdipy.cache import PrivateCache
 from cdipy.errors import StorageUnavailable
 from cdipy.storage import StoragePlan, layer_chain, storage_layer, storage_plans, tar_split_entries
 from cdipy.verify import fingerprint
@@ -402,8 +403,7 @@ def test_storage_layer_without_its_tar_split_is_unavailable(stored, tmp_path):
     missing = str(tmp_path / "missing.tar-split.gz")
     with pytest.raises(StorageUnavailable) as raised:
         storage_layer(0, DIFF_ID, StoragePlan(plan.diff_dir, missing, None))
-    assert str(raised.value) == (f"cannot read {missing}: [Errno 2] No such file or "
-                                 f"directory: '{missing}'")
+    assert str(raised.value) == f"cannot read {missing}: No such file or directory"
 
 
 def test_storage_layer_without_its_diff_directory_is_unavailable(stored, tmp_path):
@@ -503,6 +503,34 @@ def test_big_layer_file_replaced_after_its_check_fails_with_eio(many, tmp_path):
             read_all(layer)
         assert "b'many/0' in storage is not the file the layer was built from" in str(
             failure.value)
+
+
+def test_big_layer_map_is_cached_and_serves_the_same_bytes(many, tmp_path):
+    maps = PrivateCache(str(tmp_path / "maps"))
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1], maps=maps)) as first:
+        members = [(m.name, m.kind, m.size, m.offset) for m in first.members]
+    (entry,) = (tmp_path / "maps").iterdir()
+    assert oct(entry.stat().st_mode & 0o777) == "0o600"
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1], maps=maps)) as second:
+        assert read_all(second) == many[0]
+        assert [(m.name, m.kind, m.size, m.offset) for m in second.members] == members
+
+
+def test_big_layer_map_cached_corrupt_is_made_again(many, tmp_path):
+    maps = PrivateCache(str(tmp_path / "maps"))
+    storage_layer(0, DIFF_ID, many[1], maps=maps).close()
+    (entry,) = (tmp_path / "maps").iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])
+    with contextlib.closing(storage_layer(0, DIFF_ID, many[1], maps=maps)) as layer:
+        assert read_all(layer) == many[0]
+
+
+def test_big_layer_map_is_not_taken_for_a_rewritten_tar_split(many, tmp_path):
+    maps = PrivateCache(str(tmp_path / "maps"))
+    storage_layer(0, DIFF_ID, many[1], maps=maps).close()
+    os.utime(many[1].tar_split, ns=(1, 1))
+    storage_layer(0, DIFF_ID, many[1], maps=maps).close()
+    assert len(list((tmp_path / "maps").iterdir())) == 2
 
 
 def test_big_layer_with_an_unsafe_name_is_unavailable(tmp_path, monkeypatch):

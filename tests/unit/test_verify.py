@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
 from cdipy.layer import DATA, HOLE, ZERO, FileSegment, Layer, split_zeros
 from cdipy.verify import CheckRecords, check_and_remember, check_digest, note_zeros, remembered
@@ -74,7 +75,7 @@ def test_extents_report_known_zeros_once_the_check_passed(disk_layer):
 
 
 def test_a_layer_that_passed_is_remembered_with_its_zeros(disk_layer, tmp_path):
-    records = CheckRecords(str(tmp_path / "checked"))
+    records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     disk_layer.zeros = ()
     assert remembered(disk_layer, records)
@@ -83,14 +84,14 @@ def test_a_layer_that_passed_is_remembered_with_its_zeros(disk_layer, tmp_path):
 
 
 def test_a_file_touched_since_the_check_is_not_remembered(disk_layer, tmp_path):
-    records = CheckRecords(str(tmp_path / "checked"))
+    records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     os.utime(tmp_path / "disk.img", ns=(1, 1))
     assert not remembered(disk_layer, records)
 
 
 def test_a_record_others_may_write_is_ignored(disk_layer, tmp_path):
-    records = CheckRecords(str(tmp_path / "checked"))
+    records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     (path,) = (tmp_path / "checked").iterdir()
     os.chmod(path, 0o666)
@@ -98,7 +99,7 @@ def test_a_record_others_may_write_is_ignored(disk_layer, tmp_path):
 
 
 def test_a_record_of_another_layer_is_ignored(disk_layer, tmp_path):
-    records = CheckRecords(str(tmp_path / "checked"))
+    records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     (path,) = (tmp_path / "checked").iterdir()
     record = json.loads(path.read_text())
@@ -108,13 +109,13 @@ def test_a_record_of_another_layer_is_ignored(disk_layer, tmp_path):
 
 
 def test_a_diff_id_that_is_not_a_sha256_is_never_a_file_name(tmp_path):
-    records = CheckRecords(str(tmp_path / "checked"))
+    records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     records.store("sha256:../../escape", "print", [])
     assert not (tmp_path / "checked").exists()
     assert not (tmp_path / "escape.json").exists()
 
 
 def test_no_cache_directory_remembers_nothing(disk_layer):
-    records = CheckRecords(None)
+    records = CheckRecords(PrivateCache(None))
     check_and_remember(disk_layer, "img", records)
     assert not remembered(disk_layer, records)
