@@ -78,6 +78,7 @@ class Exports:
         self.settings = settings
         self.image = image
         self.diff_ids = tuple(image["RootFS"]["Layers"])
+        self.verifying = settings.verify != "false"
         cache = settings.cache_directory()
         self.records = CheckRecords(PrivateCache(os.path.join(cache, "checked")
                                                  if cache else None))
@@ -130,8 +131,7 @@ class Exports:
                 run = [index]
                 while run[-1] + 1 < len(self.slots) and self.slots[run[-1] + 1].plan is None:
                     run.append(run[-1] + 1)
-                layer = save_layers(podman, self.image, run, self.settings.verify != "false",
-                                    keep=Layer.disks)
+                layer = save_layers(podman, self.image, run, self.verifying, keep=Layer.disks)
                 if layer is None:
                     index = run[-1] + 1
                     continue
@@ -154,9 +154,8 @@ class Exports:
         return layer.index
 
     def build_in_background(self):
-        """Open every layer that storage holds, in a thread: a client asking
-        for one meanwhile waits for that one alone.  Once open, removing
-        the image cannot change it."""
+        """Map every layer that storage holds, in a thread: a client asking
+        for one meanwhile waits for that one alone."""
         def run():
             for slot in self.slots:
                 with slot.lock:
@@ -192,7 +191,7 @@ class Exports:
                     with Workspace(self.settings.name) as workspace:
                         self.build(slot, Podman(workspace, self.settings.name))
                 layer = slot.layer
-                if not slot.checked and self.settings.verify != "false":
+                if not slot.checked and self.verifying:
                     slot.checked = True
                     start_check(layer, self.settings.name, self.records)
         return layer
@@ -235,7 +234,7 @@ class Exports:
                       "copying the layer with podman save")
             try:
                 layer = save_layers(podman, self.image, [slot.index],
-                                    self.settings.verify != "false", keep=bool)
+                                    self.verifying, keep=lambda layer: True)
                 if layer is None:
                     raise CdiError(f"{self.settings.name}: save: podman's archive has no "
                                    f"layer {slot.diff_id}")
