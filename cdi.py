@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 if os.path.isdir(os.path.join(HERE, "cdipy")):
     sys.path.insert(0, HERE)
 
-from cdipy.errors import CdiError  # noqa: E402
+from cdipy.errors import CdiError, NoSuchExport  # noqa: E402
 from cdipy.exports import prepare  # noqa: E402
 from cdipy.layer import DATA, HOLE, ZERO  # noqa: E402
 from cdipy.parameters import PARAMETERS, Settings  # noqa: E402
@@ -119,9 +119,9 @@ def default_export(readonly, is_tls):
 def open(readonly):
     try:
         return exports.open(nbdkit.export_name())
-    except LookupError as error:
+    except NoSuchExport:
         nbdkit.set_error(errno.ENOENT)
-        raise CdiError(str(error)) from None
+        raise
     except CdiError:
         nbdkit.set_error(errno.EIO)
         raise

@@ -8,9 +8,12 @@ the order data flows through them:
   podman      running podman, and what its errors mean to the user
   image       finding the image: local storage, or a pull
   storage     podman's storage: layers.json, tar-split, files beneath a layer
+  userns      files a rootless user can't open, opened in podman's user
+              namespace by a helper (unshared.py, run with podman unshare)
   save        the copy path: a layer streamed from "podman save"
   layer       a layer as an offset map: segments, read, extents, members
-  verify      checking a layer against its diffID
+  cache       the private cache directory: check records and maps
+  verify      checking a layer against its diffID, and remembering it
   exports     the set of exports: built, pending, failed, and the default
 
 Messages go to the "cdipy" logger at DEBUG level; cdi.py forwards them to

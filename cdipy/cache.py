@@ -53,9 +53,11 @@ class PrivateCache:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
             os.replace(temporary, os.path.join(self.directory, name))
+            temporary = None
         except OSError as error:
             log.debug(f"cannot write {name} in {self.directory}: {error.strerror}")
-            if temporary is not None:
+        finally:
+            if temporary is not None:  # failed, or interrupted
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
 

@@ -7,6 +7,10 @@ class CdiError(Exception):
     keeps its traceback."""
 
 
+class NoSuchExport(CdiError):
+    """A client asked for an export that does not exist."""
+
+
 class StorageUnavailable(Exception):
     """Why a layer cannot be served in place from podman's storage; the
     copy path takes over."""

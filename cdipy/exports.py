@@ -13,7 +13,7 @@ import threading
 import time
 
 from .cache import PrivateCache
-from .errors import CdiError, StorageUnavailable
+from .errors import CdiError, NoSuchExport, StorageUnavailable
 from .image import find_image, graph_root
 from .layer import Layer
 from .podman import Podman
@@ -58,8 +58,9 @@ def prepare(settings):
 
 
 class Slot:
-    """One export: layer INDEX of the image, and what is known of it.  Every
-    field but index and diff_id is guarded by lock."""
+    """One export: layer INDEX of the image, and what is known of it.  Its
+    fields change only under lock; layer, checked and description are set
+    once and may be read without it."""
 
     def __init__(self, index, diff_id, plan):
         self.index = index
@@ -70,6 +71,7 @@ class Slot:
         self.not_in_storage = None  # why it must be copied, as a phrase
         self.failure = None         # why the last try to build it failed
         self.checked = False        # its digest check has started (or is done)
+        self.check_thread = None    # the thread checking it, if any
         self.description = None     # made once: every client handshake asks
 
 
@@ -160,7 +162,10 @@ class Exports:
             for slot in self.slots:
                 with slot.lock:
                     if slot.layer is None and slot.plan is not None:
-                        self.build_from_storage(slot)
+                        try:
+                            self.build_from_storage(slot)
+                        except Exception as error:  # one layer's failure stops no other
+                            log.debug(f"layer {slot.index}: {error}")
         threading.Thread(target=run, name="open-layers", daemon=True).start()
 
     # ------------------------------------------------------------ serving
@@ -177,23 +182,24 @@ class Exports:
 
     def open(self, name):
         """The Layer of export NAME, built if it is not yet; starts its digest
-        check.  Raises LookupError if there is no such export, CdiError if
+        check.  Raises NoSuchExport if there is no such export, CdiError if
         it cannot be served."""
         slot = self.find(name)
         if slot is None:
-            raise LookupError(f"no export {name!r}: the exports are "
+            raise NoSuchExport(f"no export {name!r}: the exports are "
                               + ", ".join(self.names())
                               + " (or -1, -2, ... or a layer's diffID)")
         layer = slot.layer  # set once: a ready export needs no lock
         if layer is None or not slot.checked:
             with slot.lock:
                 if slot.layer is None:
-                    with Workspace(self.settings.name) as workspace:
-                        self.build(slot, Podman(workspace, self.settings.name))
+                    self.build(slot)
                 layer = slot.layer
-                if not slot.checked and self.verifying:
+                if not slot.checked:
                     slot.checked = True
-                    start_check(layer, self.settings.name, self.records)
+                    if self.verifying:
+                        slot.check_thread = start_check(layer, self.settings.name,
+                                                        self.records)
         return layer
 
     def names(self):
@@ -218,18 +224,26 @@ class Exports:
                     f"({slot.not_in_storage})")
 
     def close(self):
+        """Close every layer; a check still reading one stops first."""
         for slot in self.slots:
             with slot.lock:
                 if slot.layer is not None:
+                    slot.layer.failure = "the server is stopping"  # ends its check
+                    if slot.check_thread is not None:
+                        slot.check_thread.join()
                     slot.layer.close()
 
     # ----------------------------------------------- building, under slot.lock
 
-    def build(self, slot, podman):
-        """Build SLOT's layer: from storage, else copied with PODMAN."""
+    def build(self, slot, podman=None):
+        """Build SLOT's layer: from storage, else copied with PODMAN (by
+        default, podman in a workspace of its own)."""
         if slot.plan is not None:
             self.build_from_storage(slot)
-        if slot.layer is None:
+        if slot.layer is None and podman is None:
+            with Workspace(self.settings.name) as workspace:
+                self.build(slot, Podman(workspace, self.settings.name))
+        elif slot.layer is None:
             log.debug(f"layer {slot.index}: {slot.not_in_storage}: "
                       "copying the layer with podman save")
             try:
@@ -250,6 +264,9 @@ class Exports:
         except StorageUnavailable as reason:
             slot.plan = None
             slot.not_in_storage = f"cannot serve from podman's storage ({reason})"
+        except CdiError as error:
+            slot.failure = str(error)
+            raise
 
     def keep(self, slot, layer):
         slot.failure = None

@@ -51,7 +51,8 @@ class FileSegment:
 
 LEADING_ZEROS = re.compile(rb"\0*")
 # Zeros that segments of zeros are views of.
-SHARED_ZEROS = memoryview(bytes(64 << 10))
+ZERO_BLOCK = bytes(64 << 10)
+SHARED_ZEROS = memoryview(ZERO_BLOCK)
 # Kinds of extent.
 DATA, HOLE, ZERO = "data", "hole", "zero"
 
@@ -73,6 +74,8 @@ class Layer:
         self.members = []
         self.zeros = ()       # sorted (start, end) ranges known to be all zeros
         self.failure = None   # set when the layer fails its check: reads then fail
+        self.reads = 0        # calls of read; threads may lose a count: a hint only
+        self.origin = ""      # what its map was made from, for the check records
 
     def add_bytes(self, data):
         """Add tar bytes DATA.  Zeros that lead it (the padding after a file,
@@ -123,6 +126,7 @@ class Layer:
 
     def read(self, view, offset):
         """Fill VIEW with the bytes at OFFSET; OSError if they can't be read."""
+        self.reads += 1
         if self.failure:
             raise OSError(errno.EIO, self.failure)
         # The common case, a read inside one file held open, costs one
@@ -350,6 +354,6 @@ def load_map(layer, data):
                 layer.add_segment(source, len(source))
                 layer.bytes_held += len(source)
         layer.members = [Member(*member) for member in members]
-    except (EOFError, ValueError, TypeError):
+    except (EOFError, ValueError, TypeError, IndexError):
         return None
     return layer if layer.size == size else None

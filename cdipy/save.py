@@ -12,15 +12,14 @@ import tarfile
 import tempfile
 
 from .errors import CdiError
-from .layer import FileSegment, Layer, Member, clean_name, member_kind
+from .layer import ZERO_BLOCK, FileSegment, Layer, Member, clean_name, member_kind
 from .progress import Progress, describe_size
 
 log = logging.getLogger("cdipy")
 
 COPY_CHUNK = 1 << 20
 # Zero blocks of this size are left as holes in a copy.
-SPARSE_BLOCK = 64 << 10
-ZERO_BLOCK = bytes(SPARSE_BLOCK)
+SPARSE_BLOCK = len(ZERO_BLOCK)
 
 
 def save_layers(podman, image, wanted, verify, keep):
@@ -50,7 +49,7 @@ def save_layers(podman, image, wanted, verify, keep):
         if process.wait() != 0:
             raise podman.failure(process, "save")
         return None
-    except (tarfile.TarError, CdiError):
+    except (tarfile.TarError, CdiError) as error:
         if podman.workspace.signal_received is not None:
             raise  # interrupted: podman is stopped on the way out
         # Podman's own failure, if it failed, explains a broken stream
@@ -58,6 +57,8 @@ def save_layers(podman, image, wanted, verify, keep):
         with contextlib.suppress(subprocess.TimeoutExpired):
             if process.wait(timeout=5) != 0:
                 raise podman.failure(process, "save") from None
+        if isinstance(error, tarfile.TarError):
+            raise CdiError(f"{podman.image_name}: save: not a tar archive: {error}") from None
         raise
 
 

@@ -1,11 +1,12 @@
-"""Serving a layer in place from podman's overlay storage.
+"""Serving a layer in place from podman's storage (overlay or vfs).
 
-podman keeps, for each layer, its files in overlay/ID/diff/ and the tar
-headers it was unpacked from in overlay-layers/ID.tar-split.gz.  The tar
-is rebuilt from the two: the headers in memory, each file's contents from
-the file itself, held open so that removing the image changes nothing we
-serve.  Anything unexpected raises StorageUnavailable, and the copy path
-takes over.
+podman keeps, for each layer, its files (overlay/ID/diff/, or the full tree
+vfs/dir/ID/) and the tar headers it was unpacked from (ID.tar-split.gz).
+The tar is rebuilt from the two: the headers in memory, each file's
+contents from the file itself.  A layer of few files has them all held
+open, so that removing the image changes nothing served; a big one opens
+them on demand, a bounded number at a time.  Anything unexpected raises
+StorageUnavailable, and the copy path takes over.
 """
 
 import base64
@@ -17,8 +18,10 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import resource
 import stat
+import tarfile
 import threading
 import time
 import zlib
@@ -41,7 +44,6 @@ LAZY_OPEN_FILES = 256
 # layer mapped in the background must not hold up a client's open.
 GIL_TURN = 64
 NO_CACHE = PrivateCache(None)
-HEADER_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ def chain_of_digests(records, diff_ids):
         if record is None:
             raise StorageUnavailable(f"no layer {diff_id} in layers.json")
         chain.append(record)
-    return chain
+    return checked_ids(chain)
 
 
 def layer_chain(records, top_id):
@@ -116,6 +118,14 @@ def layer_chain(records, top_id):
         chain.append(record)
         layer_id = record.get("parent")
     chain.reverse()
+    return checked_ids(chain)
+
+
+def checked_ids(chain):
+    """CHAIN, whose layer IDs become file names: each must be one."""
+    for record in chain:
+        if not re.fullmatch(r"\w[\w.-]*", record["id"]):
+            raise StorageUnavailable(f"unexpected layer ID {record['id']!r} in layers.json")
     return chain
 
 
@@ -134,9 +144,9 @@ def storage_layer(index, diff_id, plan, image_name="the image", maps=NO_CACHE):
             for segment in files:
                 if layer.opener is None or not tree.readable(segment.name):
                     segment.fd = tree.open_file(segment.name, namespace)
-                    check_file(segment.fd, segment.name, segment.length)
                     if layer.opener is not None:
-                        layer.opener.pin(segment)
+                        layer.opener.pin(segment)  # closed with the layer from now on
+                    check_file(segment.fd, segment.name, segment.length)
     except OSError as error:
         layer.close()
         raise StorageUnavailable(f"cannot read {plan.diff_dir}: {error}") from None
@@ -156,12 +166,12 @@ def mapped_layer(index, diff_id, plan, maps):
     name = hashlib.sha256(repr((diff_id, plan, identity(status))).encode()).hexdigest()
     data = maps.read(name + ".map")
     layer = data and load_map(Layer(index, diff_id, "storage"), data)
-    if layer and layer.size == (plan.diff_size or layer.size):
-        return layer
-    layer = Layer(index, diff_id, "storage")
-    map_layer(layer, plan)
-    if len(layer.members) > EAGER_FILES:
-        maps.write(name + ".map", dump_map(layer))
+    if not (layer and layer.size == (plan.diff_size or layer.size)):
+        layer = Layer(index, diff_id, "storage")
+        map_layer(layer, plan)
+        if len(layer.files()) > EAGER_FILES:
+            maps.write(name + ".map", dump_map(layer))
+    layer.origin = name
     return layer
 
 
@@ -169,6 +179,7 @@ def map_layer(layer, plan):
     """Fill LAYER's offset map and members from PLAN's tar-split: headers
     in memory, a FileSegment (not open yet) for each file's contents."""
     pending = bytearray()     # tar bytes not yet added to the layer
+    paths = set()
     try:
         with gzip.open(plan.tar_split, "rb") as stream:
             for count, (data, name, size) in enumerate(
@@ -180,8 +191,14 @@ def map_layer(layer, plan):
                     continue
                 if layer.bytes_held + len(pending) > MAX_HEADER_BYTES:
                     raise StorageUnavailable("too many headers to keep in memory")
+                # Storage holds the last entry of a path only: an earlier
+                # one would be served with its bytes.
+                member_name = clean_name(name)
+                if member_name.rstrip("/") in paths:
+                    raise StorageUnavailable(f"{name!r} is in the layer twice")
+                paths.add(member_name.rstrip("/"))
                 layer.members.append(member_from_header(
-                    pending[-HEADER_BLOCK:], clean_name(name), size, layer.size + len(pending)))
+                    pending[-tarfile.BLOCKSIZE:], member_name, size, layer.size + len(pending)))
                 if size:
                     name_parts(name)  # raises for an unsafe name
                     layer.add_bytes(pending)
@@ -344,6 +361,8 @@ class LazyFiles:
             os.close(fd)
             raise OSError(errno.EIO, f"{segment.name!r} in storage is not the file "
                                      "the layer was built from")
+        # From now on the file must stay this one, checked or not.
+        segment.identity = identity(status)
         return fd
 
     def close(self):

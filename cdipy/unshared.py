@@ -1,7 +1,7 @@
 """The helper of userns.py, run as "podman unshare python3 -m cdipy.unshared
-FD": for each request on the socket FD (a directory, and a file's path
-beneath it), open the file following no symlink and send back its
-descriptor, or the errno.  Exits when the socket closes."""
+FD": for each request on the socket FD (the lengths of a directory and of
+a file's path beneath it, then both), open the file following no symlink
+and send back its descriptor, or the errno.  Exits when the socket closes."""
 
 import errno
 import os
@@ -15,14 +15,15 @@ from cdipy import storage
 def serve(connection):
     stream = connection.makefile("rb")
     while True:
-        header = stream.read(4)
-        if len(header) != 4:
+        header = stream.read(8)
+        if len(header) != 8:
             return
-        (length,) = struct.unpack("!I", header)
-        root = stream.read(length)
-        parts = stream.readline().rstrip(b"\n").split(b"\0")
+        root_length, name_length = struct.unpack("!II", header)
+        root, name = stream.read(root_length), stream.read(name_length)
+        if len(name) != name_length:
+            return
         try:
-            fd = open_beneath(root, parts)
+            fd = open_beneath(root, name.split(b"/"))
         except OSError as error:
             connection.sendall(struct.pack("!I", error.errno or errno.EIO))
             continue

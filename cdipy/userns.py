@@ -20,6 +20,8 @@ from .errors import StorageUnavailable
 from .workspace import Workspace, stderr_text
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Seconds to wait for the helper: its start (podman unshare), or a file.
+HELPER_PATIENCE = 60
 
 
 def needed():
@@ -59,8 +61,8 @@ class NamespaceOpener:
         """A read-only descriptor of ROOT/PARTS..., opened in the namespace."""
         if self.socket is None:
             self.start()
-        self.socket.sendall(struct.pack("!I", len(root)) + os.fsencode(root)
-                            + b"\0".join(parts) + b"\n")
+        root, name = os.fsencode(root), b"/".join(parts)
+        self.socket.sendall(struct.pack("!II", len(root), len(name)) + root + name)
         try:
             reply, fds, _, _ = socket.recv_fds(self.socket, 4, 1)
         except OSError as error:
@@ -78,14 +80,19 @@ class NamespaceOpener:
 
     def start(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.workspace = Workspace(self.image_name).__enter__()
         try:
+            self.workspace = Workspace(self.image_name).__enter__()
             self.process = self.workspace.start(
                 ["podman", "unshare", "env", f"PYTHONPATH={PACKAGE_PARENT}",
                  interpreter(), "-m", "cdipy.unshared", str(theirs.fileno())],
                 stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
+        # A helper that hangs must not hold the layer's lock for ever.
+        ours.settimeout(HELPER_PATIENCE)
         self.socket = ours
 
     def failure(self, what):

@@ -18,26 +18,27 @@ import threading
 import time
 
 from .errors import CdiError
+from .layer import ZERO_BLOCK
 from .progress import Progress
 from .storage import identity
 
 log = logging.getLogger("cdipy")
 
 CHECK_CHUNK = 1 << 20
-# Zeros are noted in blocks of this size, aligned in the layer.
-ZERO_BLOCK = bytes(64 << 10)
-# The lowest priority: a check must not slow the clients' reads.
+# The lowest priority: a check must not slow the clients' reads.  A check
+# also pauses after each chunk during which a client read the layer.
 CHECK_NICENESS = 19
+PAUSE_FOR_CLIENTS = 0.01
 
 
 def start_check(layer, image_name, records):
     """Make sure LAYER is checked: at once if RECORDS remember it passed,
-    otherwise by a thread, while reads are served from podman's storage,
-    which podman checked when it stored the layer."""
+    otherwise by a thread (returned), while reads are served from podman's
+    storage, which podman checked when it stored the layer."""
     # Cheap for a layer whose files are all open: done now, so that the
     # very first client already sees the known zeros.
     if layer.opener is None and remembered(layer, records):
-        return
+        return None
 
     def run():
         with contextlib.suppress(OSError):  # not allowed: keep the priority
@@ -48,7 +49,9 @@ def start_check(layer, image_name, records):
         except CdiError as error:
             log.debug(str(error))  # layer.failure is set: every read fails now
 
-    threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"verify-{layer.index}", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_and_remember(layer, image_name, records):
@@ -74,9 +77,10 @@ def remembered(layer, records):
 
 
 def fingerprint(layer):
-    """What identifies the bytes LAYER reads: its diffID and the identity of
-    each of its files, which a lazily opened file must then keep."""
-    digest = hashlib.sha256(layer.diff_id.encode())
+    """What identifies the bytes LAYER reads: its diffID, where its map came
+    from (the tar-split, and so the headers and offsets) and the identity
+    of each of its files, which a lazily opened file must then keep."""
+    digest = hashlib.sha256(repr((layer.diff_id, layer.origin, layer.size)).encode())
     for segment in layer.files():
         with layer.holding(segment) as fd:
             segment.identity = identity(os.fstat(fd))
@@ -96,10 +100,13 @@ def check_digest(layer, image_name):
     try:
         for offset in range(0, layer.size, CHECK_CHUNK):
             view = memoryview(buffer)[:min(CHECK_CHUNK, layer.size - offset)]
+            reads = layer.reads
             layer.read(view, offset)
             digest.update(view)
             note_zeros(buffer, len(view), offset, zeros)
             progress.add(len(view))
+            if layer.reads - reads > 1:
+                time.sleep(PAUSE_FOR_CLIENTS)  # a client read meanwhile: let it go first
     except OSError as error:
         # Unchecked data must not be served as if it had been checked.
         layer.failure = (f"{image_name}: verify: cannot read layer {layer.index} "
@@ -116,8 +123,9 @@ def check_digest(layer, image_name):
 
 
 def note_zeros(buffer, length, offset, zeros):
-    """Add the all-zero blocks of BUFFER[:LENGTH], at OFFSET in the layer,
-    to ZEROS, a list of [start, end] merged as it grows."""
+    """Add the all-zero blocks of BUFFER[:LENGTH], at OFFSET in the layer
+    (blocks aligned in the layer), to ZEROS, a list of [start, end] merged
+    as it grows."""
     block = len(ZERO_BLOCK)
     for start in range(0, length, block):
         size = min(block, length - start)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cdipy.errors import CdiError
+from cdipy.errors import CdiError, NoSuchExport
 from cdipy.exports import Exports
 from cdipy.parameters import Settings
 
@@ -66,7 +66,7 @@ def test_names_are_the_layer_indexes(exports):
 
 
 def test_open_of_no_such_export_lists_the_exports(exports):
-    with pytest.raises(LookupError) as raised:
+    with pytest.raises(NoSuchExport) as raised:
         exports.open("7")
     assert str(raised.value) == (
         "no export '7': the exports are 0, 1, 2 (or -1, -2, ... or a layer's diffID)")

@@ -533,6 +533,24 @@ def test_big_layer_map_is_not_taken_for_a_rewritten_tar_split(many, tmp_path):
     assert len(list((tmp_path / "maps").iterdir())) == 2
 
 
+def test_storage_layer_with_a_path_twice_is_unavailable(tmp_path):
+    # Storage keeps the last "a" only: the first would be served its bytes.
+    entries = [regular("a", b"first"), regular("a", b"later")]
+    tar = make_tar(entries)
+    (tmp_path / "diff").mkdir()
+    (tmp_path / "diff" / "a").write_bytes(b"later")
+    plan = StoragePlan(str(tmp_path / "diff"),
+                       write_tar_split(tmp_path / "l.tar-split.gz", tar_split_lines(tar)), None)
+    with pytest.raises(StorageUnavailable, match="'a' is in the layer twice"):
+        storage_layer(0, DIFF_ID, plan)
+
+
+def test_layer_chain_refuses_an_id_that_is_not_a_file_name():
+    records = {"../x": {"id": "../x"}}
+    with pytest.raises(StorageUnavailable, match="unexpected layer ID '../x' in layers.json"):
+        layer_chain(records, "../x")
+
+
 def test_big_layer_with_an_unsafe_name_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "EAGER_FILES", 0)
     lines = [segment(b"h" * 512), {"type": 1, "name": "../x", "size": 3, "position": 1}]
