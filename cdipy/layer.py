@@ -9,6 +9,8 @@ import marshal
 import os
 import re
 import tarfile
+import threading
+import time
 
 from .progress import describe_size
 
@@ -50,6 +52,8 @@ class FileSegment:
 
 
 LEADING_ZEROS = re.compile(rb"\0*")
+# Seconds give_way sleeps.
+GIVE_WAY = 50e-6
 # Zeros that segments of zeros are views of.
 ZERO_BLOCK = bytes(64 << 10)
 SHARED_ZEROS = memoryview(ZERO_BLOCK)
@@ -325,7 +329,10 @@ def merge_runs(runs):
 
 
 # The version of dump_map's format.
-MAP_FORMAT = 1
+MAP_FORMAT = 2
+# Entries in one piece of a dumped map: each piece is loaded by one call
+# that holds the GIL.
+MAP_PIECE = 2048
 
 
 def dump_map(layer):
@@ -335,7 +342,12 @@ def dump_map(layer):
                for source in layer.sources]
     members = [(member.name, member.kind, member.size, member.offset)
                for member in layer.members]
-    return marshal.dumps((MAP_FORMAT, layer.size, sources, members))
+    return marshal.dumps((MAP_FORMAT, layer.size, pieces(sources), pieces(members)))
+
+
+def pieces(entries):
+    return [marshal.dumps(entries[start:start + MAP_PIECE])
+            for start in range(0, len(entries), MAP_PIECE)]
 
 
 def load_map(layer, data):
@@ -345,15 +357,27 @@ def load_map(layer, data):
         version, size, sources, members = marshal.loads(data)
         if version != MAP_FORMAT:
             return None
-        for source in sources:
-            if type(source) is tuple:
-                layer.add_file(FileSegment(source[0], name=source[1]))
-            elif type(source) is int:
-                layer.add_zeros(source)
-            else:
-                layer.add_segment(source, len(source))
-                layer.bytes_held += len(source)
-        layer.members = [Member(*member) for member in members]
+        for piece in sources:
+            give_way()
+            for source in marshal.loads(piece):
+                if type(source) is tuple:
+                    layer.add_file(FileSegment(source[0], name=source[1]))
+                elif type(source) is int:
+                    layer.add_zeros(source)
+                else:
+                    layer.add_segment(source, len(source))
+                    layer.bytes_held += len(source)
+        for piece in members:
+            give_way()
+            layer.members += [Member(*member) for member in marshal.loads(piece)]
     except (EOFError, ValueError, TypeError, IndexError):
         return None
     return layer if layer.size == size else None
+
+
+def give_way():
+    """In a thread of its own (mapping a layer in the background, say), let
+    a thread answering a client take the GIL: a sleep, not sleep(0), which
+    may take the GIL straight back."""
+    if threading.current_thread() is not threading.main_thread():
+        time.sleep(GIVE_WAY)

@@ -33,8 +33,11 @@ DIAGNOSES = [
     (r"no such file or directory", "file not found"),
     (r"happened during read: unexpected EOF|connection reset by peer",
      "the connection to {registry} was cut during the download"),
+    (r"server gave HTTP response to HTTPS client",
+     "registry {registry} speaks plain HTTP, not HTTPS: pass tls-verify=false "
+     "if you trust it"),
     (r"pinging container registry|connection refused|no such host|"
-     r"i/o timeout|network is unreachable|server gave HTTP response",
+     r"i/o timeout|network is unreachable",
      "registry {registry} unreachable"),
 ]
 

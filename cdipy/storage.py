@@ -23,14 +23,21 @@ import resource
 import stat
 import tarfile
 import threading
-import time
 import zlib
 from typing import Optional
 
 from . import userns
 from .cache import PrivateCache
 from .errors import StorageUnavailable
-from .layer import FileSegment, Layer, clean_name, dump_map, load_map, member_from_header
+from .layer import (
+    FileSegment,
+    Layer,
+    clean_name,
+    dump_map,
+    give_way,
+    load_map,
+    member_from_header,
+)
 from .userns import NamespaceOpener
 
 # Tar headers of one layer kept in memory, at most.
@@ -185,7 +192,7 @@ def map_layer(layer, plan):
             for count, (data, name, size) in enumerate(
                     tar_split_entries(stream, plan.tar_split)):
                 if count % GIL_TURN == 0:
-                    time.sleep(0)  # let a thread answering a client run
+                    give_way()
                 if data is not None:
                     pending += data
                     continue
@@ -231,7 +238,7 @@ def tar_split_entries(stream, path):
         raise StorageUnavailable(f"unreadable tar-split {path}: {error}") from None
 
 
-def json_lines(stream, chunk=1 << 20):
+def json_lines(stream, chunk=256 << 10):
     """The JSON value on each line of STREAM, parsed a chunk at a time as
     one JSON array: a json.loads per line took most of the time to ready of
     a layer of 20,000 files."""

@@ -154,6 +154,16 @@ def test_closed_port_says_registry_unreachable():
     assert f"pull: registry 127.0.0.1:{port} unreachable" in message
 
 
+def test_plain_http_registry_suggests_tls_verify_false(lab, three):
+    # "localhost:PORT" is the lab's registry, but not among those that
+    # registries.conf allows without TLS.
+    port = lab.registry.rsplit(":", 1)[1]
+    message = user_error(f"name=localhost:{port}/cdi-test/three:1")
+    assert (f"pull: registry localhost:{port} speaks plain HTTP, not HTTPS: pass "
+            "tls-verify=false if you trust it (podman exit status 125: Error: ") in message
+    assert "server gave HTTP response to HTTPS client" in message
+
+
 @pytest.fixture
 def auth_image(lab, three):
     """THREE in the registry that wants a password; the name to pull."""

@@ -58,7 +58,8 @@ CASES = [
     ("Error: initializing source docker://127.0.0.1:5000/x:latest: pinging container "
      'registry 127.0.0.1:5000: Get "https://127.0.0.1:5000/v2/": http: server gave HTTP '
      "response to HTTPS client",
-     "127.0.0.1:5000", "registry 127.0.0.1:5000 unreachable"),
+     "127.0.0.1:5000", "registry 127.0.0.1:5000 speaks plain HTTP, not HTTPS: pass "
+     "tls-verify=false if you trust it"),
     ('Error: reading manifest latest in 10.0.0.1/x: Get "https://10.0.0.1/v2/x/manifests/'
      'latest": dial tcp 10.0.0.1:443: i/o timeout',
      "10.0.0.1", "registry 10.0.0.1 unreachable"),
