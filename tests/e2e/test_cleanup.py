@@ -25,6 +25,7 @@ from conftest import run_nbdkit, serve
 from lab import podman, processes_mentioning, wait_for
 
 PATIENCE = 30  # seconds the plugin is promised to clean up in
+STAGED = 1 << 20  # bytes of podman's staged layer that show an import under way
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +82,10 @@ def importing(lab, image):
     with serve(lab, f"name={image.name}", "copy=true", ready=False,
                start_new_session=True) as nbdkit:
         try:
-            wait_for(lambda: podman_bytes(tmpdir) or nbdkit.process.poll() is not None, 120,
-                     "the import did not start")
+            # A MiB: podman's copy of the layer, not a small file podman
+            # writes and removes before it (seen: a kill then found nothing).
+            wait_for(lambda: podman_bytes(tmpdir) >= STAGED or nbdkit.process.poll() is not None,
+                     120, "the import did not start")
             assert nbdkit.process.poll() is None, \
                 f"nbdkit exited before the import was seen: {nbdkit.log()}"
             assert not nbdkit.is_ready(), "the import ended too soon to test"
