@@ -3,7 +3,7 @@
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
-	podman uidmap skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
+	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
 RUFF_VERSION = 0.17.6
 # Through the interpreter: a pip-installed ruff may have no command on PATH yet.
 RUFF = python3 -m ruff

@@ -54,7 +54,9 @@ def rootless_user():
     subprocess.run(["userdel", "--remove", USER], check=False, capture_output=True)
     subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
     try:
-        if USER not in Path("/etc/subuid").read_text():
+        for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+            path.touch(exist_ok=True)  # a fresh machine may have neither yet
+        if f"{USER}:" not in Path("/etc/subuid").read_text():
             subprocess.run(["usermod", "--add-subuids", "300000-365535",
                             "--add-subgids", "300000-365535", USER], check=True)
         yield pwd.getpwnam(USER)
