@@ -79,13 +79,13 @@ class Exports:
     def __init__(self, settings, image, graph_root=None):
         self.settings = settings
         self.image = image
-        self.diff_ids = tuple(image["RootFS"]["Layers"])
+        diff_ids = image["RootFS"]["Layers"]
         self.verifying = settings.verify != "false"
         cache = settings.cache_directory()
         self.records = CheckRecords(PrivateCache(os.path.join(cache, "checked")
                                                  if cache else None))
         self.maps = PrivateCache(os.path.join(cache, "maps") if cache else None)
-        plans, why = [None] * len(self.diff_ids), "copy=true"
+        plans, why = [None] * len(diff_ids), "copy=true"
         if not settings.copy:
             try:
                 plans = storage_plans(image, graph_root)
@@ -93,7 +93,7 @@ class Exports:
                 why = f"cannot serve from podman's storage ({reason})"
         # Made once, never changed: read without a lock.
         self.slots = tuple(Slot(index, diff_id, plan)
-                           for index, (diff_id, plan) in enumerate(zip(self.diff_ids, plans)))
+                           for index, (diff_id, plan) in enumerate(zip(diff_ids, plans)))
         for slot in self.slots:
             if slot.plan is None:
                 slot.not_in_storage = why
