@@ -128,7 +128,7 @@ def open(readonly):
 
 
 def export_description(layer):
-    return exports.slots[layer.index].description
+    return layer.description
 
 
 def get_size(layer):

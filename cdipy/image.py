@@ -1,21 +1,39 @@
-"""Finding the image: in local storage, or pulled, by the pull policy."""
+"""Finding the image, by the pull policy: in podman's local storage or
+pulled by podman; or, for an OCI artifact (which podman cannot pull) and
+an archive (which podman would import), in the cache's layout, copied
+there by skopeo."""
 
+import contextlib
 import json
 import logging
+import os
 import re
 
+from .artifact import Fetched, copy, inspect_remote
 from .errors import CdiError
-from .parameters import local_reference, split_transport
+from .layout import Layout, is_artifact
+from .parameters import local_reference, registry_host, split_transport
 
 log = logging.getLogger("cdipy")
 
+# Transports of files, which skopeo copies into the cache: podman would
+# import them into the user's storage and leave them there.
+FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
 
-def find_image(podman, settings):
-    """Apply the pull policy; return the image's inspect record."""
+
+def find_image(podman, skopeo, settings, held):
+    """Apply the pull policy; return podman's inspect record of the image,
+    or a Fetched: an artifact or archive in the cache's layout, whose lock
+    HELD (an ExitStack) then holds."""
     name = settings.name
+    transport, _ = split_transport(name)
+    if transport in FILE_TRANSPORTS:
+        layout = held.enter_context(Layout(settings.cache_directory(), name).locked())
+        return fetched(layout, name, lambda: copy(skopeo, settings, layout, name))
     local = local_reference(name)
-    local_only = settings.pull == "never" or split_transport(name)[0] == "containers-storage"
-    if local is not None and (settings.pull != "always" or local_only):
+    local_only = settings.pull == "never" or transport == "containers-storage"
+    remote = "docker://" + local
+    if settings.pull != "always" or local_only:
         status, _ = podman.run(["image", "exists", "--", local],
                                "look up in local storage", ok_statuses=(0, 1))
         if status == 0:
@@ -24,9 +42,20 @@ def find_image(podman, settings):
                 log.debug(f"using {image['Id']} from local storage")
                 return image
             log.debug(f"local {name} is not {settings.platform}")
+        layout = cached(settings, held) if transport != "containers-storage" else None
+        if layout is not None:
+            log.debug(f"using the artifact {name} from the cache {layout.path}")
+            fetch = None if local_only else lambda: copy(skopeo, settings, layout, remote)
+            return Fetched(name, layout, layout.manifest(name)[1], fetch)
     if local_only:
         raise CdiError(f"{name}: image not found in local storage"
-                       + (" (pull=never)" if settings.pull == "never" else ""))
+                       + (" nor in the cache (pull=never)" if settings.pull == "never" else ""))
+    if registry_host(name) is not None:
+        manifest = inspect_remote(skopeo, settings, remote)
+        if manifest is not None and is_artifact(manifest):
+            log.debug(f"{name} is an artifact: copying it with skopeo")
+            layout = held.enter_context(Layout(settings.cache_directory(), name).locked())
+            return fetched(layout, name, lambda: copy(skopeo, settings, layout, remote))
     _, output = podman.run(["pull", "--quiet", *settings.registry_options(), "--", name],
                            "pull")
     # Refer to the pulled image by its ID: looking up a docker:// name
@@ -35,6 +64,27 @@ def find_image(podman, settings):
     if not re.fullmatch(r"[0-9a-f]{64}", image_id):
         raise CdiError(f"{name}: pull: podman printed no image ID: {output!r}")
     return inspect_image(podman, image_id)
+
+
+def fetched(layout, name, fetch):
+    """NAME copied by FETCH into LAYOUT: a Fetched."""
+    result = Fetched(name, layout, {}, fetch)
+    result.fetch_again()
+    return result
+
+
+def cached(settings, held):
+    """The cache's layout, locked by HELD, if it holds the artifact
+    settings.name; else None."""
+    directory = settings.cache_directory()
+    if directory is None or not os.path.exists(os.path.join(directory, "oci", "index.json")):
+        return None
+    with contextlib.ExitStack() as lock:
+        layout = lock.enter_context(Layout(directory, settings.name).locked())
+        if layout.manifest(settings.name) is None:
+            return None
+        held.enter_context(lock.pop_all())
+        return layout
 
 
 def inspect_image(podman, reference):

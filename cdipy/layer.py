@@ -38,17 +38,18 @@ class Member:
 
 
 class FileSegment:
-    """LENGTH bytes of a file, from its start: open as FD, or, in a layer
-    with an opener, opened on demand by NAME (then IDENTITY, once known,
-    is the (device, inode, size, mtime, ctime) it must still have)."""
+    """LENGTH bytes of a file, from offset START: open as FD, or, in a
+    layer with an opener, opened on demand by NAME (then IDENTITY, once
+    known, is the (device, inode, size, mtime, ctime) it must still have)."""
 
-    __slots__ = ("fd", "length", "name", "identity")
+    __slots__ = ("fd", "length", "name", "identity", "start")
 
-    def __init__(self, length, fd=None, name=None):
+    def __init__(self, length, fd=None, name=None, start=0):
         self.fd = fd
         self.length = length
         self.name = name
         self.identity = None
+        self.start = start
 
 
 LEADING_ZEROS = re.compile(rb"\0*")
@@ -63,7 +64,8 @@ DATA, HOLE, ZERO = "data", "hole", "zero"
 
 class Layer:
     """The bytes of layer INDEX, whose digest is DIFF_ID.  HOW says where
-    they come from ("storage" or "copy").  OPENER, if given, opens its
+    they come from ("storage", "copy", "cache", or "window" for one file
+    of another layer, see window).  OPENER, if given, opens its
     files on demand (see storage.LazyFiles); otherwise every file is open."""
 
     def __init__(self, index, diff_id, how, opener=None):
@@ -80,6 +82,8 @@ class Layer:
         self.failure = None   # set when the layer fails its check: reads then fail
         self.reads = 0        # calls of read; threads may lose a count: a hint only
         self.origin = ""      # what its map was made from, for the check records
+        self.windows = []     # layers that are windows onto this one
+        self.description = None  # what the export serving it says it is
 
     def add_bytes(self, data):
         """Add tar bytes DATA.  Zeros that lead it (the padding after a file,
@@ -110,15 +114,19 @@ class Layer:
         return [source for source in self.sources if type(source) is FileSegment]
 
     def segments(self, offset, count):
-        """Yield (source, offset within it, length) covering the range."""
+        """Yield (source, offset within it, length) covering the range; for
+        a FileSegment, the offset is in its file."""
         index = bisect.bisect_right(self.starts, offset) - 1
         end = offset + count
         while offset < end:
             source = self.sources[index]
             within = offset - self.starts[index]
-            length = source.length if type(source) is FileSegment else len(source)
-            piece = min(length - within, end - offset)
-            yield source, within, piece
+            if type(source) is FileSegment:
+                piece = min(source.length - within, end - offset)
+                yield source, within + source.start, piece
+            else:
+                piece = min(len(source) - within, end - offset)
+                yield source, within, piece
             offset += piece
             index += 1
 
@@ -141,7 +149,7 @@ class Layer:
         within = offset - self.starts[index]
         if (type(source) is FileSegment and self.opener is None
                 and within + len(view) <= source.length):
-            read_exactly(source.fd, view, within)
+            read_exactly(source.fd, view, within + source.start)
             return
         for source, within, piece in self.segments(offset, len(view)):
             if type(source) is not FileSegment:
@@ -180,6 +188,44 @@ class Layer:
                 with self.holding(source) as fd:
                     os.posix_fadvise(fd, within, piece, os.POSIX_FADV_WILLNEED)
 
+    def fail(self, reason):
+        """From now on every read fails with REASON, here and in windows."""
+        self.failure = reason
+        for window in self.windows:
+            window.fail(reason)
+
+    def learn_zeros(self, zeros):
+        """ZEROS, sorted (start, end) ranges, read as zeros: so do the
+        matching ranges of the windows."""
+        self.zeros = zeros
+        for window in self.windows:
+            window.learn_zeros(window.zeros_within(zeros))
+
+    def window(self, member, how_found):
+        """A layer of MEMBER's bytes alone (a file, not a tar), read from
+        descriptors of its own, so that closing either closes nothing of
+        the other.  HOW_FOUND says, for its description, why this file."""
+        window = Layer(self.index, self.diff_id, "window")
+        window.member, window.how_found, window.parent = member, how_found, self
+        for source, within, piece in self.segments(member.offset, member.size):
+            if type(source) is not FileSegment:
+                window.add_segment(source[within:within + piece], piece)
+                continue
+            with self.holding(source) as fd:
+                window.add_file(FileSegment(piece, fd=os.dup(fd), start=within))
+        window.failure = self.failure
+        window.zeros = window.zeros_within(self.zeros)
+        self.windows.append(window)
+        return window
+
+    def zeros_within(self, zeros):
+        """The parts of ZEROS, ranges of the parent layer, inside this
+        window, in the window's offsets."""
+        start, end = self.member.offset, self.member.offset + self.member.size
+        return [(max(zero_start, start) - start, min(zero_end, end) - start)
+                for zero_start, zero_end in zeros
+                if zero_start < end and zero_end > start]
+
     def close(self):
         if self.opener is not None:
             self.opener.close()
@@ -195,6 +241,8 @@ class Layer:
 
     def describe_contents(self):
         """Its disks, with their format, or how many entries of each kind."""
+        if self.how == "window":
+            return self.describe_file()
         disks = self.disks()
         if disks:
             return ", ".join(f"{disk.name} ({self.describe_disk(disk)})" for disk in disks)
@@ -204,6 +252,10 @@ class Layer:
         parts = [f"{number} {KIND_NAMES[kind][number != 1]}"
                  for kind, number in sorted(counts.items())]
         return ", ".join(parts) or "empty"
+
+    def describe_file(self):
+        """The layer as one disk file: its format and size."""
+        return self.describe_disk(Member("", "file", self.size, 0))
 
     def describe_disk(self, member):
         head = bytearray(32)
@@ -215,7 +267,7 @@ class Layer:
             if head[:4] == b"QFI\xfb":
                 virtual = int.from_bytes(head[24:32], "big")
                 return f"qcow2, {describe_size(virtual)} virtual"
-        return describe_size(member.size)
+        return f"raw, {describe_size(member.size)}"
 
 
 def member_kind(name, typeflag):

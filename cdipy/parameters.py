@@ -10,20 +10,24 @@ from .errors import CdiError
 
 # What each parameter means, for --dump-plugin and for error messages.
 PARAMETERS = {
-    "name": "IMAGE (required) the image, anything podman pull accepts",
-    "layer": "N|auto default export: 0 = base (default), negative counts from "
-             "the top, auto = the layer holding the VM disk (disk/...)",
+    "name": "IMAGE (required) the image or OCI artifact, anything podman pull "
+            "accepts; archives (oci-archive:, docker-archive:) leave podman's storage "
+            "untouched",
+    "layer": "N|auto|disk default export: 0 = base layer or first blob (default), "
+             "negative counts from the top, auto = the layer or blob holding the VM "
+             "disk, disk = the VM disk file itself (the export named disk)",
     "pull": "missing|always|never when to contact the registry (default missing)",
-    "tls-verify": "true|false passed to podman pull",
-    "authfile": "PATH registry credentials, passed to podman pull",
-    "cert-dir": "PATH TLS certificates, passed to podman pull",
+    "tls-verify": "true|false passed to podman pull and skopeo",
+    "authfile": "PATH registry credentials, passed to podman pull and skopeo",
+    "cert-dir": "PATH TLS certificates, passed to podman pull and skopeo",
     "platform": "OS/ARCH[/VARIANT] image to take from a multi-arch manifest list",
     "verify": "true|before|false check each layer hashes to its diffID "
               "(default true: while copying, or in the background)",
     "copy": "true|false copy the layer to TMPDIR instead of serving it from "
             "podman's storage (default false)",
-    "cache": "DIR where layers that passed their check are remembered "
-             "(default $XDG_CACHE_HOME/cdi-py, else ~/.cache/cdi-py)",
+    "cache": "DIR where artifacts and archives are copied, and layers that passed "
+             "their check are remembered (default $XDG_CACHE_HOME/cdi-py, else "
+             "~/.cache/cdi-py)",
 }
 PULL_POLICIES = ("missing", "always", "never")
 # Image transports podman understands; other "word:" prefixes are registry ports.
@@ -36,7 +40,7 @@ EXAMPLE_IMAGE = "quay.io/kubevirt/fedora-cloud-container-disk-demo"
 class Settings:
     """Every parameter, parsed.  None: not given (podman's own default)."""
     name: Optional[str] = None
-    layer: Union[int, str] = 0         # an index, negative from the top, or "auto"
+    layer: Union[int, str] = 0         # an index, negative from the top, "auto" or "disk"
     pull: str = "missing"
     tls_verify: Optional[bool] = None
     authfile: Optional[str] = None
@@ -75,16 +79,25 @@ class Settings:
             os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None)
         return os.path.join(os.path.abspath(base), "cdi-py") if base else None
 
-    def registry_options(self):
-        """podman pull's options for these settings, each one argv element."""
+    def registry_options(self, prefix="", platform=True):
+        """podman pull's options for these settings, each one argv element;
+        with PREFIX "src-", skopeo copy's (whose platform options are
+        skopeo's own, see platform_options)."""
         options = []
         if self.tls_verify is not None:
-            options.append(f"--tls-verify={str(self.tls_verify).lower()}")
+            options.append(f"--{prefix}tls-verify={str(self.tls_verify).lower()}")
         for option, value in (("authfile", self.authfile), ("cert-dir", self.cert_dir),
-                              ("platform", self.platform)):
+                              ("platform", self.platform if platform else None)):
             if value is not None:
-                options.append(f"--{option}={value}")
+                options.append(f"--{prefix}{option}={value}")
         return options
+
+    def platform_options(self):
+        """skopeo's options choosing platform= from a multi-arch index."""
+        if self.platform is None:
+            return []
+        names = ("--override-os", "--override-arch", "--override-variant")
+        return [f"{name}={part}" for name, part in zip(names, self.platform.split("/"))]
 
 
 def split_transport(name):
@@ -110,11 +123,17 @@ def local_reference(name):
 
 def registry_of(name):
     """The registry host a name refers to, as podman would contact it."""
+    return registry_host(name) or "the default search registries"
+
+
+def registry_host(name):
+    """The registry host NAME names, or None for a short name (which only
+    podman resolves, through its search registries) or a file."""
     reference = local_reference(name) or name
     first, sep, _ = reference.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
         return first
-    return "the default search registries"
+    return None
 
 
 def parse_image_name(key, value):
@@ -129,11 +148,11 @@ def parse_image_name(key, value):
 
 
 def parse_layer(key, value):
-    if value == "auto":
+    if value in ("auto", "disk"):
         return value
     if not re.fullmatch(r"-?[0-9]+", value):
         raise CdiError(f"layer={value!r}: expected an integer "
-                       "(0 = base layer, -1 = top layer) or auto")
+                       "(0 = base layer, -1 = top layer), auto or disk")
     if len(value) > 20:
         raise CdiError(f"layer={value[:20]}...: too many digits for a layer number")
     if value.startswith("-") and int(value) == 0:

@@ -1,4 +1,5 @@
-"""Running podman in a workspace, and what its errors mean to the user."""
+"""Running podman and skopeo in a workspace, and what their errors mean
+to the user."""
 
 import logging
 import re
@@ -42,8 +43,9 @@ DIAGNOSES = [
 ]
 
 
-class Podman:
-    """podman commands for image IMAGE_NAME, run in WORKSPACE."""
+class Tool:
+    """The commands of PROGRAM for image IMAGE_NAME, run in WORKSPACE."""
+    program = None
 
     def __init__(self, workspace, image_name):
         self.workspace = workspace
@@ -51,7 +53,7 @@ class Podman:
         self.space_needed = None  # bytes, once the image is known
 
     def start(self, args, stdout=subprocess.PIPE):
-        return self.workspace.start(["podman", *args], stdout=stdout)
+        return self.workspace.start([self.program, *args], stdout=stdout)
 
     def run(self, args, step, ok_statuses=(0,)):
         """Run podman to completion; return (exit status, stdout text)."""
@@ -63,7 +65,7 @@ class Podman:
                     process.wait(timeout=PROGRESS_INTERVAL)
                     break
                 except subprocess.TimeoutExpired:
-                    log.debug(f"podman {args[0]} still running after "
+                    log.debug(f"{self.program} {args[0]} still running after "
                               f"{time.monotonic() - started:.0f} s")
             if process.returncode not in ok_statuses:
                 raise self.failure(process, step)
@@ -71,17 +73,28 @@ class Podman:
             return process.returncode, output.read().decode(errors="replace")
 
     def failure(self, process, step):
-        """The CdiError for a podman command that failed at STEP."""
+        """The CdiError for a command that failed at STEP."""
         text = stderr_text(process)
-        meaning = diagnose(text, registry_of(self.image_name), self.workspace.tmpdir)
+        meaning = diagnose(text, registry_of(self.image_name), self.workspace.tmpdir,
+                           self.program)
         if meaning.startswith("no space left") and self.space_needed is not None:
             meaning += (f"; the import needs up to {describe_size(self.space_needed)} "
                         "free (podman stages its own copy of the layer)")
         return CdiError(f"{self.image_name}: {step}: {meaning}"
-                        f" ({describe_status(process)}: {summary(text)})")
+                        f" ({describe_status(process, self.program)}: {summary(text)})")
 
 
-def diagnose(stderr_text, registry, tmpdir):
+class Podman(Tool):
+    program = "podman"
+
+
+class Skopeo(Tool):
+    """skopeo, for what podman cannot do: artifacts, and archives copied
+    without touching podman's storage."""
+    program = "skopeo"
+
+
+def diagnose(stderr_text, registry, tmpdir, program="podman"):
     """What podman's STDERR_TEXT means, in words the user can act on.
     REGISTRY is the one the name refers to, if podman names none."""
     for pattern, meaning in DIAGNOSES:
@@ -90,18 +103,23 @@ def diagnose(stderr_text, registry, tmpdir):
                               stderr_text)
             return meaning.format(registry=match.group(0).split()[-1] if match else registry,
                                   tmpdir=tmpdir)
-    return "podman failed"
+    return f"{program} failed"
 
 
 def summary(stderr_text):
-    """podman's own last words: its "Error:" line, else its last lines."""
+    """The tool's own last words: podman's "Error:" line, skopeo's fatal
+    message, else its last lines."""
     lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("Error:")]
+    for line in lines:
+        fatal = re.search(r'level=fatal msg="((?:[^"\\]|\\.)*)"', line)
+        if fatal:
+            errors = ["Error: " + re.sub(r'\\(.)', r"\1", fatal.group(1))]
     chosen = errors[-1:] or lines[-3:]
     return " / ".join(chosen) or "(no message)"
 
 
-def describe_status(process):
+def describe_status(process, program="podman"):
     if process.returncode < 0:
-        return f"podman killed by signal {-process.returncode}"
-    return f"podman exit status {process.returncode}"
+        return f"{program} killed by signal {-process.returncode}"
+    return f"{program} exit status {process.returncode}"

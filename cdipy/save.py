@@ -22,10 +22,10 @@ COPY_CHUNK = 1 << 20
 SPARSE_BLOCK = len(ZERO_BLOCK)
 
 
-def save_layers(podman, image, wanted, verify, keep):
-    """Stream "podman save" of IMAGE and copy the layers whose indexes are
-    in WANTED, in manifest order, until KEEP(layer) is true for one; return
-    that Layer, or None if none was kept."""
+def saved_layers(podman, image, wanted, verify):
+    """Stream "podman save" of IMAGE and yield the layers whose indexes are
+    in WANTED, copied, in manifest order; the caller owns each, and may
+    stop taking them at any time."""
     # docker-archive holds uncompressed layers named by their diffID, in
     # manifest order: copy what we need and stop reading there.
     diff_ids = image["RootFS"]["Layers"]
@@ -40,15 +40,11 @@ def save_layers(podman, image, wanted, verify, keep):
                 index = by_file.get(member.name)
                 if index is None or not member.isfile():
                     continue
-                layer = copied_layer(podman, archive.extractfile(member), member.size,
-                                     index, diff_ids[index], verify=verify)
-                if keep(layer):
-                    return layer
-                layer.close()
+                yield copied_layer(podman, archive.extractfile(member), member.size,
+                                   index, diff_ids[index], verify=verify)
         # The whole archive was read: podman has finished, perhaps failed.
         if process.wait() != 0:
             raise podman.failure(process, "save")
-        return None
     except (tarfile.TarError, CdiError) as error:
         if podman.workspace.signal_received is not None:
             raise  # interrupted: podman is stopped on the way out

@@ -57,7 +57,7 @@ def start_check(layer, image_name, records):
 def check_and_remember(layer, image_name, records):
     """check_digest, then remember that LAYER passed (with its zeros)."""
     before = fingerprint(layer)
-    layer.zeros = check_digest(layer, image_name)
+    layer.learn_zeros(check_digest(layer, image_name))
     records.store(layer.diff_id, before, layer.zeros)
 
 
@@ -67,11 +67,11 @@ def remembered(layer, records):
     try:
         zeros = records.lookup(layer.diff_id, fingerprint(layer))
     except OSError as error:
-        layer.failure = f"cannot read layer {layer.index} ({error.strerror})"
+        layer.fail(f"cannot read layer {layer.index} ({error.strerror})")
         raise CdiError(layer.failure) from None
     if zeros is None:
         return False
-    layer.zeros = zeros
+    layer.learn_zeros(zeros)
     log.debug(f"layer {layer.index} passed its check before, unchanged since")
     return True
 
@@ -109,14 +109,14 @@ def check_digest(layer, image_name):
                 time.sleep(PAUSE_FOR_CLIENTS)  # a client read meanwhile: let it go first
     except OSError as error:
         # Unchecked data must not be served as if it had been checked.
-        layer.failure = (f"{image_name}: verify: cannot read layer {layer.index} "
-                         f"({error.strerror}); refusing to serve it")
+        layer.fail(f"{image_name}: verify: cannot read layer {layer.index} "
+                   f"({error.strerror}); refusing to serve it")
         raise CdiError(layer.failure) from None
     actual = "sha256:" + digest.hexdigest()
     if actual != layer.diff_id:
-        layer.failure = (f"{image_name}: verify: layer {layer.index} hashes to "
-                         f"{actual} but the image says {layer.diff_id}; refusing to "
-                         "serve it (verify=false skips this check)")
+        layer.fail(f"{image_name}: verify: layer {layer.index} hashes to "
+                   f"{actual} but the image says {layer.diff_id}; refusing to "
+                   "serve it (verify=false skips this check)")
         raise CdiError(layer.failure)
     log.debug(f"verified layer {layer.index} in {time.monotonic() - started:.2f} s")
     return [tuple(zero) for zero in zeros]

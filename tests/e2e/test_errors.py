@@ -35,7 +35,7 @@ def test_user_error_is_one_plain_line():
     assert "Traceback" not in stderr
     assert stderr.splitlines() == [
         f"nbdkit: error: {CDI}: config: error: layer='abc': expected an integer "
-        "(0 = base layer, -1 = top layer) or auto"
+        "(0 = base layer, -1 = top layer), auto or disk"
     ]
 
 

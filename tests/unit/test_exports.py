@@ -62,14 +62,14 @@ def test_slots_hold_their_index_and_diff_id(exports):
 
 
 def test_names_are_the_layer_indexes(exports):
-    assert exports.names() == ["0", "1", "2"]
+    assert exports.names() == ["0", "1", "2", "disk"]
 
 
 def test_open_of_no_such_export_lists_the_exports(exports):
     with pytest.raises(NoSuchExport) as raised:
         exports.open("7")
     assert str(raised.value) == (
-        "no export '7': the exports are 0, 1, 2 (or -1, -2, ... or a layer's diffID)")
+        "no export '7': the exports are 0, 1, 2, disk (or -1, -2, ... or a layer's diffID)")
 
 
 # ----------------------------------------------------------------- describe
@@ -87,8 +87,10 @@ def test_describe_of_a_layer_that_failed_says_why(exports):
 
 
 def test_listing_describes_every_export_by_name(exports):
-    assert [name for name, _ in exports.listing()] == ["0", "1", "2"]
-    assert exports.listing()[1][1].startswith(f"layer 1 of 3: {DIFF_IDS[1]}: copied with")
+    listing = exports.listing()
+    assert [name for name, _ in listing] == ["0", "1", "2", "disk"]
+    assert listing[1][1].startswith(f"layer 1 of 3: {DIFF_IDS[1]}: copied with")
+    assert listing[3][1] == "the VM disk file, found when first opened (with podman save)"
 
 
 # ---------------------------------------------------- served or copied, why

@@ -334,14 +334,14 @@ def test_describe_contents_gives_a_raw_disk_its_size(new_layer, write_file):
     layer.add_bytes(HEADER)
     layer.add_file(FileSegment(MIB, fd=write_file(bytes(MIB))))
     layer.members = [Member("disk/disk.img", "file", MIB, 512)]
-    assert layer.describe_contents() == "disk/disk.img (1.0 MiB)"
+    assert layer.describe_contents() == "disk/disk.img (raw, 1.0 MiB)"
 
 
 def test_describe_contents_of_a_disk_too_small_for_a_header_gives_its_size(new_layer):
     layer = new_layer()
     layer.add_bytes(HEADER + b"QFI\xfb")
     layer.members = [Member("disk/tiny.img", "file", 4, 512)]
-    assert layer.describe_contents() == "disk/tiny.img (4 bytes)"
+    assert layer.describe_contents() == "disk/tiny.img (raw, 4 bytes)"
 
 
 def test_describe_contents_of_an_unreadable_disk_says_why(new_layer, write_file):

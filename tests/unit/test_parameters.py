@@ -63,12 +63,12 @@ def test_layer_accepts_an_index_a_negative_index_or_auto(value, parsed):
 
 def test_layer_that_is_not_an_integer_is_refused():
     assert set_error("layer", "top") == (
-        "layer='top': expected an integer (0 = base layer, -1 = top layer) or auto")
+        "layer='top': expected an integer (0 = base layer, -1 = top layer), auto or disk")
 
 
 def test_layer_with_a_plus_sign_is_refused():
     assert set_error("layer", "+1") == (
-        "layer='+1': expected an integer (0 = base layer, -1 = top layer) or auto")
+        "layer='+1': expected an integer (0 = base layer, -1 = top layer), auto or disk")
 
 
 def test_layer_with_too_many_digits_is_refused_and_shortened():

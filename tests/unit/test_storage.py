@@ -292,7 +292,7 @@ def test_storage_layer_lists_the_members_with_kind_size_and_data_offset(stored):
             ("disk/", "directory", 0, offsets["disk"]),
             ("disk/disk.img", "file", len(DISK), offsets["disk/disk.img"]),
         ]
-        assert layer.describe_contents() == "disk/disk.img (4.8 KiB)"
+        assert layer.describe_contents() == "disk/disk.img (raw, 4.8 KiB)"
 
 
 def test_storage_layer_serves_files_from_the_diff_directory(stored, tmp_path):

@@ -1,0 +1,287 @@
+"""Blobs of the cache's layout served as layers: in place, each checked
+against its digest once and then remembered; a gzip blob unpacked once
+into the cache as a sparse file.
+
+A blob that no longer matches its digest raises BlobMismatch, so that the
+caller can fetch it again.  The unpacked copy of a gzip blob is written
+nameless (O_TMPFILE), linked under a temporary name once whole and
+checked, then renamed: no reader ever finds half of one.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import stat
+import tempfile
+import zlib
+
+from .cache import PrivateCache
+from .errors import CdiError
+from .layer import ZERO_BLOCK, FileSegment, Layer
+from .progress import Progress, describe_size
+from .save import scan_members, write_exactly
+from .verify import check_digest, fingerprint, remembered
+
+log = logging.getLogger("cdipy")
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+UNPACK_CHUNK = 1 << 20
+SPARSE_BLOCK = len(ZERO_BLOCK)
+# The name an unpacked copy has until it is whole.
+PARTIAL = ".partial-"
+
+
+class BlobMismatch(CdiError):
+    """A cached blob is not what its digest says: fetch it again."""
+
+    def __init__(self, message, digest):
+        super().__init__(message)
+        self.digest = digest
+
+
+class Blobs:
+    """The blobs of LAYOUT as layers, checked unless VERIFY is false, with
+    the checks remembered in RECORDS (a CheckRecords)."""
+
+    def __init__(self, layout, records, verify):
+        self.layout = layout
+        self.records = records
+        self.verify = verify
+        self.unpacked = PrivateCache(os.path.join(layout.cache, "unpacked"))
+        self.fresh = set()  # digests of the blobs skopeo has just copied (and checked)
+        self.remove_partial_copies()
+
+    def blob_layer(self, index, descriptor):
+        """Layer INDEX: the blob DESCRIPTOR (of a manifest) as it is."""
+        digest = descriptor["digest"]
+        layer = self.open_layer(index, digest, self.layout.blob_path(digest), "blob",
+                                descriptor.get("size"))
+        try:
+            self.check(layer, f"the cached blob {digest}")
+        except BaseException:
+            layer.close()
+            raise
+        return layer
+
+    def unpacked_layer(self, index, descriptor, expected=None):
+        """Layer INDEX: the gzip blob DESCRIPTOR decompressed, unpacked into
+        the cache if it is not yet; EXPECTED, if given, is the digest the
+        result must have (an image layer's diffID)."""
+        digest = descriptor["digest"]
+        layer = self.unpacked_copy(index, digest)
+        if layer is None:
+            self.unpack(digest, descriptor.get("size"))
+            layer = self.unpacked_copy(index, digest)
+            if layer is None:
+                raise CdiError(f"{self.layout.image_name}: cannot find {digest} unpacked "
+                               f"in {self.unpacked.directory}")
+        if expected is not None and layer.diff_id != expected:
+            layer.close()
+            raise CdiError(f"{self.layout.image_name}: verify: blob {digest} unpacks to "
+                           f"{layer.diff_id} but the image says {expected}; refusing "
+                           "to serve it")
+        return layer
+
+    def image_layer(self, index, descriptor, diff_id):
+        """Layer INDEX of an image from an archive: a tar, perhaps gzipped,
+        which must hash to DIFF_ID; with its tar members."""
+        with open(self.layout.blob_path(descriptor["digest"]), "rb") as file:
+            magic = file.read(4)
+        if magic[:2] == GZIP_MAGIC:
+            layer = self.unpacked_layer(index, descriptor, expected=diff_id)
+        elif magic == ZSTD_MAGIC:
+            raise CdiError(f"{self.layout.image_name}: layer {index} is compressed with "
+                           "zstd, which this plugin cannot unpack")
+        else:
+            layer = self.blob_layer(index, descriptor)
+            if descriptor["digest"] != diff_id:
+                layer.close()
+                raise CdiError(f"{self.layout.image_name}: verify: layer {index} is "
+                               f"{descriptor['digest']} but the image says {diff_id}")
+        try:
+            layer.members = scan_members(layer.sources[0].fd) if layer.size else []
+        except Exception as error:  # tarfile raises more than TarError
+            layer.close()
+            raise CdiError(f"{self.layout.image_name}: layer {index} is not a tar "
+                           f"archive: {error}") from None
+        return layer
+
+    # ------------------------------------------------------------ helpers
+
+    def open_layer(self, index, digest, path, origin, size=None):
+        """Layer INDEX over the file at PATH, whose digest is DIGEST."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} is "
+                               "missing", digest) from None
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or (size is not None and status.st_size != size):
+            os.close(fd)
+            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} has "
+                               f"{status.st_size} bytes, the manifest says {size}", digest)
+        layer = Layer(index, digest, "cache")
+        layer.origin = origin
+        layer.add_file(FileSegment(status.st_size, fd=fd))
+        return layer
+
+    def check(self, layer, what):
+        """Make sure LAYER hashes to its digest: it was checked before and is
+        unchanged since, or skopeo has just checked it, or hash it now."""
+        if not self.verify or remembered(layer, self.records):
+            return
+        if layer.diff_id in self.fresh:
+            self.records.store(layer.diff_id, fingerprint(layer), [])
+            return
+        log.debug(f"checking {what}: not checked before, or changed since")
+        try:
+            zeros = check_digest(layer, self.layout.image_name)
+        except CdiError as error:
+            raise BlobMismatch(f"{what} no longer matches its digest ({error})",
+                               layer.diff_id) from None
+        layer.learn_zeros(zeros)
+        self.records.store(layer.diff_id, fingerprint(layer), zeros)
+
+    def remove_partial_copies(self):
+        """Remove what copies cut short left (under the layout's lock)."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.unpacked.directory):
+                if name.startswith(PARTIAL):
+                    log.debug(f"removing {name}, left in the cache by an unpacking cut short")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.unpacked.directory, name))
+
+    def unpacked_copy(self, index, digest):
+        """The checked Layer of blob DIGEST unpacked, or None if there is
+        none (or it is damaged: then it is removed)."""
+        name = digest.replace(":", "-")
+        path = os.path.join(self.unpacked.directory, name)
+        try:
+            unpacked_digest = json.loads(self.unpacked.read(name + ".json") or "{}")["digest"]
+            layer = self.open_layer(index, unpacked_digest, path, "unpacked")
+        except (ValueError, KeyError, CdiError):
+            return None
+        try:
+            self.check(layer, f"{digest} unpacked")
+        except BlobMismatch as error:
+            log.debug(f"unpacking again: {error}")
+            layer.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return None
+        return layer
+
+    def unpack(self, digest, size):
+        """Decompress gzip blob DIGEST into the cache, sparse, checking the
+        blob against DIGEST as it is read."""
+        image_name = self.layout.image_name
+        os.makedirs(self.unpacked.directory, mode=0o700, exist_ok=True)
+        name = digest.replace(":", "-")
+        blob_hash, unpacked_hash = hashlib.sha256(), hashlib.sha256()
+        # Under a temporary name until whole and checked; one left by a
+        # process killed meanwhile is removed under the next lock.
+        out_fd, temporary = tempfile.mkstemp(prefix=PARTIAL, dir=self.unpacked.directory)
+        mismatch = BlobMismatch(f"{image_name}: the cached blob {digest} no longer "
+                                "matches its digest", digest)
+        path = self.layout.blob_path(digest)
+        try:
+            with open(path, "rb") as blob:
+                try:
+                    written = gunzip_sparse(blob, out_fd, blob_hash, unpacked_hash,
+                                            what=f"{image_name}: blob {digest}", size=size)
+                except CdiError:
+                    # A blob damaged in the cache is fetched again; one
+                    # damaged at its source is an error.
+                    if sha256_of(blob) != digest:
+                        raise mismatch from None
+                    raise
+            if "sha256:" + blob_hash.hexdigest() != digest:
+                raise mismatch
+            os.replace(temporary, os.path.join(self.unpacked.directory, name))
+            temporary = None
+        finally:
+            os.close(out_fd)
+            if temporary is not None:
+                os.unlink(temporary)
+        unpacked_digest = "sha256:" + unpacked_hash.hexdigest()
+        self.unpacked.write(name + ".json", json.dumps({"digest": unpacked_digest}).encode())
+        log.debug(f"unpacked {digest}: {describe_size(written)}, {unpacked_digest}")
+        # Checked as it was written: remember it as checked.
+        layer = self.open_layer(0, unpacked_digest, os.path.join(self.unpacked.directory, name),
+                                "unpacked")
+        try:
+            self.records.store(unpacked_digest, fingerprint(layer), [])
+        finally:
+            layer.close()
+
+
+def sha256_of(file):
+    """The digest of the whole of FILE (hashlib.file_digest is Python 3.11+)."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: file.read(UNPACK_CHUNK), b""):
+        digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None):
+    """Decompress the gzip stream SOURCE into OUT_FD, leaving all-zero
+    blocks as holes; update the two hashes; return the bytes written."""
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    progress = Progress("unpacked", size or 0)
+    output = SparseWriter(out_fd, output_hash)
+    try:
+        for data in iter(lambda: source.read(UNPACK_CHUNK), b""):
+            source_hash.update(data)
+            progress.add(len(data))
+            chunk = data
+            while chunk:
+                output.write(decompressor.decompress(chunk, UNPACK_CHUNK))
+                chunk = decompressor.unconsumed_tail
+                if decompressor.eof and decompressor.unused_data:
+                    # Concatenated gzip members: gunzip reads them all.
+                    chunk = decompressor.unused_data
+                    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        if not decompressor.eof:
+            raise CdiError(f"{what}: the gzip stream ends early: the blob is cut short")
+        return output.finish()
+    except zlib.error as error:
+        raise CdiError(f"{what} is not a valid gzip stream ({error})") from None
+    except OSError as error:
+        raise CdiError(f"{what}: cannot unpack into the cache ({error.strerror})") from None
+
+
+class SparseWriter:
+    """Writes to FD from its start, all-zero blocks (aligned in the file)
+    left as holes; HASH sees every byte."""
+
+    def __init__(self, fd, hash_):
+        self.fd = fd
+        self.hash = hash_
+        self.pending = bytearray()
+        self.written = 0
+
+    def write(self, data):
+        self.pending += data
+        if len(self.pending) >= UNPACK_CHUNK:
+            self.flush(len(self.pending) - len(self.pending) % SPARSE_BLOCK)
+
+    def finish(self):
+        """Write what is left; return the file's size."""
+        self.flush(len(self.pending))
+        os.ftruncate(self.fd, self.written)
+        return self.written
+
+    def flush(self, count):
+        data = bytes(self.pending[:count])
+        del self.pending[:count]
+        for start in range(0, count, SPARSE_BLOCK):
+            # startswith compares in place: no copy of the block.
+            size = min(SPARSE_BLOCK, count - start)
+            if not data.startswith(ZERO_BLOCK[:size], start):
+                write_exactly(self.fd, data[start:start + size], self.written + start)
+        self.hash.update(data)
+        self.written += count

@@ -1,0 +1,148 @@
+"""The OCI image layout in the cache (CACHE/oci) that skopeo copies
+artifacts and archives into, and what the plugin reads back from it.
+
+skopeo writes each blob under a temporary name in the layout and renames
+it to its digest once it has checked it, so a blob under its digest name
+was whole when written; index.json names each copied manifest by a
+reference made from the image's name.  Every start that uses the layout
+holds its lock, so that two nbdkit processes never write it at once, and
+the temporary files of a skopeo killed mid-copy are removed under it.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+
+from .errors import CdiError
+
+log = logging.getLogger("cdipy")
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# Where skopeo (containers/image) writes a blob before renaming it.
+PARTIAL_BLOB = "oci-put-blob"
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
+IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
+                      "application/vnd.docker.container.image.v1+json")
+
+
+class Layout:
+    """The layout in CACHE_DIRECTORY/oci, for image IMAGE_NAME."""
+
+    def __init__(self, cache_directory, image_name):
+        if cache_directory is None:
+            raise CdiError(f"{image_name}: no cache directory for the artifact: "
+                           "HOME is not set; pass cache=DIR")
+        self.cache = cache_directory
+        self.path = os.path.join(cache_directory, "oci")
+        self.image_name = image_name
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the layout's lock (waiting for another nbdkit's), with the
+        cache made private and the leftovers of killed copies removed."""
+        make_private_directory(self.cache, self.image_name)
+        make_private_directory(self.path, self.image_name)
+        fd = os.open(os.path.join(self.cache, "oci.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.remove_partial_blobs()
+            yield self
+        finally:
+            os.close(fd)
+
+    def remove_partial_blobs(self):
+        for name in os.listdir(self.path):
+            if name.startswith(PARTIAL_BLOB):
+                log.debug(f"removing {name}, left in the cache by a copy cut short")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+
+    def destination(self, name):
+        """skopeo's name for NAME's place in the layout."""
+        return f"oci:{self.path}:{reference(name)}"
+
+    def manifest(self, name):
+        """(digest, manifest) of NAME as last copied, or None."""
+        try:
+            with open(os.path.join(self.path, "index.json"), "rb") as file:
+                index = json.load(file)
+        except FileNotFoundError:
+            return None
+        except ValueError as error:
+            raise CdiError(f"{self.image_name}: the cache's {self.path}/index.json is "
+                           f"not JSON ({error}): remove it") from None
+        wanted = reference(name)
+        for entry in index.get("manifests", []):
+            if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") \
+                    == wanted:
+                return entry["digest"], self.json_blob(entry["digest"])
+        return None
+
+    def json_blob(self, digest):
+        try:
+            with open(self.blob_path(digest), "rb") as file:
+                data = file.read()
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError("it does not match its digest")
+            return json.loads(data)
+        except (OSError, ValueError) as error:
+            raise CdiError(f"{self.image_name}: the cached blob {digest} cannot be read: "
+                           f"{getattr(error, 'strerror', None) or error}") from None
+
+    def blob_path(self, digest):
+        """The path of blob DIGEST; a digest that is not a sha256, which
+        could name another file, is refused."""
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise CdiError(f"{self.image_name}: the manifest names a blob {digest!r}, "
+                           "which is not a sha256 digest")
+        return os.path.join(self.path, "blobs", "sha256", digest[len("sha256:"):])
+
+    def blobs(self):
+        """The digests of the blobs the layout holds."""
+        try:
+            return ["sha256:" + name for name in os.listdir(os.path.join(self.path, "blobs",
+                                                                         "sha256"))]
+        except FileNotFoundError:
+            return []
+
+    def remove_blob(self, digest):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(digest))
+
+
+def reference(name):
+    """The ref.name in index.json for image NAME: a digest of the name,
+    which may hold characters an OCI reference may not."""
+    return "cdi-py-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def is_artifact(manifest):
+    """Whether MANIFEST, a registry's manifest or index, is an artifact
+    (something other than a container image) that podman cannot pull."""
+    media_type = manifest.get("mediaType")
+    if media_type in INDEX_TYPES or "manifests" in manifest:
+        return any(entry.get("artifactType") for entry in manifest.get("manifests", []))
+    config_type = (manifest.get("config") or {}).get("mediaType")
+    return config_type not in IMAGE_CONFIG_TYPES
+
+
+def make_private_directory(path, image_name):
+    """Create PATH 0700 if needed; refuse one that others could write to."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        status = os.stat(path, follow_symlinks=False)
+    except OSError as error:
+        raise CdiError(f"{image_name}: cache directory {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() \
+            or status.st_mode & 0o022:
+        raise CdiError(f"{image_name}: cache directory {path} is not a directory that "
+                       "only this user can write to: pass cache=DIR")
