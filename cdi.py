@@ -67,8 +67,15 @@ format_exception = traceback.format_exception
 def format_exception_for_nbdkit(exc, *args, **kwargs):
     value = args[0] if args else exc
     if isinstance(value, CdiError):
-        return [str(value)]
+        return [for_nbdkit(str(value))]
     return format_exception(exc, *args, **kwargs)
+
+
+def for_nbdkit(text):
+    """TEXT as UTF-8 can hold it: a file name from an image may hold bytes
+    that are not UTF-8 (surrogate escapes), and nbdkit-python-plugin
+    crashes on a string it cannot encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 traceback.format_exception = format_exception_for_nbdkit
@@ -109,7 +116,7 @@ def after_fork():
 
 
 def list_exports(readonly, is_tls):
-    return exports.listing()
+    return [(name, for_nbdkit(description)) for name, description in exports.listing()]
 
 
 def default_export(readonly, is_tls):
@@ -128,7 +135,7 @@ def open(readonly):
 
 
 def export_description(layer):
-    return layer.description
+    return for_nbdkit(layer.description)
 
 
 def get_size(layer):

@@ -170,7 +170,7 @@ def choose_default(exports):
     count = len(exports.slots)
     if settings.layer in ("auto", "disk"):
         if exports.disk_error:
-            raise CdiError(f"layer={settings.layer}: {exports.disk_error}")
+            raise CdiError(exports.disk_error)
         exports.default_index = exports.disk.layer.index if settings.layer == "auto" else "disk"
     elif -count <= settings.layer < count:
         exports.default_index = settings.layer % count

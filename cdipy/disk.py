@@ -9,6 +9,7 @@ regular file left under disk/, else the one regular file at the root.
 """
 
 import dataclasses
+import os
 
 from .errors import CdiError
 
@@ -28,7 +29,7 @@ def choose_disk(layers, image_name):
     """The Choice among LAYERS, [(index, members)] base first; CdiError if
     there is no disk or more than one."""
     files, hidden = merged_files(layers)
-    hidden_disks = [f"{path} of layer {index} ({how} by layer {by})"
+    hidden_disks = [f"{shown(path)} of layer {index} ({how} by layer {by})"
                     for path, index, how, by in hidden if is_candidate(path)]
     gone = f"; {', '.join(hidden_disks)}" if hidden_disks else ""
     count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
@@ -44,7 +45,7 @@ def choose_disk(layers, image_name):
             raise CdiError(f"{image_name}: no VM disk: the merged filesystem of its "
                            f"{count} has no regular file under disk/ nor at the "
                            f"root{gone}")
-        listed = ", ".join(f"{path} (layer {files[path][0]})" for path in candidates)
+        listed = ", ".join(f"{shown(path)} (layer {files[path][0]})" for path in candidates)
         raise CdiError(f"{image_name}: {len(candidates)} candidate VM disks: {listed}; "
                        "serve one with layer=N --filter=tar tar-entry=PATH")
     index, member = files[candidates[0]]
@@ -91,6 +92,11 @@ def merged_files(layers):
                 parts = name.split("/")[:-1]
                 directories.update("/".join(parts[:end]) for end in range(1, len(parts) + 1))
     return files, hidden
+
+
+def shown(path):
+    """PATH as text to show: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_candidate(path):

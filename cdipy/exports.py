@@ -180,6 +180,7 @@ class Exports:
         it cannot be served."""
         slot = self.find(name)
         if slot is None:
+            self.describe_disk()  # then "disk" is named only if there is one
             raise NoSuchExport(f"no export {name!r}: the exports are "
                               + ", ".join(self.names())
                               + " (or -1, -2, ... or a layer's diffID)")
@@ -210,8 +211,12 @@ class Exports:
         return names + ([] if self.disk_error else ["disk"])
 
     def listing(self):
-        """(name, description) of every export."""
-        return [(name, self.describe(self.find(name))) for name in self.names()]
+        """(name, description) of every export; "disk" only once it is found
+        (nbdinfo --list opens every export listed): on the copy path, it
+        may be opened before."""
+        listed = [(name, self.describe(self.find(name))) for name in self.names()]
+        return [(name, description) for name, description in listed
+                if name != "disk" or self.disk.layer is not None]
 
     def describe(self, slot):
         """What export SLOT holds; a layer that storage holds is opened to

@@ -2,6 +2,7 @@
 to the user."""
 
 import logging
+import os
 import re
 import subprocess
 import time
@@ -92,6 +93,12 @@ class Skopeo(Tool):
     """skopeo, for what podman cannot do: artifacts, and archives copied
     without touching podman's storage."""
     program = "skopeo"
+
+    def start(self, args, stdout=subprocess.PIPE):
+        # podman reads CONTAINERS_REGISTRIES_CONF; skopeo 1.9 only the option.
+        registries = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+        options = [f"--registries-conf={registries}"] if registries else []
+        return super().start([*options, *args], stdout=stdout)
 
 
 def diagnose(stderr_text, registry, tmpdir, program="podman"):

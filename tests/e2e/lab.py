@@ -525,3 +525,55 @@ def write_docker_archive(path, tag, layers):
             archive.write(data + bytes(-len(data) % tarfile.BLOCKSIZE))
         archive.write(bytes(2 * tarfile.BLOCKSIZE))
     return diff_ids
+
+
+# ------------------------------------------------------- OCI artifacts
+
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+TITLE = "org.opencontainers.image.title"
+
+
+@dataclass
+class Blob:
+    """One layer of an artifact: DATA as the registry holds it."""
+    media_type: str
+    data: bytes
+    title: str = None
+
+
+def write_oci_layout(path, tag, blobs, *, config_type=EMPTY_CONFIG, config=b"{}",
+                     artifact_type=None):
+    """An OCI image layout at PATH holding, as TAG, an artifact of BLOBS."""
+    def store(data):
+        digest = hashlib.sha256(data).hexdigest()
+        (Path(path) / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    (Path(path) / "blobs" / "sha256").mkdir(parents=True)
+    layers = []
+    for blob in blobs:
+        descriptor = {"mediaType": blob.media_type, **store(blob.data)}
+        if blob.title is not None:
+            descriptor["annotations"] = {TITLE: blob.title}
+        layers.append(descriptor)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": config_type, **store(config)}, "layers": layers}
+    if artifact_type:
+        manifest["artifactType"] = artifact_type
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": manifest["mediaType"], **store(json.dumps(manifest).encode()),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    (Path(path) / "index.json").write_text(json.dumps(index))
+    (Path(path) / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def push_artifact(workdir, remote, blobs, **manifest):
+    """Push an artifact of BLOBS (see write_oci_layout) to REMOTE."""
+    layout = Path(tempfile.mkdtemp(prefix="layout-", dir=workdir))
+    try:
+        write_oci_layout(layout, "latest", blobs, **manifest)
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{layout}:latest",
+                        f"docker://{remote}"], check=True, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(layout)

@@ -364,8 +364,8 @@ def test_truncated_backing_file_fails_only_reads_of_the_lost_range(lab, small):
 @pytest.mark.parametrize("layer, message", [
     ("0", "layer=0 is out of range: the image has 0 layers (allowed: none)"),
     ("-1", "layer=-1 is out of range: the image has 0 layers (allowed: none)"),
-    ("auto", "layer=auto: no layer holds a VM disk (a regular file under disk/); "
-             "looked at 0 layers"),
+    ("auto", "no VM disk: the merged filesystem of its 0 layers has no regular file "
+             "under disk/ nor at the root"),
 ])
 def test_image_without_layers_is_reported(crafted, layer, message):
     # podman loads an image whose manifest lists no layer at all.

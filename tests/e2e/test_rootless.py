@@ -8,6 +8,7 @@ written to TMPDIR and no helper left afterwards.
 The tests run as root (as CI does) and create the user; where podman
 cannot run rootless at all, they skip and say why."""
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -132,7 +133,8 @@ def test_rootless_user_is_served_every_layer_in_place(home):
                             "--run", HASH_EXPORTS], check=False)
     assert result.returncode == 0, result.stderr
     *digests, tmpdir = result.stdout.splitlines()
-    assert digests == [f"{diff_id[7:]} {index}" for index, diff_id in enumerate(diff_ids)]
+    assert digests == [f"{diff_id[7:]} {index}" for index, diff_id in enumerate(diff_ids)] \
+        + [f"{hashlib.sha256(disk).hexdigest()} disk"]
     assert tmpdir == "TMPDIR: "
     assert "copying the layer with podman save" not in result.stderr
     assert "running: podman unshare" in result.stderr

@@ -127,4 +127,4 @@ def test_pull_never_refuses_an_absent_image(lab, three):
     name = f"{lab.registry}/cdi-test/three:1"
     podman("rmi", "--force", name, check=False)
     stderr = nbdkit_error(f"name={name}", "pull=never")
-    assert f"{name}: image not found in local storage (pull=never)" in stderr
+    assert f"{name}: image not found in local storage nor in the cache (pull=never)" in stderr

@@ -323,13 +323,14 @@ AUTO_IMAGES = {
     # "./" names, as "tar -C dir ." writes them.
     "base": [layer_tar([directory("./disk"), regular("./disk/downloaded", DISK)]),
              layer_tar([regular("etc/hello", b"hello\n")])],
-    # The first layer with a disk wins; links and other directories are no disks.
+    # The layer holding the one disk the merged filesystem shows: links,
+    # other directories and files removed later are no disks.
     "middle": [layer_tar([directory("disk"), symlink("disk/link.img", "../data.img"),
                           regular("data.img", DISK), regular("disks/other.img", DISK)]),
                layer_tar([directory("disk"), regular("disk/downloaded", DISK)]),
-               layer_tar([regular("disk/later.img", DISK)])],
-    "none": [layer_tar([directory("disk"), symlink("disk/link.img", "../data.img")]),
-             layer_tar([regular("data.img", DISK), regular("mydisk/downloaded", DISK)])],
+               layer_tar([whiteout("data.img"), regular("etc/later", DISK)])],
+    "none": [layer_tar([directory("disk"), symlink("disk/link.img", "../srv/data.img")]),
+             layer_tar([regular("srv/data.img", DISK), regular("mydisk/downloaded", DISK)])],
     # A name that is not ASCII: the entry has a pax header, as has a disk of
     # 8 GiB or more.
     "pax-header": [layer_tar([regular("etc/hello", b"hello\n")]),
@@ -349,7 +350,8 @@ def auto_images(lab):
 @pytest.mark.parametrize("case, index, copy", [
     ("base", 0, "false"), ("middle", 1, "false"), ("middle", 1, "true")],
     ids=["disk-in-base", "disk-in-middle", "disk-in-middle-copy"])
-def test_layer_auto_selects_the_first_layer_with_a_disk(auto_images, case, index, copy):
+def test_layer_auto_selects_the_layer_holding_the_visible_disk(auto_images, case, index,
+                                                               copy):
     image = auto_images[case]
     digest, _ = served_digest(f"name={image.name}", "layer=auto", f"copy={copy}")
     assert digest == image.diff_ids[index]
@@ -366,16 +368,16 @@ def test_layer_auto_finds_a_disk_whose_entry_has_a_pax_header(auto_images, copy)
 def test_layer_auto_without_a_disk_fails(auto_images, copy):
     image = auto_images["none"]
     stderr = nbdkit_error(f"name={image.name}", "layer=auto", f"copy={copy}")
-    assert (f"{image.name}: layer=auto: no layer holds a VM disk (a regular file under "
-            "disk/); looked at 2 layers") in stderr
+    assert (f"{image.name}: no VM disk: the merged filesystem of its 2 layers has no "
+            "regular file under disk/ nor at the root") in stderr
 
 
 @pytest.mark.parametrize("copy", ["false", "true"])
 def test_layer_auto_with_two_disks_in_a_layer_fails(auto_images, copy):
     image = auto_images["two"]
     stderr = nbdkit_error(f"name={image.name}", "layer=auto", f"copy={copy}")
-    assert (f"{image.name}: layer=auto: layer 1 holds 2 disks (disk/a.img, disk/b.img): "
-            "pick one with layer=N and the tar filter's tar-entry=") in stderr
+    assert (f"{image.name}: 2 candidate VM disks: disk/a.img (layer 1), disk/b.img (layer 1); "
+            "serve one with layer=N --filter=tar tar-entry=PATH") in stderr
 
 
 # ------------------------------------------------------------ descriptions

@@ -1,0 +1,177 @@
+"""OCI artifacts (ORAS disks, KubeVirt VM exports) fetched with skopeo into
+the cache, and the disk export, for every shape a VM disk ships in."""
+
+import concurrent.futures
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import make_disk, nbdkit_error, read_export, run_nbdkit, sha256
+from lab import Blob, push_artifact, registry
+
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+VM = {"artifact_type": "application/vnd.kubevirt.virtualmachine.v1",
+      "config_type": "application/vnd.kubevirt.virtualmachine.config.v1+json",
+      "config": b'{"name": "vm"}'}
+QCOW2 = "application/vnd.kubevirt.disk.qcow2"
+RAW_GZIP = "application/vnd.kubevirt.disk.raw+gzip"
+# The second disk of the two-disk VM export.
+DATA_DISK = make_disk(4 << 20)[::-1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(lab, disk):
+    """{shape: (name in the registry, the disk file it holds)}."""
+    raw, qcow2 = disk
+    shapes = {
+        "oras-qcow2": ([Blob(LAYER_TAR, qcow2, "disk.qcow2")], {}, qcow2),
+        "oras-raw": ([Blob(LAYER_TAR, raw, "disk.img")], {}, raw),
+        "vm-qcow2": ([Blob(QCOW2, qcow2, "rootdisk")], VM, qcow2),
+        "vm-raw-gzip": ([Blob(RAW_GZIP, gzip.compress(raw, 1), "rootdisk")], VM, raw),
+        "vm-two-disks": ([Blob(QCOW2, qcow2, "rootdisk"),
+                          Blob(RAW_GZIP, gzip.compress(DATA_DISK, 1), "datadisk")], VM, None),
+    }
+    found = {}
+    for shape, (blobs, manifest, disk_file) in shapes.items():
+        remote = f"{lab.registry}/cdi-test/{shape}:1"
+        push_artifact(lab.workdir, remote, blobs, **manifest)
+        found[shape] = (remote, disk_file)
+    return found
+
+
+@pytest.fixture
+def cache(lab):
+    """An empty cache= directory of the test's own."""
+    path = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
+    yield path
+    shutil.rmtree(path)
+
+
+def listing(*params):
+    result = run_nbdkit(*params, run='nbdinfo --list --json "$uri"')
+    assert result.returncode == 0, result.stderr
+    return {export["export-name"]: export for export in json.loads(result.stdout)["exports"]}
+
+
+@pytest.mark.parametrize("shape", ["oras-qcow2", "oras-raw", "vm-qcow2", "vm-raw-gzip"])
+def test_the_disk_export_is_the_disk_file(artifacts, cache, shape):
+    name, disk_file = artifacts[shape]
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
+
+
+@pytest.mark.parametrize("shape", ["oras-qcow2", "vm-qcow2"])
+def test_qemu_img_reads_the_qcow2_of_layer_disk(artifacts, cache, disk, shape):
+    result = run_nbdkit(f"name={artifacts[shape][0]}", "layer=disk", f"cache={cache}",
+                        run='qemu-img info --output=json "$uri"')
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["format"], info["virtual-size"]) == ("qcow2", len(disk[0]))
+
+
+def test_list_names_the_blobs_by_index_and_title(artifacts, cache, disk):
+    exports = listing(f"name={artifacts['vm-qcow2'][0]}", f"cache={cache}")
+    assert sorted(exports) == ["0", "disk", "rootdisk"]
+    description = exports["rootdisk"]["description"]
+    assert description.startswith(f"blob 0 of 1: rootdisk, {QCOW2}, sha256:")
+    assert description.endswith(f": qcow2, {len(disk[0]) >> 20}.0 MiB virtual")
+    assert exports["disk"]["description"] == description
+
+
+def test_a_gzip_disk_is_unpacked_sparse_and_described(artifacts, cache, disk):
+    exports = listing(f"name={artifacts['vm-raw-gzip'][0]}", f"cache={cache}")
+    assert exports["disk"]["description"].endswith(
+        ", gzip, unpacked in the cache to 8.0 MiB: raw, 8.0 MiB")
+    unpacked = [path for path in Path(cache, "unpacked").iterdir()
+                if not path.name.endswith(".json")]
+    assert len(unpacked) == 1
+    assert unpacked[0].stat().st_blocks * 512 < len(disk[0]) // 2, "zeros were written"
+    assert oct(unpacked[0].stat().st_mode & 0o777) == "0o600"
+
+
+def test_each_disk_of_a_two_disk_export_is_named_by_its_title(artifacts, cache, disk):
+    name = artifacts["vm-two-disks"][0]
+    exports = listing(f"name={name}", f"cache={cache}")
+    assert sorted(exports) == ["0", "1", "datadisk", "rootdisk"]
+    assert read_export(f"name={name}", f"cache={cache}", export_name="rootdisk") == disk[1]
+    assert read_export(f"name={name}", f"cache={cache}", export_name="datadisk") == DATA_DISK
+
+
+def test_disk_of_a_two_disk_export_is_ambiguous_and_lists_the_names(artifacts, cache):
+    name = artifacts["vm-two-disks"][0]
+    assert f"error: {name}: the artifact holds 2 disks: name one as the " \
+           "export: rootdisk, datadisk" in nbdkit_error(f"name={name}", f"cache={cache}",
+                                                        "layer=disk")
+
+
+def test_a_warm_start_needs_neither_the_registry_nor_skopeo(lab, cache, disk):
+    with registry(lab.workdir, "short-lived") as short_lived:
+        name = f"{short_lived.address}/cdi-test/vm:1"
+        push_artifact(lab.workdir, name, [Blob(RAW_GZIP, gzip.compress(disk[0], 1), "root")],
+                      **VM)
+        cold = run_nbdkit(f"name={name}", f"cache={cache}", "tls-verify=false", verbose=True)
+        assert cold.returncode == 0, cold.stderr
+    warm = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk", verbose=True,
+                      run='nbdcopy "$uri" - | sha256sum')
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout.split()[0] == sha256(disk[0]).split(":")[1]
+    assert "running: skopeo" in cold.stderr
+    assert "running: skopeo" not in warm.stderr
+    assert "passed its check before, unchanged since" in warm.stderr
+
+
+def test_two_cold_starts_at_once_both_serve_the_disk(artifacts, cache, disk):
+    name = artifacts["vm-raw-gzip"][0]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run_nbdkit(
+            f"name={name}", f"cache={cache}", "layer=disk",
+            run='nbdcopy "$uri" - | sha256sum'), range(2)))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[0] == sha256(disk[0]).split(":")[1]
+    assert not [path for path in Path(cache).rglob("*")
+                if path.name.startswith((".partial-", "oci-put-blob", ".new-"))]
+
+
+def cached_blob(cache, size):
+    """The path of the cached blob of SIZE bytes."""
+    [path] = [path for path in Path(cache, "oci", "blobs", "sha256").iterdir()
+              if path.stat().st_size == size]
+    return path
+
+
+def corrupt(path):
+    with open(path, "r+b") as file:
+        file.seek(4096)
+        byte = file.read(1)
+        file.seek(4096)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("shape", ["vm-qcow2", "vm-raw-gzip"])
+def test_a_corrupted_cached_blob_is_fetched_again(artifacts, cache, shape, disk):
+    name, disk_file = artifacts[shape]
+    blob_size = len(disk[1]) if shape == "vm-qcow2" else len(gzip.compress(disk[0], 1))
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
+    corrupt(cached_blob(cache, blob_size))
+    if shape == "vm-raw-gzip":  # the unpacked copy too: both are checked
+        [unpacked] = [path for path in Path(cache, "unpacked").iterdir()
+                      if not path.name.endswith(".json")]
+        corrupt(unpacked)
+    message = nbdkit_error(f"name={name}", f"cache={cache}", "pull=never")
+    assert "no longer matches its digest" in message
+    assert message.rstrip().endswith("pull=never forbids fetching it again: pass pull=missing")
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
+
+
+def test_a_gzip_blob_cut_short_is_an_error_and_leaves_nothing(lab, cache, disk):
+    name = f"{lab.registry}/cdi-test/cut-short:1"
+    packed = gzip.compress(disk[0], 1)
+    push_artifact(lab.workdir, name, [Blob(RAW_GZIP, packed[:len(packed) // 2], "root")], **VM)
+    message = nbdkit_error(f"name={name}", f"cache={cache}")
+    assert "the gzip stream ends early: the blob is cut short" in message
+    assert os.listdir(Path(cache, "unpacked")) == []
