@@ -88,9 +88,14 @@ def test_describe_of_a_layer_that_failed_says_why(exports):
 
 def test_listing_describes_every_export_by_name(exports):
     listing = exports.listing()
-    assert [name for name, _ in listing] == ["0", "1", "2", "disk"]
+    assert [name for name, _ in listing] == ["0", "1", "2"]
     assert listing[1][1].startswith(f"layer 1 of 3: {DIFF_IDS[1]}: copied with")
-    assert listing[3][1] == "the VM disk file, found when first opened (with podman save)"
+
+
+def test_the_disk_of_layers_to_copy_is_found_when_first_opened(exports):
+    assert exports.find("disk") is exports.disk
+    assert exports.describe(exports.disk) == (
+        "the VM disk file, found when first opened (with podman save)")
 
 
 # ---------------------------------------------------- served or copied, why
