@@ -411,3 +411,66 @@ def test_clean_name_keeps_inner_dot_slashes_and_hidden_files():
 
 def test_clean_name_keeps_names_that_are_not_utf8_reversibly():
     assert os.fsencode(clean_name(b"./caf\xe9")) == b"caf\xe9"
+
+
+# ------------------------------------------------------------------ windows
+
+def window_onto_a_copy(new_layer, write_file, tmp_path):
+    """A layer that is one file (as a copy is): a header, a 2 MiB disk with
+    a hole at its second MiB, a trailer; and the window onto the disk.
+    Each part is a whole number of filesystem blocks."""
+    path = tmp_path / "copy"
+    with open(path, "wb") as file:
+        file.write(HEADER * 8 + b"D" * MIB)
+        file.truncate(4096 + 2 * MIB)
+        file.seek(0, os.SEEK_END)
+        file.write(TRAILER * 8)
+    layer = new_layer()
+    layer.add_file(FileSegment(8192 + 2 * MIB, fd=os.open(path, os.O_RDONLY)))
+    layer.members = [Member("disk/disk.img", "file", 2 * MIB, 4096)]
+    return layer, layer.window(layer.members[0], "the only one")
+
+
+def test_a_window_reads_its_file_alone_from_its_offset(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    assert (window.size, window.how, window.index) == (2 * MIB, "window", 0)
+    view = bytearray(2 * MIB)
+    window.read(memoryview(view), 0)
+    assert view == b"D" * MIB + bytes(MIB)
+    window.close()
+
+
+def test_a_window_gives_the_extents_of_its_file(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    assert window.extents(0, 2 * MIB) == [(0, MIB, DATA), (MIB, MIB, HOLE)]
+    window.close()
+
+
+def test_a_window_has_descriptors_of_its_own(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    layer.close()
+    view = bytearray(4)
+    window.read(memoryview(view), 0)
+    assert view == b"DDDD"
+    window.close()
+
+
+def test_a_failed_layer_fails_its_windows(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    layer.fail("layer 0 hashes to something else")
+    with pytest.raises(OSError, match="hashes to something else"):
+        window.read(memoryview(bytearray(4)), 0)
+    window.close()
+
+
+def test_zeros_known_in_the_layer_are_known_in_its_windows(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    layer.learn_zeros([(0, 5000), (4096 + MIB - 4096, 4096 + MIB + 4096)])
+    assert window.zeros == [(0, 904), (MIB - 4096, MIB + 4096)]
+    window.close()
+
+
+def test_a_window_describes_its_file(new_layer, write_file, tmp_path):
+    layer, window = window_onto_a_copy(new_layer, write_file, tmp_path)
+    assert window.describe_contents() == "raw, 2.0 MiB"
+    window.close()
