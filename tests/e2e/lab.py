@@ -535,9 +535,10 @@ TITLE = "org.opencontainers.image.title"
 
 @dataclass
 class Blob:
-    """One layer of an artifact: DATA as the registry holds it."""
+    """One layer of an artifact: DATA (bytes, or a Path to a file) as the
+    registry holds it."""
     media_type: str
-    data: bytes
+    data: object
     title: str = None
 
 
@@ -545,6 +546,14 @@ def write_oci_layout(path, tag, blobs, *, config_type=EMPTY_CONFIG, config=b"{}"
                      artifact_type=None):
     """An OCI image layout at PATH holding, as TAG, an artifact of BLOBS."""
     def store(data):
+        if isinstance(data, Path):
+            with open(data, "rb") as file:
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: file.read(4 * MIB), b""):
+                    digest.update(chunk)
+            digest = digest.hexdigest()
+            shutil.copyfile(data, Path(path) / "blobs" / "sha256" / digest)
+            return {"digest": f"sha256:{digest}", "size": data.stat().st_size}
         digest = hashlib.sha256(data).hexdigest()
         (Path(path) / "blobs" / "sha256" / digest).write_bytes(data)
         return {"digest": f"sha256:{digest}", "size": len(data)}
@@ -567,12 +576,13 @@ def write_oci_layout(path, tag, blobs, *, config_type=EMPTY_CONFIG, config=b"{}"
     (Path(path) / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 
-def push_artifact(workdir, remote, blobs, **manifest):
+def push_artifact(workdir, remote, blobs, authfile=None, **manifest):
     """Push an artifact of BLOBS (see write_oci_layout) to REMOTE."""
     layout = Path(tempfile.mkdtemp(prefix="layout-", dir=workdir))
+    extra = [f"--dest-authfile={authfile}"] if authfile else []
     try:
         write_oci_layout(layout, "latest", blobs, **manifest)
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra,
                         f"oci:{layout}:latest",
                         f"docker://{remote}"], check=True, stdin=subprocess.DEVNULL)
     finally:

@@ -175,3 +175,25 @@ def test_a_gzip_blob_cut_short_is_an_error_and_leaves_nothing(lab, cache, disk):
     message = nbdkit_error(f"name={name}", f"cache={cache}")
     assert "the gzip stream ends early: the blob is cut short" in message
     assert os.listdir(Path(cache, "unpacked")) == []
+
+
+def test_an_artifact_behind_a_password_needs_the_authfile(lab, cache, disk):
+    name = f"{lab.auth_registry}/cdi-test/private-vm:1"
+    push_artifact(lab.workdir, name, [Blob(QCOW2, disk[1], "rootdisk")],
+                  authfile=lab.authfile, **VM)
+    message = nbdkit_error(f"name={name}", f"cache={cache}")
+    assert f"authentication required by {lab.auth_registry}" in message
+    assert read_export(f"name={name}", f"cache={cache}", f"authfile={lab.authfile}",
+                       export_name="disk") == disk[1]
+
+
+def test_extents_of_the_disk_export_pass_through(artifacts, cache):
+    result = run_nbdkit(f"name={artifacts['vm-raw-gzip'][0]}", f"cache={cache}", "layer=disk",
+                        run='nbdinfo --map --json "$uri"')
+    assert result.returncode == 0, result.stderr
+    extents = json.loads(result.stdout)
+    # make_disk writes 4 KiB at 0: the unpacked copy keeps its 64 KiB block.
+    assert [(extent["offset"], extent["description"]) for extent in extents[:2]] == [
+        (0, "data"), (64 << 10, "hole,zero")]
+    holes = sum(extent["length"] for extent in extents if extent["description"] != "data")
+    assert holes > 7 << 20
