@@ -19,6 +19,7 @@ import re
 import stat
 
 from .errors import CdiError
+from .parameters import local_reference
 
 log = logging.getLogger("cdipy")
 
@@ -120,9 +121,11 @@ class Layout:
 
 
 def reference(name):
-    """The ref.name in index.json for image NAME: a digest of the name,
-    which may hold characters an OCI reference may not."""
-    return "cdi-py-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+    """The ref.name in index.json for image NAME: a digest of the name (the
+    same with or without docker://), which may hold characters an OCI
+    reference may not."""
+    canonical = local_reference(name) or name
+    return "cdi-py-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def is_artifact(manifest):

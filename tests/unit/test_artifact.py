@@ -40,6 +40,7 @@ def test_an_index_is_an_artifact_only_if_its_entries_say_so():
 def test_the_reference_in_the_layout_is_a_digest_of_the_name():
     assert reference("quay.io/a/b:1") == reference("quay.io/a/b:1")
     assert reference("quay.io/a/b:1") != reference("quay.io/a/b:2")
+    assert reference("docker://quay.io/a/b:1") == reference("quay.io/a/b:1")
     assert reference("oci-archive:/x y/\n.tar").startswith("cdi-py-")
     assert len(reference("x")) == len("cdi-py-") + 32
 
