@@ -1,16 +1,18 @@
 #!/usr/bin/env -S nbdkit python
-# cdi.py: an nbdkit plugin that exports the layers of a container image.
+# cdi.py: an nbdkit plugin that exports the VM disk of a container image
+# or OCI artifact, and the layers of the image.
 #
 # It pulls IMAGE with podman (unless it is already in local storage) and
 # serves each of its layers, an uncompressed tar archive, read-only over NBD:
 # in place from podman's storage when it can, from a copy made with
-# "podman save" when it must.  Layer N (0 = base, negative counts from the
-# top, auto = the one holding the VM disk) is the default export.  KubeVirt
-# "containerdisk" images keep a VM disk at disk/... inside a layer; stack
-# the tar filter on top to reach it:
+# "podman save" when it must.  An OCI artifact (an ORAS disk, a KubeVirt VM
+# export), or an archive, is copied with skopeo into the cache instead, and
+# its blobs served from there.  The export "disk" is the VM disk file itself,
+# the one the VM would boot, whatever its shape; layer=disk makes it the
+# default (layer=N, or auto, a layer).  On nbdkit >= 1.36:
 #
 #   nbdkit python ./cdi.py name=quay.io/kubevirt/cirros-container-disk-demo \
-#          layer=auto --filter=tar tar-entry=disk/downloaded
+#          layer=disk --filter=qcow2dec
 #
 # name= must be spelled out: Python plugins have no magic config key.  Run
 # "nbdkit python ./cdi.py --dump-plugin" for every parameter.
@@ -82,7 +84,7 @@ traceback.format_exception = format_exception_for_nbdkit
 
 
 def dump_plugin():
-    print("cdi_usage=nbdkit python cdi.py name=IMAGE [layer=N] [key=value ...]")
+    print("cdi_usage=nbdkit python cdi.py name=IMAGE [layer=N|auto|disk] [key=value ...]")
     for key, text in PARAMETERS.items():
         print(f"cdi_param_{key.replace('-', '_')}={key}={text}")
     print("cdi_env_TMPDIR=where temporary data goes (default /var/tmp)")
