@@ -369,7 +369,8 @@ class Exports:
 
     def keep(self, slot, layer):
         slot.failure = None
-        slot.checked = slot.checked or layer.how != "storage"  # checked while copied
+        # A copy was checked while copied, a blob of the cache before it is served.
+        slot.checked = slot.checked or layer.how != "storage"
         slot.description = (f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}, "
                             f"{describe_size(layer.size)}: {layer.describe_contents()}")
         layer.description = slot.description

@@ -1,6 +1,7 @@
 #!/bin/bash
-# make demo: build a small KubeVirt-style containerdisk image, serve its
-# layer with cdi.py and look at the VM disk through the tar filter.
+# make demo: build a small KubeVirt-style containerdisk image, serve it
+# with cdi.py and look at its VM disk: the disk export, and through the tar
+# filter.
 #
 # Everything happens in a private podman storage under a temporary
 # directory, removed at the end: your own images are not touched.
@@ -19,7 +20,7 @@ skip_mount_home = "true"
 CONF
 printf '[engine]\ntmp_dir = "%s/libpod"\nevents_logger = "none"\n' "$work" > "$work/containers.conf"
 export CONTAINERS_STORAGE_CONF="$work/storage.conf" CONTAINERS_CONF="$work/containers.conf"
-export TMPDIR="$work/tmp"
+export TMPDIR="$work/tmp" XDG_CACHE_HOME="$work/cache"
 mkdir "$TMPDIR" "$work/context"
 
 show() { printf '\n$ %s\n' "$*"; "$@"; }
@@ -31,7 +32,8 @@ show podman build --quiet -t localhost/cdi-demo/containerdisk:latest "$work/cont
 
 show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest \
     --run 'nbdinfo --list "$uri"'
-show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest \
-    --filter=tar tar-entry=disk/downloaded \
+show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest layer=disk \
     --run 'nbdinfo "$uri"; qemu-img info "$uri"'
+show nbdkit -U - python "$cdi" name=localhost/cdi-demo/containerdisk:latest \
+    layer=auto --filter=tar tar-entry=disk/downloaded --run 'qemu-img info "$uri"'
 printf '\nThe demo image lived in %s, now removed.\n' "$work"
