@@ -3,9 +3,10 @@ copied with skopeo into the cache's OCI layout and served from there.
 
 An artifact's blobs are files: an ORAS disk (its name in the title
 annotation, whatever its media type says), or the disks of a KubeVirt VM
-export (VEP 256), as they are or gzipped.  An archive holds an image,
-whose layers are served as from podman's storage.  Either way a warm start
-reads the layout alone: no network, no copy.
+export (VEP 256), as they are or gzipped.  A warm start of an artifact
+reads the layout alone: no network, no copy.  An archive holds an image,
+whose layers are served as from podman's storage; it is copied again at
+each start (skopeo then writes only the blobs the layout lacks).
 """
 
 import dataclasses
@@ -43,7 +44,7 @@ class Fetched:
     def fetch_again(self):
         before = set(self.layout.blobs())
         self.manifest = self.fetch()
-        self.fresh = set(self.layout.blobs()) - before
+        self.fresh |= set(self.layout.blobs()) - before
 
 
 def inspect_remote(skopeo, settings, source):
@@ -101,7 +102,8 @@ def add_exports(exports, fetched, blobs):
     manifest = fetched.manifest
     config = manifest.get("config") or {}
     layers = manifest.get("layers") or []
-    if config.get("mediaType") in IMAGE_CONFIG_TYPES:
+    exports.image_config = config.get("mediaType") in IMAGE_CONFIG_TYPES
+    if exports.image_config:
         add_image(exports, fetched, blobs, layers)
     else:
         add_artifact(exports, fetched, blobs, layers)
@@ -158,7 +160,7 @@ def add_artifact(exports, fetched, blobs, descriptors):
     elif not disks:
         exports.disk_error = f"{fetched.image_name}: the artifact has no blobs"
     else:
-        names = ", ".join(slot.title if slot.title in exports.aliases else slot.name
+        names = ", ".join(slot.title if exports.aliases.get(slot.title) is slot else slot.name
                           for slot in disks)
         exports.disk_error = (f"{fetched.image_name}: the artifact holds {len(disks)} "
                               f"disks: name one as the export: {names}")
@@ -175,8 +177,9 @@ def choose_default(exports):
     elif -count <= settings.layer < count:
         exports.default_index = settings.layer % count
     else:
+        what = "layer" if exports.image_config else "blob"
         raise CdiError(f"{settings.name}: layer={settings.layer} is out of range: it has "
-                       f"{count} blob{'s' if count != 1 else ''}")
+                       f"{count} {what}{'s' if count != 1 else ''}")
 
 
 def usable_name(title):

@@ -2,10 +2,10 @@
 against its digest once and then remembered; a gzip blob unpacked once
 into the cache as a sparse file.
 
-A blob that no longer matches its digest raises BlobMismatch, so that the
-caller can fetch it again.  The unpacked copy of a gzip blob is written
-nameless (O_TMPFILE), linked under a temporary name once whole and
-checked, then renamed: no reader ever finds half of one.
+A blob that is missing or no longer matches its digest raises
+BlobMismatch, so that the caller can fetch it again.  The unpacked copy of
+a gzip blob is written under a temporary name and renamed once whole and
+checked: no reader ever finds half of one.
 """
 
 import contextlib
@@ -71,6 +71,7 @@ class Blobs:
         the cache if it is not yet; EXPECTED, if given, is the digest the
         result must have (an image layer's diffID)."""
         digest = descriptor["digest"]
+        self.layout.blob_path(digest)  # refuses a digest that could name another file
         layer = self.unpacked_copy(index, digest)
         if layer is None:
             self.unpack(digest, descriptor.get("size"))
@@ -88,7 +89,7 @@ class Blobs:
     def image_layer(self, index, descriptor, diff_id):
         """Layer INDEX of an image from an archive: a tar, perhaps gzipped,
         which must hash to DIFF_ID; with its tar members."""
-        with open(self.layout.blob_path(descriptor["digest"]), "rb") as file:
+        with self.open_blob(descriptor["digest"]) as file:
             magic = file.read(4)
         if magic[:2] == GZIP_MAGIC:
             layer = self.unpacked_layer(index, descriptor, expected=diff_id)
@@ -110,6 +111,15 @@ class Blobs:
         return layer
 
     # ------------------------------------------------------------ helpers
+
+    def open_blob(self, digest):
+        """The cached blob DIGEST, open for reading; BlobMismatch if it is
+        missing (a start interrupted after removing it, say)."""
+        try:
+            return open(self.layout.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} is "
+                               "missing", digest) from None
 
     def open_layer(self, index, digest, path, origin, size=None):
         """Layer INDEX over the file at PATH, whose digest is DIGEST."""
@@ -183,12 +193,15 @@ class Blobs:
         blob_hash, unpacked_hash = hashlib.sha256(), hashlib.sha256()
         # Under a temporary name until whole and checked; one left by a
         # process killed meanwhile is removed under the next lock.
-        out_fd, temporary = tempfile.mkstemp(prefix=PARTIAL, dir=self.unpacked.directory)
+        try:
+            out_fd, temporary = tempfile.mkstemp(prefix=PARTIAL, dir=self.unpacked.directory)
+        except OSError as error:
+            raise CdiError(f"{image_name}: cannot unpack {digest} in "
+                           f"{self.unpacked.directory}: {error.strerror}") from None
         mismatch = BlobMismatch(f"{image_name}: the cached blob {digest} no longer "
                                 "matches its digest", digest)
-        path = self.layout.blob_path(digest)
         try:
-            with open(path, "rb") as blob:
+            with self.open_blob(digest) as blob:
                 try:
                     written = gunzip_sparse(blob, out_fd, blob_hash, unpacked_hash,
                                             what=f"{image_name}: blob {digest}", size=size)
@@ -202,6 +215,9 @@ class Blobs:
                 raise mismatch
             os.replace(temporary, os.path.join(self.unpacked.directory, name))
             temporary = None
+        except OSError as error:
+            raise CdiError(f"{image_name}: cannot unpack {digest} in "
+                           f"{self.unpacked.directory}: {error.strerror}") from None
         finally:
             os.close(out_fd)
             if temporary is not None:

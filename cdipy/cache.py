@@ -48,7 +48,7 @@ class PrivateCache:
             return
         temporary = None
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            make_private(self.directory)
             fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".new-")
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
@@ -60,6 +60,15 @@ class PrivateCache:
             if temporary is not None:  # failed, or interrupted
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
+
+
+def make_private(directory):
+    """Create DIRECTORY, and its parent (the cache's root), 0700: makedirs
+    gives its mode to the last directory alone."""
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
 
 
 def only_ours(status):

@@ -32,7 +32,7 @@ def choose_disk(layers, image_name):
     hidden_disks = [f"{shown(path)} of layer {index} ({how} by layer {by})"
                     for path, index, how, by in hidden if is_candidate(path)]
     gone = f"; {', '.join(hidden_disks)}" if hidden_disks else ""
-    count = f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
+    count = f"{len(layers)} layers" if len(layers) != 1 else "1 layer"
     under_disk = sorted(path for path in files if path.startswith("disk/"))
     at_root = sorted(path for path in files if "/" not in path)
     if len(under_disk) == 1:
@@ -50,7 +50,8 @@ def choose_disk(layers, image_name):
                        "serve one with layer=N --filter=tar tar-entry=PATH")
     index, member = files[candidates[0]]
     return Choice(index, member,
-                  f"the only regular file {place} once the {count} are merged{gone}")
+                  f"the only regular file {place} once the {count} "
+                  f"{'are' if len(layers) != 1 else 'is'} merged{gone}")
 
 
 def merged_files(layers):
@@ -87,6 +88,8 @@ def merged_files(layers):
                 continue
             if member.kind != "directory":
                 remove(name, index, "replaced")
+            elif name in files:  # a directory replaces the file, not what is below
+                hidden.append((name, files.pop(name)[0], "replaced", index))
             if member.kind == "file":
                 files[name] = (index, member)
                 parts = name.split("/")[:-1]

@@ -35,7 +35,9 @@ def prepare(settings):
     The heavy work of start-up, done once before any client connects."""
     started = time.monotonic()
     raise_open_file_limit()
-    with Workspace(settings.name, guard=True) as workspace, contextlib.ExitStack() as held:
+    # The cache's lock (in HELD) outlives the workspace: skopeo is stopped
+    # before another nbdkit may write the cache.
+    with contextlib.ExitStack() as held, Workspace(settings.name, guard=True) as workspace:
         podman = Podman(workspace, settings.name)
         found = find_image(podman, Skopeo(workspace, settings.name), settings, held)
         if isinstance(found, Fetched):
@@ -110,7 +112,7 @@ class Exports:
                 plans = storage_plans(image, graph_root)
             except StorageUnavailable as reason:
                 why = f"cannot serve from podman's storage ({reason})"
-        # Made once, never changed: read without a lock.
+        # Made here, or by layout_exports before serving: read without a lock.
         self.slots = [Slot(index, diff_id, plan)
                       for index, (diff_id, plan) in enumerate(zip(diff_ids, plans))]
         for slot in self.slots:
@@ -120,6 +122,7 @@ class Exports:
         self.disk_error = None    # why there is no one disk, once known
         self.aliases = {}         # other names of slots: the titles of blobs
         self.default_index = None  # the default export: an index, or "disk"
+        self.image_config = image is not None  # False: an artifact's blobs
 
     # ----------------------------------------------------------- start-up
 
@@ -279,7 +282,7 @@ class Exports:
         default, podman in a workspace of its own)."""
         if slot is self.disk:
             return self.build_disk(podman)
-        if slot.plan is not None:
+        if slot.layer is None and slot.plan is not None:
             self.build_from_storage(slot)
         if slot.layer is None and podman is None:
             with Workspace(self.settings.name) as workspace:
@@ -314,7 +317,12 @@ class Exports:
         slot = self.slots[choice.index]
         with slot.lock:
             self.build(slot, podman)
-            self.keep_disk(slot.layer.window(choice.member, choice.why))
+            try:
+                window = slot.layer.window(choice.member, choice.why)
+            except OSError as error:
+                raise CdiError(f"{self.settings.name}: cannot open {choice.member.name} of "
+                               f"layer {slot.index}: {error.strerror}") from None
+            self.keep_disk(window)
 
     def keep_disk(self, window):
         """Make WINDOW, a window onto one file of a layer, the disk export."""
@@ -354,6 +362,13 @@ class Exports:
                         self.keep(slot, layer)
                     else:
                         layer.close()
+            # A layer that is twice in the image is in podman's archive once.
+            by_diff_id = {self.slots[index].diff_id: found for index, found in members.items()}
+            for index in missing:
+                if self.slots[index].diff_id not in by_diff_id:
+                    raise CdiError(f"{self.settings.name}: save: podman's archive has no "
+                                   f"layer {self.slots[index].diff_id}")
+                members.setdefault(index, by_diff_id[self.slots[index].diff_id])
         return [(slot.index, members[slot.index]) for slot in self.slots]
 
     def build_from_storage(self, slot):

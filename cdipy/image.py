@@ -28,12 +28,12 @@ def find_image(podman, skopeo, settings, held):
     name = settings.name
     transport, _ = split_transport(name)
     if transport in FILE_TRANSPORTS:
-        layout = held.enter_context(Layout(settings.cache_directory(), name).locked())
+        layout = held.enter_context(layout_of(settings).locked())
         return fetched(layout, name, lambda: copy(skopeo, settings, layout, name))
     local = local_reference(name)
     local_only = settings.pull == "never" or transport == "containers-storage"
-    remote = "docker://" + local
-    if settings.pull != "always" or local_only:
+    remote = f"docker://{local}"
+    if local is not None and (settings.pull != "always" or local_only):
         status, _ = podman.run(["image", "exists", "--", local],
                                "look up in local storage", ok_statuses=(0, 1))
         if status == 0:
@@ -50,11 +50,11 @@ def find_image(podman, skopeo, settings, held):
     if local_only:
         raise CdiError(f"{name}: image not found in local storage"
                        + (" nor in the cache (pull=never)" if settings.pull == "never" else ""))
-    if registry_host(name) is not None:
+    if local is not None and registry_host(name) is not None:
         manifest = inspect_remote(skopeo, settings, remote)
         if manifest is not None and is_artifact(manifest):
             log.debug(f"{name} is an artifact: copying it with skopeo")
-            layout = held.enter_context(Layout(settings.cache_directory(), name).locked())
+            layout = held.enter_context(layout_of(settings).locked())
             return fetched(layout, name, lambda: copy(skopeo, settings, layout, remote))
     _, output = podman.run(["pull", "--quiet", *settings.registry_options(), "--", name],
                            "pull")
@@ -80,11 +80,15 @@ def cached(settings, held):
     if directory is None or not os.path.exists(os.path.join(directory, "oci", "index.json")):
         return None
     with contextlib.ExitStack() as lock:
-        layout = lock.enter_context(Layout(directory, settings.name).locked())
+        layout = lock.enter_context(layout_of(settings).locked())
         if layout.manifest(settings.name) is None:
             return None
         held.enter_context(lock.pop_all())
         return layout
+
+
+def layout_of(settings):
+    return Layout(settings.cache_directory(), settings.name, settings.platform)
 
 
 def inspect_image(podman, reference):

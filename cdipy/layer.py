@@ -207,15 +207,21 @@ class Layer:
         the other.  HOW_FOUND says, for its description, why this file."""
         window = Layer(self.index, self.diff_id, "window")
         window.member, window.how_found, window.parent = member, how_found, self
-        for source, within, piece in self.segments(member.offset, member.size):
-            if type(source) is not FileSegment:
-                window.add_segment(source[within:within + piece], piece)
-                continue
-            with self.holding(source) as fd:
-                window.add_file(FileSegment(piece, fd=os.dup(fd), start=within))
-        window.failure = self.failure
-        window.zeros = window.zeros_within(self.zeros)
+        try:
+            for source, within, piece in self.segments(member.offset, member.size):
+                if type(source) is not FileSegment:
+                    window.add_segment(source[within:within + piece], piece)
+                    continue
+                with self.holding(source) as fd:
+                    window.add_file(FileSegment(piece, fd=os.dup(fd), start=within))
+        except BaseException:
+            window.close()
+            raise
+        # Registered before its state is copied: a check failing meanwhile
+        # reaches it either way.
         self.windows.append(window)
+        window.failure = window.failure or self.failure
+        window.zeros = window.zeros_within(self.zeros)
         return window
 
     def zeros_within(self, zeros):

@@ -35,15 +35,17 @@ IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
 
 
 class Layout:
-    """The layout in CACHE_DIRECTORY/oci, for image IMAGE_NAME."""
+    """The layout in CACHE_DIRECTORY/oci, for image IMAGE_NAME of PLATFORM
+    (None: the default)."""
 
-    def __init__(self, cache_directory, image_name):
+    def __init__(self, cache_directory, image_name, platform=None):
         if cache_directory is None:
             raise CdiError(f"{image_name}: no cache directory for the artifact: "
                            "HOME is not set; pass cache=DIR")
         self.cache = cache_directory
         self.path = os.path.join(cache_directory, "oci")
         self.image_name = image_name
+        self.platform = platform
 
     @contextlib.contextmanager
     def locked(self):
@@ -54,7 +56,11 @@ class Layout:
         fd = os.open(os.path.join(self.cache, "oci.lock"),
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.debug(f"waiting for another nbdkit's copy into {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
             self.remove_partial_blobs()
             yield self
         finally:
@@ -69,7 +75,7 @@ class Layout:
 
     def destination(self, name):
         """skopeo's name for NAME's place in the layout."""
-        return f"oci:{self.path}:{reference(name)}"
+        return f"oci:{self.path}:{reference(name, self.platform)}"
 
     def manifest(self, name):
         """(digest, manifest) of NAME as last copied, or None."""
@@ -81,7 +87,7 @@ class Layout:
         except ValueError as error:
             raise CdiError(f"{self.image_name}: the cache's {self.path}/index.json is "
                            f"not JSON ({error}): remove it") from None
-        wanted = reference(name)
+        wanted = reference(name, self.platform)
         for entry in index.get("manifests", []):
             if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") \
                     == wanted:
@@ -120,11 +126,13 @@ class Layout:
             os.unlink(self.blob_path(digest))
 
 
-def reference(name):
-    """The ref.name in index.json for image NAME: a digest of the name (the
-    same with or without docker://), which may hold characters an OCI
-    reference may not."""
+def reference(name, platform=None):
+    """The ref.name in index.json for image NAME of PLATFORM: a digest of
+    the name (the same with or without docker://), which may hold
+    characters an OCI reference may not."""
     canonical = local_reference(name) or name
+    if platform is not None:
+        canonical += f" {platform}"
     return "cdi-py-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -148,4 +156,4 @@ def make_private_directory(path, image_name):
     if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() \
             or status.st_mode & 0o022:
         raise CdiError(f"{image_name}: cache directory {path} is not a directory that "
-                       "only this user can write to: pass cache=DIR")
+                       f"only this user can write to: chmod 700 it, or pass cache=DIR")

@@ -129,8 +129,9 @@ def registry_of(name):
 def registry_host(name):
     """The registry host NAME names, or None for a short name (which only
     podman resolves, through its search registries) or a file."""
-    reference = local_reference(name) or name
-    first, sep, _ = reference.partition("/")
+    if split_transport(name)[0] not in ("", "docker", "containers-storage"):
+        return None
+    first, sep, _ = local_reference(name).partition("/")
     if sep and ("." in first or ":" in first or first == "localhost"):
         return first
     return None

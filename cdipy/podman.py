@@ -57,8 +57,8 @@ class Tool:
         return self.workspace.start([self.program, *args], stdout=stdout)
 
     def run(self, args, step, ok_statuses=(0,)):
-        """Run podman to completion; return (exit status, stdout text)."""
-        with memory_file("podman-stdout") as output:
+        """Run the program to completion; return (exit status, stdout text)."""
+        with memory_file(f"{self.program}-stdout") as output:
             process = self.start(args, stdout=output)
             started = time.monotonic()
             while True:

@@ -253,11 +253,11 @@ def guard(read_fd, path):
 
 
 def stop_orphans(pids):
-    """SIGTERM, then SIGKILL, the podman processes among PIDS."""
+    """SIGTERM, then SIGKILL, the podman and skopeo processes among PIDS."""
     def alive_podman(pid):
         try:
             with open(f"/proc/{pid}/comm") as comm:
-                return comm.read().strip() == "podman"
+                return comm.read().strip() in ("podman", "skopeo")
         except OSError:
             return False
 

@@ -10,6 +10,7 @@ import pytest
 
 from cdipy.artifact import usable_name
 from cdipy.blobs import gunzip_sparse
+from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
 from cdipy.layout import Layout, is_artifact, reference
 from cdipy.podman import summary
@@ -121,3 +122,18 @@ def test_summary_of_skopeo_is_its_fatal_message():
     stderr = ('time="2026-11-29T17:42:13Z" level=fatal msg="Error parsing image name '
               '\\"docker://h/a\\": manifest unknown"\n')
     assert summary(stderr) == 'Error: Error parsing image name "docker://h/a": manifest unknown'
+
+
+def test_the_reference_of_another_platform_is_another():
+    assert reference("quay.io/a/b:1", "linux/arm64") != reference("quay.io/a/b:1")
+
+
+def test_a_cache_created_under_a_loose_umask_is_still_private(tmp_path):
+    old = os.umask(0o002)
+    try:
+        PrivateCache(str(tmp_path / "cdi-py" / "checked")).write("entry", b"x")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "cdi-py").stat().st_mode & 0o777) == "0o700"
+    with Layout(str(tmp_path / "cdi-py"), "img").locked():
+        pass

@@ -94,3 +94,15 @@ def test_many_files_merge_quickly():
     names = [f"usr/lib/{index // 100}/file{index}" for index in range(20_000)]
     files, _ = merged_files([(0, layer(*names)), (1, layer(*names, "disk/x.img"))])
     assert len(files) == 20_001
+
+
+def test_a_directory_replacing_a_file_hides_the_file():
+    choice = choose(layer("boot.img", "disk/a.img"), layer("boot.img/", "boot.img/x"))
+    assert choice.member.name == "disk/a.img"
+    files, _ = merged_files(list(enumerate([layer("vm.img"), layer("vm.img/")])))
+    assert files == {}
+
+
+def test_one_layer_is_said_so():
+    assert choose(layer("disk/a.img")).why == (
+        "the only regular file under disk/ once the 1 layer is merged")
