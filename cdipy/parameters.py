@@ -69,7 +69,7 @@ class Settings:
             raise CdiError(f"cert-dir={self.cert_dir!r}: no such directory")
         if self.pull == "never" and local_reference(self.name) is None:
             raise CdiError(f"pull=never cannot be used with {self.name}: "
-                           "that transport always imports the image")
+                           "that transport is always read anew")
 
     def cache_directory(self):
         """The cache=, else the XDG default; None if there is no home."""

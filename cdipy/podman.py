@@ -17,7 +17,7 @@ log = logging.getLogger("cdipy")
 # podman's message patterns, and what they mean to the user.
 DIAGNOSES = [
     (r"no space left on device",
-     "no space left on device in TMPDIR={tmpdir}"),
+     "no space left on device in {space}"),
     (r"short-name .* did not resolve|unqualified-search",
      "short name with no search registries configured: use a fully "
      "qualified name such as quay.io/ORG/IMAGE"),
@@ -109,8 +109,15 @@ def diagnose(stderr_text, registry, tmpdir, program="podman"):
             match = re.search(r"pinging container registry (\[[^]\s]+\]|[^:\s]+)(:[0-9]+)?",
                               stderr_text)
             return meaning.format(registry=match.group(0).split()[-1] if match else registry,
-                                  tmpdir=tmpdir)
+                                  space=space_of(program, tmpdir))
     return f"{program} failed"
+
+
+def space_of(program, tmpdir):
+    """Where PROGRAM writes: skopeo copies into the cache."""
+    if program == "skopeo":
+        return f"the cache or TMPDIR={tmpdir}"
+    return f"TMPDIR={tmpdir}"
 
 
 def summary(stderr_text):

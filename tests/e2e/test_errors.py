@@ -124,7 +124,7 @@ def test_pull_never_refuses_a_file_transport():
     message = user_error("name=oci-archive:/nonexistent.tar", "pull=never")
     assert (
         "pull=never cannot be used with oci-archive:/nonexistent.tar: "
-        "that transport always imports the image"
+        "that transport is always read anew"
     ) in message
 
 

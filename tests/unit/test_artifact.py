@@ -13,7 +13,7 @@ from cdipy.blobs import gunzip_sparse
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
 from cdipy.layout import Layout, is_artifact, reference
-from cdipy.podman import summary
+from cdipy.podman import diagnose, summary
 
 MIB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -137,3 +137,9 @@ def test_a_cache_created_under_a_loose_umask_is_still_private(tmp_path):
     assert oct((tmp_path / "cdi-py").stat().st_mode & 0o777) == "0o700"
     with Layout(str(tmp_path / "cdi-py"), "img").locked():
         pass
+
+
+def test_skopeo_out_of_space_names_the_cache_too():
+    assert diagnose("write /c/oci/oci-put-blob1: no space left on device", "h",
+                    "/var/tmp", "skopeo") == (
+        "no space left on device in the cache or TMPDIR=/var/tmp")

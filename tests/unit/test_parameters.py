@@ -201,7 +201,7 @@ def test_check_complete_refuses_pull_never_with_a_file_transport():
     settings = settings_with(name="oci-archive:/srv/disk.tar", pull="never")
     assert complete_error(settings) == (
         "pull=never cannot be used with oci-archive:/srv/disk.tar: "
-        "that transport always imports the image")
+        "that transport is always read anew")
 
 
 @pytest.mark.parametrize("name", [EXAMPLE, f"docker://{EXAMPLE}", f"containers-storage:{EXAMPLE}"])
