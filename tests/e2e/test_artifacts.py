@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_disk, nbdkit_error, read_export, run_nbdkit, sha256
-from lab import Blob, push_artifact, registry
+from conftest import make_disk, nbdkit_error, read_export, run_nbdkit, serve, sha256
+from lab import Blob, processes_mentioning, push_artifact, registry, wait_for
 
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 VM = {"artifact_type": "application/vnd.kubevirt.virtualmachine.v1",
@@ -73,7 +73,17 @@ def test_qemu_img_reads_the_qcow2_of_layer_disk(artifacts, cache, disk, shape):
     assert (info["format"], info["virtual-size"]) == ("qcow2", len(disk[0]))
 
 
-def test_list_names_the_blobs_by_index_and_title(artifacts, cache, disk):
+@pytest.mark.parametrize("shape, title", [
+    ("oras-qcow2", "disk.qcow2"), ("oras-raw", "disk.img"), ("vm-qcow2", "rootdisk"),
+    ("vm-raw-gzip", "rootdisk")])
+def test_list_names_each_blob_and_the_disk(artifacts, cache, shape, title):
+    exports = listing(f"name={artifacts[shape][0]}", f"cache={cache}")
+    assert sorted(exports) == ["0", "disk", title]
+    assert exports["0"]["description"].startswith(f"blob 0 of 1: {title}, ")
+    assert exports["disk"]["export-size"] == len(artifacts[shape][1])
+
+
+def test_list_describes_a_blob_by_title_media_type_and_format(artifacts, cache, disk):
     exports = listing(f"name={artifacts['vm-qcow2'][0]}", f"cache={cache}")
     assert sorted(exports) == ["0", "disk", "rootdisk"]
     description = exports["rootdisk"]["description"]
@@ -197,3 +207,31 @@ def test_extents_of_the_disk_export_pass_through(artifacts, cache):
         (0, "data"), (64 << 10, "hole,zero")]
     holes = sum(extent["length"] for extent in extents if extent["description"] != "data")
     assert holes > 7 << 20
+
+
+def test_a_fetch_killed_midway_leaves_nothing_and_the_next_start_serves(lab, cache):
+    name = f"{lab.registry}/cdi-test/big-vm:1"
+    disk = Path(lab.workdir, "big.img")
+    with open(disk, "wb") as file:
+        file.write(os.urandom(256 << 20))
+    try:
+        push_artifact(lab.workdir, name, [Blob(LAYER_TAR, disk, "big.img")])
+        expected = sha256(disk.read_bytes())
+    finally:
+        disk.unlink()
+    partial = Path(cache, "oci")
+    with serve(lab, f"name={name}", f"cache={cache}", ready=False) as server:
+        wait_for(lambda: any(path.name.startswith("oci-put-blob")
+                             for path in partial.glob("*")) or server.process.poll() is not None,
+                 60, "skopeo did not start copying")
+        assert not server.is_ready(), "the copy ended too soon to test"
+        server.process.kill()  # SIGKILL: the guardian must stop skopeo
+        server.process.wait()
+        wait_for(lambda: not processes_mentioning(cache.encode()), 30,
+                 lambda: f"left running: {processes_mentioning(cache.encode())}")
+    assert any(path.name.startswith("oci-put-blob") for path in partial.glob("*"))
+    result = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk",
+                        run='nbdcopy "$uri" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == expected
+    assert not [path for path in partial.glob("*") if path.name.startswith("oci-put-blob")]
