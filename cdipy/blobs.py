@@ -19,9 +19,9 @@ import zlib
 
 from .cache import PrivateCache
 from .errors import CdiError
-from .layer import ZERO_BLOCK, FileSegment, Layer
+from .layer import FileSegment, Layer
 from .progress import Progress, describe_size
-from .save import scan_members, write_exactly
+from .save import SparseWriter, scan_members
 from .verify import check_digest, fingerprint, remembered
 
 log = logging.getLogger("cdipy")
@@ -29,7 +29,6 @@ log = logging.getLogger("cdipy")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 UNPACK_CHUNK = 1 << 20
-SPARSE_BLOCK = len(ZERO_BLOCK)
 # The name an unpacked copy has until it is whole.
 PARTIAL = ".partial-"
 
@@ -268,36 +267,3 @@ def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None):
         raise CdiError(f"{what} is not a valid gzip stream ({error})") from None
     except OSError as error:
         raise CdiError(f"{what}: cannot unpack into the cache ({error.strerror})") from None
-
-
-class SparseWriter:
-    """Writes to FD from its start, all-zero blocks (aligned in the file)
-    left as holes; HASH sees every byte."""
-
-    def __init__(self, fd, hash_):
-        self.fd = fd
-        self.hash = hash_
-        self.pending = bytearray()
-        self.written = 0
-
-    def write(self, data):
-        self.pending += data
-        if len(self.pending) >= UNPACK_CHUNK:
-            self.flush(len(self.pending) - len(self.pending) % SPARSE_BLOCK)
-
-    def finish(self):
-        """Write what is left; return the file's size."""
-        self.flush(len(self.pending))
-        os.ftruncate(self.fd, self.written)
-        return self.written
-
-    def flush(self, count):
-        data = bytes(self.pending[:count])
-        del self.pending[:count]
-        for start in range(0, count, SPARSE_BLOCK):
-            # startswith compares in place: no copy of the block.
-            size = min(SPARSE_BLOCK, count - start)
-            if not data.startswith(ZERO_BLOCK[:size], start):
-                write_exactly(self.fd, data[start:start + size], self.written + start)
-        self.hash.update(data)
-        self.written += count

@@ -94,6 +94,7 @@ def copy_sparse(podman, source, size, out_fd, verify):
     all zero; return their sha256 (None unless VERIFY).  No free-space
     check up front: a mostly empty disk needs far less than SIZE."""
     digest = hashlib.sha256() if verify else None
+    output = SparseWriter(out_fd, digest)
     progress = Progress("copied", size)
     copied = 0
     while copied < size:
@@ -102,10 +103,9 @@ def copy_sparse(podman, source, size, out_fd, verify):
             raise CdiError(f"{podman.image_name}: save: podman's output ended "
                            f"after {copied} of {size} bytes of the layer")
         try:
-            for start in range(0, len(chunk), SPARSE_BLOCK):
-                block = chunk[start:start + SPARSE_BLOCK]
-                if block != ZERO_BLOCK[:len(block)]:
-                    write_exactly(out_fd, block, copied + start)
+            output.write(chunk)
+            if copied + len(chunk) == size:
+                output.finish()
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 free = shutil.disk_usage(podman.workspace.path).free
@@ -113,12 +113,52 @@ def copy_sparse(podman, source, size, out_fd, verify):
                                f"TMPDIR={podman.workspace.tmpdir}: the layer needs "
                                f"{describe_size(size)}, {describe_size(free)} free") from None
             raise
-        if digest:
-            digest.update(chunk)
         copied += len(chunk)
         progress.add(len(chunk))
-    os.ftruncate(out_fd, size)
+    if size == 0:
+        output.finish()
     return "sha256:" + digest.hexdigest() if digest else None
+
+
+class SparseWriter:
+    """Writes to FD from its start, all-zero blocks (aligned in the file)
+    left as holes; HASH, if given, sees every byte."""
+
+    def __init__(self, fd, hash_=None):
+        self.fd = fd
+        self.hash = hash_
+        self.pending = bytearray()  # less than a block, or not yet flushed
+        self.written = 0
+
+    def write(self, data):
+        if not self.pending and len(data) % SPARSE_BLOCK == 0:
+            self.flush(data)  # whole blocks (a copy's usual chunk): no copy
+            return
+        self.pending += data
+        if len(self.pending) >= COPY_CHUNK:
+            self.flush_pending(len(self.pending) - len(self.pending) % SPARSE_BLOCK)
+
+    def finish(self):
+        """Write what is left; return the file's size."""
+        self.flush_pending(len(self.pending))
+        os.ftruncate(self.fd, self.written)
+        return self.written
+
+    def flush_pending(self, count):
+        data = bytes(self.pending[:count])
+        del self.pending[:count]
+        self.flush(data)
+
+    def flush(self, data):
+        for start in range(0, len(data), SPARSE_BLOCK):
+            size = min(SPARSE_BLOCK, len(data) - start)
+            # startswith compares in place: no copy of the block.
+            if not data.startswith(ZERO_BLOCK[:size], start):
+                write_exactly(self.fd, memoryview(data)[start:start + size],
+                              self.written + start)
+        if self.hash is not None:
+            self.hash.update(data)
+        self.written += len(data)
 
 
 def write_exactly(fd, data, offset):
