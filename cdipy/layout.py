@@ -143,6 +143,8 @@ def is_artifact(manifest):
     if media_type in INDEX_TYPES or "manifests" in manifest:
         return any(entry.get("artifactType") for entry in manifest.get("manifests", []))
     config_type = (manifest.get("config") or {}).get("mediaType")
+    if config_type is None:  # a schema 1 image has no config
+        return bool(manifest.get("artifactType"))
     return config_type not in IMAGE_CONFIG_TYPES
 
 

@@ -30,6 +30,10 @@ def test_an_artifact_is_told_by_its_config(config_type, expected):
     assert is_artifact(manifest) is expected
 
 
+def test_a_schema_1_image_is_no_artifact():
+    assert not is_artifact({"schemaVersion": 1, "fsLayers": [], "history": []})
+
+
 def test_an_index_is_an_artifact_only_if_its_entries_say_so():
     index = {"mediaType": "application/vnd.oci.image.index.v1+json",
              "manifests": [{"digest": "sha256:" + "1" * 64}]}
