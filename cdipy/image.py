@@ -42,11 +42,12 @@ def find_image(podman, skopeo, settings, held):
                 log.debug(f"using {image['Id']} from local storage")
                 return image
             log.debug(f"local {name} is not {settings.platform}")
-        layout = cached(settings, held) if transport != "containers-storage" else None
-        if layout is not None:
+        found = cached(settings, held) if transport != "containers-storage" else None
+        if found is not None:
+            layout, manifest = found
             log.debug(f"using the artifact {name} from the cache {layout.path}")
             fetch = None if local_only else lambda: copy(skopeo, settings, layout, remote)
-            return Fetched(name, layout, layout.manifest(name)[1], fetch)
+            return Fetched(name, layout, manifest, fetch)
     if local_only:
         raise CdiError(f"{name}: image not found in local storage"
                        + (" nor in the cache (pull=never)" if settings.pull == "never" else ""))
@@ -74,17 +75,18 @@ def fetched(layout, name, fetch):
 
 
 def cached(settings, held):
-    """The cache's layout, locked by HELD, if it holds the artifact
-    settings.name; else None."""
+    """(the cache's layout, locked by HELD, the manifest there) if it holds
+    the artifact settings.name; else None."""
     directory = settings.cache_directory()
     if directory is None or not os.path.exists(os.path.join(directory, "oci", "index.json")):
         return None
     with contextlib.ExitStack() as lock:
         layout = lock.enter_context(layout_of(settings).locked())
-        if layout.manifest(settings.name) is None:
+        found = layout.manifest(settings.name)
+        if found is None:
             return None
         held.enter_context(lock.pop_all())
-        return layout
+        return layout, found[1]
 
 
 def layout_of(settings):
