@@ -5,10 +5,11 @@ one message naming its key and no podman run, or accepted and handed to
 podman only as the operand after "--" or joined to its option as
 --key=value.  Nothing goes through a shell; nothing is left in TMPDIR.
 
-podman here is a recording fake, first in PATH.  A test double is the point
-of these tests: what they check is the argv podman would be given, which
-only a stand-in can record.  It says "no" to "image exists" and fails every
-other command at once, so one example costs one short nbdkit run.
+podman (and skopeo, for artifacts and archives) here is a recording fake,
+first in PATH.  A test double is the point of these tests: what they check
+is the argv podman would be given, which only a stand-in can record.  It
+says "no" to "image exists" and fails every other command at once, so one
+example costs one short nbdkit run.
 """
 
 import json
@@ -30,22 +31,30 @@ with open({record!r}, "a") as record:
     with open(f"/proc/{{os.getppid()}}/comm") as comm:
         parent = comm.read().strip()
     record.write(json.dumps({{
+        "program": os.path.basename(sys.argv[0]),
         "argv": [os.fsencode(word).hex() for word in sys.argv[1:]],
         "parent": parent,
         "tmpdir": os.environ.get("TMPDIR", ""),
     }}) + "\\n")
 if sys.argv[1:3] == ["image", "exists"]:
     sys.exit(1)
+if os.path.basename(sys.argv[0]) == "skopeo":
+    sys.stderr.write('time="0" level=fatal msg="fake skopeo: nothing to see here"\\n')
+    sys.exit(1)
 sys.stderr.write("Error: fake podman: nothing to see here\\n")
 sys.exit(125)
 """
 FAKE_ERROR = "(podman exit status 125: Error: fake podman: nothing to see here)"
+FAKE_SKOPEO_ERROR = "(skopeo exit status 1: Error: fake skopeo: nothing to see here)"
 NAME = "localhost/cdi-test/property:1"
 KEYS = ("name", "layer", "pull", "tls-verify", "authfile", "cert-dir", "platform",
         "verify", "copy")
 # podman's own words before "--", per command; everything else is ours.
 COMMANDS = (("image", "exists"), ("image", "inspect"), ("pull", "--quiet"),
             ("save", "--quiet", "--format", "docker-archive"))
+# skopeo's: its global options (ours: --registries-conf, --override-*), then these.
+SKOPEO_COMMANDS = (("inspect", "--raw"),
+                   ("copy", "--quiet", "--dest-oci-accept-uncompressed-layers"))
 PULL_OPTIONS = ("tls-verify", "authfile", "cert-dir", "platform")
 EXAMPLES = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -70,6 +79,7 @@ def fake_podman(lab):
     script = directory / "podman"
     script.write_text(FAKE_PODMAN.format(record=str(record)))
     script.chmod(0o755)
+    (directory / "skopeo").symlink_to(script)
     yield directory, record
     shutil.rmtree(directory)
 
@@ -193,6 +203,40 @@ def check_argv(argv, name, option):
         assert name.endswith(operands[0])
 
 
+def check_skopeo_argv(argv, name, key, value):
+    """ARGV (skopeo's, without argv[0]): global options of ours, skopeo's
+    own words, the option VALUE of KEY becomes if any, then "--" and the
+    operands: the image (and, for copy, the cache's layout)."""
+    words = [word.decode(errors="surrogateescape") for word in argv]
+    assert "--" in words, words
+    split = words.index("--")
+    head, operands = words[:split], words[split + 1:]
+    globals_ = 0
+    while globals_ < len(head) and head[globals_].startswith("--"):
+        option = head[globals_].split("=", 1)[0]
+        assert option in ("--registries-conf", "--override-os", "--override-arch",
+                          "--override-variant"), words
+        if option.startswith("--override-"):
+            assert key == "platform" and head[globals_].split("=", 1)[1] in value, words
+        globals_ += 1
+    head = head[globals_:]
+    command = next((command for command in SKOPEO_COMMANDS
+                    if tuple(head[:len(command)]) == command), None)
+    assert command is not None, f"unexpected skopeo command: {words}"
+    prefix = "src-" if command[0] == "copy" else ""
+    option = expected_option(key, value) if key != "platform" else None
+    expected = [option.replace("--", f"--{prefix}", 1)] if option else []
+    if command[0] == "copy" and not operands[0].startswith("docker://"):
+        expected = []  # a file: no registry options
+    assert head[len(command):] == expected, words
+    source = operands[0]
+    assert source == name or source == "docker://" + name.split("://", 1)[-1], words
+    if command[0] == "copy":
+        assert len(operands) == 2 and operands[1].startswith("oci:"), words
+    else:
+        assert len(operands) == 1, words
+
+
 def check(outcome, key, value, name=NAME):
     """Rejected naming KEY, or accepted and passed to podman safely."""
     assert outcome.status != 0  # the fake podman makes every start fail
@@ -220,8 +264,11 @@ def check(outcome, key, value, name=NAME):
     for call in outcome.calls:
         assert call["parent"] == "nbdkit", "podman was not started by nbdkit itself"
         assert call["tmpdir"].startswith(os.environ["TMPDIR"] + "/cdi-py-")
-        check_argv(call["argv"], name, option)
-    assert FAKE_ERROR in outcome.stderr or \
+        if call["program"] == "skopeo":
+            check_skopeo_argv(call["argv"], name, key, value)
+        else:
+            check_argv(call["argv"], name, option)
+    assert FAKE_ERROR in outcome.stderr or FAKE_SKOPEO_ERROR in outcome.stderr or \
         f"{name}: image not found in local storage" in outcome.stderr, outcome.stderr
 
 
@@ -263,7 +310,9 @@ def test_shell_syntax_in_the_name_reaches_podman_verbatim(fake_podman, plugin_tm
     name = "localhost/cdi-test/x" + trick % marker
     outcome = run(fake_podman, plugin_tmpdir, f"name={name}")
     assert not marker.exists(), "a shell ran the name"
-    assert [call["argv"][-1].decode() for call in outcome.calls] == [name, name]
+    # image exists, skopeo inspect (is it an artifact?), pull.
+    assert [(call["program"], call["argv"][-1].decode()) for call in outcome.calls] == [
+        ("podman", name), ("skopeo", f"docker://{name}"), ("podman", name)]
     assert {call["parent"] for call in outcome.calls} == {"nbdkit"}  # no shell between
     # The real podman too: the name is one argument it rejects.
     result = run_nbdkit(f"name={name}")
@@ -280,3 +329,17 @@ def test_layer_with_thousands_of_digits_is_one_line(fake_podman, plugin_tmpdir, 
     assert outcome.calls == []
     assert "Traceback" not in outcome.stderr
     assert outcome.stderr.startswith(f"nbdkit: error: {CDI}: config: error: layer=")
+
+
+@pytest.mark.parametrize("name", ["oci-archive:/-x", "docker-archive:/tmp/--help",
+                                  "127.0.0.1:1/a$(true)/b:1"])
+def test_a_name_skopeo_reads_reaches_it_verbatim(fake_podman, plugin_tmpdir, name):
+    outcome = run(fake_podman, plugin_tmpdir, f"name={name}", "platform=linux/arm64")
+    assert "skopeo" in [call["program"] for call in outcome.calls]
+    for call in outcome.calls:
+        assert call["parent"] == "nbdkit"
+        if call["program"] == "skopeo":
+            check_skopeo_argv(call["argv"], name, "platform", "linux/arm64")
+        else:
+            check_argv(call["argv"], name, "--platform=linux/arm64")
+    assert FAKE_SKOPEO_ERROR in outcome.stderr or FAKE_ERROR in outcome.stderr, outcome.stderr
