@@ -235,3 +235,12 @@ def test_a_fetch_killed_midway_leaves_nothing_and_the_next_start_serves(lab, cac
     assert result.returncode == 0, result.stderr
     assert "sha256:" + result.stdout.split()[0] == expected
     assert not [path for path in partial.glob("*") if path.name.startswith("oci-put-blob")]
+
+
+def test_a_cached_blob_removed_is_fetched_again(artifacts, cache, disk):
+    name, disk_file = artifacts["vm-qcow2"]
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
+    cached_blob(cache, len(disk[1])).unlink()
+    assert "the cached blob sha256:" in nbdkit_error(f"name={name}", f"cache={cache}",
+                                                     "pull=never")
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file

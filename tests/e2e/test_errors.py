@@ -293,3 +293,11 @@ def test_verify_false_serves_a_layer_not_matching_its_diff_id(known_image, lying
     data = read_export(f"name={known_image.name}", "copy=true", "verify=false")
     assert sha256(data) != known_image.diff_ids[0]
     assert b"KNOWN content\n" * 1000 in data
+
+
+def test_a_docker_daemon_name_goes_to_podman_and_fails_in_one_line():
+    # No docker daemon here: podman's own error, never a traceback.
+    message = nbdkit_error("name=docker-daemon:cdi-test/absent:1")
+    assert "Traceback" not in message
+    assert message.startswith(f"nbdkit: error: {CDI}: get_ready: error: "
+                              "docker-daemon:cdi-test/absent:1: pull: "), message
