@@ -191,10 +191,12 @@ def test_opening_a_ready_export_does_not_wait_for_another_being_built(many_files
                                                                       scratch):
     output, log = logged_run(scratch, f"name={many_files_below.name}", "layer=1",
                              run=f"{TIMED_OPEN} && {wait_for_log('export 0: storage')}")
-    # Before, the open waited for the base layer: 0.42 s here.
-    assert float(output) < 0.1, log
+    # The defect itself: the open waited until the base layer was built.
     opened, built = log.index("python: open returned handle"), log.index("export 0: storage")
     assert opened < built, "the base layer was built before the default export opened"
+    # Before, that took 0.42 s here; now 0.01-0.1 s, and 0.18 s once with the
+    # base layer's mapping holding the GIL on a loaded machine.
+    assert float(output) < 0.3, log
 
 
 def test_layer_of_more_files_than_descriptors_serves_exactly_from_storage(lab):
