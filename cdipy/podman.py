@@ -95,9 +95,13 @@ class Skopeo(Tool):
     program = "skopeo"
 
     def start(self, args, stdout=subprocess.PIPE):
+        # skopeo 1.9 unpacks an oci-archive into /var/tmp whatever TMPDIR
+        # says, and leaves that directory when the copy fails.
+        options = [f"--tmpdir={self.workspace.path}"]
         # podman reads CONTAINERS_REGISTRIES_CONF; skopeo 1.9 only the option.
         registries = os.environ.get("CONTAINERS_REGISTRIES_CONF")
-        options = [f"--registries-conf={registries}"] if registries else []
+        if registries:
+            options.append(f"--registries-conf={registries}")
         return super().start([*options, *args], stdout=stdout)
 
 

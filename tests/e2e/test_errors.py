@@ -301,3 +301,15 @@ def test_a_docker_daemon_name_goes_to_podman_and_fails_in_one_line():
     assert "Traceback" not in message
     assert message.startswith(f"nbdkit: error: {CDI}: get_ready: error: "
                               "docker-daemon:cdi-test/absent:1: pull: "), message
+
+
+@pytest.mark.parametrize("transport", ["oci-archive", "docker-archive"])
+def test_a_missing_archive_is_one_line_and_leaves_nothing_in_var_tmp(transport):
+    # skopeo 1.9 unpacks an oci-archive in /var/tmp, not TMPDIR, and left an
+    # empty directory there when the archive could not be read.
+    before = set(os.listdir("/var/tmp"))
+    message = nbdkit_error(f"name={transport}:/nonexistent-cdi-test.tar")
+    assert message.startswith(f"nbdkit: error: {CDI}: get_ready: error: {transport}:"
+                              "/nonexistent-cdi-test.tar: copy with skopeo: file not found "
+                              "(skopeo exit status 1: "), message
+    assert set(os.listdir("/var/tmp")) - before == set()

@@ -214,8 +214,8 @@ def check_skopeo_argv(argv, name, key, value):
     globals_ = 0
     while globals_ < len(head) and head[globals_].startswith("--"):
         option = head[globals_].split("=", 1)[0]
-        assert option in ("--registries-conf", "--override-os", "--override-arch",
-                          "--override-variant"), words
+        assert option in ("--tmpdir", "--registries-conf", "--override-os",
+                          "--override-arch", "--override-variant"), words
         if option.startswith("--override-"):
             assert key == "platform" and head[globals_].split("=", 1)[1] in value, words
         globals_ += 1
