@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CDI, NBDKIT
-from lab import directory, regular, tar_layer, wait_for, write_docker_archive
+from lab import Blob, directory, push_artifact, regular, tar_layer, wait_for, write_docker_archive
 
 USER = "cdi-rootless-test"
 
@@ -139,3 +139,20 @@ def test_rootless_user_is_served_every_layer_in_place(home):
     assert "copying the layer with podman save" not in result.stderr
     assert "running: podman unshare" in result.stderr
     assert "cdipy.unshared" not in user_processes()
+
+
+def test_rootless_user_is_served_an_artifact_from_a_cache_of_its_own(home, lab):
+    disk = os.urandom(2 << 20)
+    name = f"{lab.registry}/cdi-test/rootless-oras:1"
+    push_artifact(lab.workdir, name,
+                  [Blob("application/vnd.oci.image.layer.v1.tar", disk, "disk.img")])
+    for start in ("cold", "warm"):
+        result = as_user(home, [NBDKIT, "-U", str(home / f"run/{start}.sock"), "python", CDI,
+                                f"name={name}", "tls-verify=false", "layer=disk",
+                                "--run", 'nbdcopy "$uri" - | sha256sum'], check=False)
+        assert result.returncode == 0, f"{start}: {result.stderr}"
+        assert result.stdout.split()[0] == hashlib.sha256(disk).hexdigest(), start
+    cache = home / "cache" / "cdi-py"
+    assert cache.stat().st_uid == pwd.getpwnam(USER).pw_uid
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+    assert os.listdir(home / "tmp") == []
