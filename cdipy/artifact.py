@@ -107,7 +107,7 @@ def add_exports(exports, fetched, blobs):
         add_image(exports, fetched, blobs, layers)
     else:
         add_artifact(exports, fetched, blobs, layers)
-    choose_default(exports)
+    exports.build_default()  # all is built: this only chooses
 
 
 def add_image(exports, fetched, blobs, descriptors):
@@ -164,22 +164,6 @@ def add_artifact(exports, fetched, blobs, descriptors):
                           for slot in disks)
         exports.disk_error = (f"{fetched.image_name}: the artifact holds {len(disks)} "
                               f"disks: name one as the export: {names}")
-
-
-def choose_default(exports):
-    """The default export, by layer= (as for an image)."""
-    settings = exports.settings
-    count = len(exports.slots)
-    if settings.layer in ("auto", "disk"):
-        if exports.disk_error:
-            raise CdiError(exports.disk_error)
-        exports.default_index = exports.disk.layer.index if settings.layer == "auto" else "disk"
-    elif -count <= settings.layer < count:
-        exports.default_index = settings.layer % count
-    else:
-        what = "layer" if exports.image_config else "blob"
-        raise CdiError(f"{settings.name}: layer={settings.layer} is out of range: it has "
-                       f"{count} {what}{'s' if count != 1 else ''}")
 
 
 def usable_name(title):

@@ -126,7 +126,7 @@ class Exports:
 
     # ----------------------------------------------------------- start-up
 
-    def build_default(self, podman):
+    def build_default(self, podman=None):
         """Build the default export (for layer=auto and layer=disk, with the
         layers that decide which file is the VM disk) with PODMAN, the
         start-up's own."""
@@ -143,8 +143,9 @@ class Exports:
                 self.build(slot, podman)
         else:
             allowed = f"0..{count - 1} or -{count}..-1" if count else "none"
+            whole, part = ("image", "layer") if self.image_config else ("artifact", "blob")
             raise CdiError(f"{self.settings.name}: layer={layer} is out of range: the "
-                           f"image has {count} layer{'s' if count != 1 else ''} "
+                           f"{whole} has {count} {part}{'s' if count != 1 else ''} "
                            f"(allowed: {allowed})")
 
     def build_in_background(self):
@@ -304,6 +305,8 @@ class Exports:
     def build_disk(self, podman=None):
         """Build the disk export: the file the VM would boot, in the merged
         filesystem of the layers, as a window onto its layer."""
+        if self.disk_error:
+            raise CdiError(self.disk_error)
         if self.disk.layer is not None:
             return
         if podman is None:

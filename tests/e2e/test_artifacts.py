@@ -244,3 +244,10 @@ def test_a_cached_blob_removed_is_fetched_again(artifacts, cache, disk):
     assert "the cached blob sha256:" in nbdkit_error(f"name={name}", f"cache={cache}",
                                                      "pull=never")
     assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
+
+
+def test_a_layer_out_of_range_counts_the_blobs(artifacts, cache):
+    name = artifacts["vm-two-disks"][0]
+    assert nbdkit_error(f"name={name}", f"cache={cache}", "layer=2").rstrip().endswith(
+        f"error: {name}: layer=2 is out of range: the artifact has 2 blobs "
+        "(allowed: 0..1 or -2..-1)")
