@@ -17,7 +17,7 @@ import stat
 import tempfile
 import zlib
 
-from .cache import PrivateCache
+from .cache import PrivateCache, make_private
 from .errors import CdiError
 from .layer import FileSegment, Layer
 from .progress import Progress, describe_size
@@ -50,7 +50,7 @@ class Blobs:
         self.records = records
         self.verify = verify
         self.unpacked = PrivateCache(os.path.join(layout.cache, "unpacked"))
-        self.fresh = set()  # digests of the blobs skopeo has just copied (and checked)
+        self.fresh = set()  # digests of files just written, and checked as they were
         self.remove_partial_copies()
 
     def blob_layer(self, index, descriptor):
@@ -139,7 +139,8 @@ class Blobs:
 
     def check(self, layer, what):
         """Make sure LAYER hashes to its digest: it was checked before and is
-        unchanged since, or skopeo has just checked it, or hash it now."""
+        unchanged since, or was just written and checked (by skopeo, or
+        unpacked here), or hash it now."""
         if not self.verify or remembered(layer, self.records):
             return
         if layer.diff_id in self.fresh:
@@ -187,12 +188,12 @@ class Blobs:
         """Decompress gzip blob DIGEST into the cache, sparse, checking the
         blob against DIGEST as it is read."""
         image_name = self.layout.image_name
-        os.makedirs(self.unpacked.directory, mode=0o700, exist_ok=True)
         name = digest.replace(":", "-")
         blob_hash, unpacked_hash = hashlib.sha256(), hashlib.sha256()
         # Under a temporary name until whole and checked; one left by a
         # process killed meanwhile is removed under the next lock.
         try:
+            make_private(self.unpacked.directory)
             out_fd, temporary = tempfile.mkstemp(prefix=PARTIAL, dir=self.unpacked.directory)
         except OSError as error:
             raise CdiError(f"{image_name}: cannot unpack {digest} in "
@@ -224,13 +225,7 @@ class Blobs:
         unpacked_digest = "sha256:" + unpacked_hash.hexdigest()
         self.unpacked.write(name + ".json", json.dumps({"digest": unpacked_digest}).encode())
         log.debug(f"unpacked {digest}: {describe_size(written)}, {unpacked_digest}")
-        # Checked as it was written: remember it as checked.
-        layer = self.open_layer(0, unpacked_digest, os.path.join(self.unpacked.directory, name),
-                                "unpacked")
-        try:
-            self.records.store(unpacked_digest, fingerprint(layer), [])
-        finally:
-            layer.close()
+        self.fresh.add(unpacked_digest)  # checked as it was written
 
 
 def sha256_of(file):

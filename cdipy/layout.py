@@ -18,6 +18,7 @@ import os
 import re
 import stat
 
+from .cache import make_private, only_ours
 from .errors import CdiError
 from .parameters import local_reference
 
@@ -51,8 +52,13 @@ class Layout:
     def locked(self):
         """Hold the layout's lock (waiting for another nbdkit's), with the
         cache made private and the leftovers of killed copies removed."""
-        make_private_directory(self.cache, self.image_name)
-        make_private_directory(self.path, self.image_name)
+        try:
+            make_private(self.path)  # and the cache's root, its parent
+        except OSError as error:
+            raise CdiError(f"{self.image_name}: cache directory {self.path}: "
+                           f"{error.strerror}") from None
+        for directory in (self.cache, self.path):
+            refuse_unless_private(directory, self.image_name)
         fd = os.open(os.path.join(self.cache, "oci.lock"),
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -148,14 +154,12 @@ def is_artifact(manifest):
     return config_type not in IMAGE_CONFIG_TYPES
 
 
-def make_private_directory(path, image_name):
-    """Create PATH 0700 if needed; refuse one that others could write to."""
+def refuse_unless_private(path, image_name):
+    """CdiError unless PATH is a directory only this user can write to."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
         status = os.stat(path, follow_symlinks=False)
     except OSError as error:
         raise CdiError(f"{image_name}: cache directory {path}: {error.strerror}") from None
-    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() \
-            or status.st_mode & 0o022:
+    if not stat.S_ISDIR(status.st_mode) or not only_ours(status):
         raise CdiError(f"{image_name}: cache directory {path} is not a directory that "
                        f"only this user can write to: chmod 700 it, or pass cache=DIR")
