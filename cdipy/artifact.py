@@ -145,10 +145,9 @@ def add_artifact(exports, fetched, blobs, descriptors):
             how = describe_size(layer.size)
         slot = exports.add_slot(index, descriptor["digest"])
         slot.title, slot.media_type = title, media_type
-        exports.keep(slot, layer)
-        slot.description = layer.description = (
-            f"blob {index} of {count}: {title or '(no title)'}, {media_type}, "
-            f"{descriptor['digest']}, {how}: {layer.describe_file()}")
+        exports.keep(slot, layer, f"blob {index} of {count}: {title or '(no title)'}, "
+                                  f"{media_type}, {descriptor['digest']}, {how}: "
+                                  f"{layer.describe_file()}")
         if title and usable_name(title) and title not in exports.aliases:
             exports.aliases[title] = slot
     disks = [slot for slot in exports.slots if slot.media_type.startswith(KUBEVIRT_DISK)]

@@ -385,12 +385,14 @@ class Exports:
             slot.failure = str(error)
             raise
 
-    def keep(self, slot, layer):
+    def keep(self, slot, layer, description=None):
+        """Make LAYER SLOT's, described as DESCRIPTION (default: a layer's)."""
         slot.failure = None
         # A copy was checked while copied, a blob of the cache before it is served.
         slot.checked = slot.checked or layer.how != "storage"
-        slot.description = (f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}, "
-                            f"{describe_size(layer.size)}: {layer.describe_contents()}")
+        slot.description = description or (
+            f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}, "
+            f"{describe_size(layer.size)}: {layer.describe_contents()}")
         layer.description = slot.description
         slot.layer = layer
         log.debug(f"export {slot.index}: {layer.how}: {slot.description}")
