@@ -32,7 +32,8 @@ DIAGNOSES = [
     (r"flate: corrupt input",
      "podman's copy of the layer in local storage is corrupt: remove the image "
      "(podman rmi) and pull it again"),
-    (r"no such file or directory", "file not found"),
+    # podman, skopeo 1.9: the first; skopeo 1.18, a missing archive: the second.
+    (r"no such file or directory|archive file not found", "file not found"),
     (r"happened during read: unexpected EOF|connection reset by peer",
      "the connection to {registry} was cut during the download"),
     (r"server gave HTTP response to HTTPS client",
@@ -105,9 +106,17 @@ class Skopeo(Tool):
         return super().start([*options, *args], stdout=stdout)
 
 
+# A line of logrus at a level below error (podman's and skopeo's logger):
+# podman 5 warns on every command under cgroup v1, and podman retries with
+# "Failed, retrying" warnings.  Neither is the error.
+NOT_AN_ERROR = re.compile(r'^time="[^"]*" level=(warning|info|debug|trace) |'
+                          r"^(WARN|INFO|DEBU|TRAC)\[[0-9]+\] ")
+
+
 def diagnose(stderr_text, registry, tmpdir, program="podman"):
     """What podman's STDERR_TEXT means, in words the user can act on.
     REGISTRY is the one the name refers to, if podman names none."""
+    stderr_text = "\n".join(error_lines(stderr_text))
     for pattern, meaning in DIAGNOSES:
         if re.search(pattern, stderr_text, re.IGNORECASE):
             match = re.search(r"pinging container registry (\[[^]\s]+\]|[^:\s]+)(:[0-9]+)?",
@@ -127,7 +136,7 @@ def space_of(program, tmpdir):
 def summary(stderr_text):
     """The tool's own last words: podman's "Error:" line, skopeo's fatal
     message, else its last lines."""
-    lines = [line.strip() for line in stderr_text.splitlines() if line.strip()]
+    lines = error_lines(stderr_text)
     errors = [line for line in lines if line.startswith("Error:")]
     for line in lines:
         fatal = re.search(r'level=fatal msg="((?:[^"\\]|\\.)*)"', line)
@@ -135,6 +144,13 @@ def summary(stderr_text):
             errors = ["Error: " + re.sub(r'\\(.)', r"\1", fatal.group(1))]
     chosen = errors[-1:] or lines[-3:]
     return " / ".join(chosen) or "(no message)"
+
+
+def error_lines(stderr_text):
+    """The lines of STDERR_TEXT, stripped, without blank lines and without
+    the logger's warnings and notes."""
+    return [line.strip() for line in stderr_text.splitlines()
+            if line.strip() and not NOT_AN_ERROR.match(line.strip())]
 
 
 def describe_status(process, program="podman"):

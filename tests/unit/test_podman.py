@@ -41,8 +41,21 @@ CASES = [
     ("Error: payload does not match any of the supported image formats: "
      "open /srv/disk.tar: no such file or directory",
      "the default search registries", "file not found"),
+    # skopeo 1.9 and 1.18, a missing oci-archive.
+    ('time="2026-12-01T08:57:33Z" level=fatal msg="initializing source oci-archive:/x.tar:: '
+     'creating temp directory: open /x.tar: no such file or directory"',
+     "the default search registries", "file not found"),
+    ('time="2026-12-01T08:57:33Z" level=fatal msg="initializing source oci-archive:/x.tar:: '
+     'creating temp directory: archive file not found: \\"/x.tar\\""',
+     "the default search registries", "file not found"),
     ("Error: copying system image: reading blob sha256:1f: fetching blob: "
      "happened during read: unexpected EOF",
+     "127.0.0.1:5000", "the connection to 127.0.0.1:5000 was cut during the download"),
+    # podman 5 retries, and says so: what was refused is the retry.
+    ('Error: writing blob: storing blob to file "/var/tmp/cdi-py-81-rf/container_images_'
+     'storage2385965276/1": happened during read: unexpected EOF (while reconnecting: Get '
+     '"http://127.0.0.1:5000/v2/x/blobs/sha256:81": dial tcp 127.0.0.1:5000: connect: '
+     "connection refused)",
      "127.0.0.1:5000", "the connection to 127.0.0.1:5000 was cut during the download"),
     ("Error: reading blob sha256:1f: read tcp 127.0.0.1:40000->127.0.0.1:5000: "
      "read: connection reset by peer",
@@ -99,6 +112,19 @@ def test_diagnose_ignores_case():
         "no space left on device in TMPDIR=/tmp")
 
 
+CGROUPS_V1_WARNING = (
+    'time="2026-12-01T08:57:44Z" level=warning msg="Using cgroups-v1 which is deprecated in '
+    "favor of cgroups-v2 with Podman v5 and will be removed in a future version. Set "
+    'environment variable `PODMAN_IGNORE_CGROUPSV1_WARNING` to hide this warning."')
+
+
+def test_diagnose_ignores_warnings():
+    stderr = ('time="2026-12-01T08:57:44Z" level=warning msg="Failed to decode the keys: '
+              'open /etc/containers/storage.conf: no such file or directory"\n'
+              "Error: something nobody expected\n")
+    assert diagnose(stderr, "quay.io", TMPDIR) == "podman failed"
+
+
 def test_diagnose_of_unknown_text_is_podman_failed():
     assert diagnose("Error: something nobody expected", "quay.io", TMPDIR) == "podman failed"
 
@@ -116,6 +142,23 @@ def test_summary_quotes_the_last_error_line():
               "  Error: the final word  \n"
               "Storing signatures\n")
     assert summary(stderr) == "Error: the final word"
+
+
+def test_summary_quotes_the_error_before_podman_5s_cgroups_v1_warning():
+    stderr = f"{CGROUPS_V1_WARNING}\nError: nonexist: image not known\n{CGROUPS_V1_WARNING}\n"
+    assert summary(stderr) == "Error: nonexist: image not known"
+
+
+def test_summary_without_an_error_line_leaves_out_warnings():
+    # podman 5 killed by a signal: no Error line, and a warning at each end.
+    stderr = (f"{CGROUPS_V1_WARNING}\nGetting image source signatures\n"
+              "Copying blob 1f\nWARN[0003] Failed, retrying in 1s ... (1/3)\n"
+              f"{CGROUPS_V1_WARNING}\n")
+    assert summary(stderr) == "Getting image source signatures / Copying blob 1f"
+
+
+def test_summary_of_warnings_alone_says_there_is_no_message():
+    assert summary(CGROUPS_V1_WARNING + "\n") == "(no message)"
 
 
 def test_summary_without_an_error_line_joins_the_last_three_lines():
