@@ -12,11 +12,13 @@ byte as docker-archives, so that every byte of every layer is known.
 
 import base64
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -241,6 +243,25 @@ class Image:
 def inspect(reference):
     record = json.loads(podman("image", "inspect", reference))[0]
     return Image(reference, record["Id"], record["RootFS"]["Layers"])
+
+
+@functools.cache
+def tool_version(program):
+    """PROGRAM's version, as --version prints it ("4.3.1")."""
+    output = subprocess.run([program, "--version"], check=True, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True).stdout
+    return re.search(r"[0-9]+(\.[0-9]+)+", output).group(0)
+
+
+def words_of(program, by_version):
+    """What this PROGRAM says, from BY_VERSION, {version: words}: the words
+    of the longest version that PROGRAM's version starts with ("5" covers
+    5.4.2, "1.18" covers 1.18.0).  A version not in the table fails the
+    test, which must then learn that version's words."""
+    version = tool_version(program)
+    known = [key for key in by_version if f"{version}.".startswith(f"{key}.")]
+    assert known, f"no words known for {program} {version}: add them to the test"
+    return by_version[max(known, key=len)]
 
 
 def wait_for(condition, timeout, message, interval=0.01):

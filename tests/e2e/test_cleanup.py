@@ -59,15 +59,35 @@ def tmpdir_entries(tmpdir):
 
 
 def podman_bytes(tmpdir):
-    """Bytes in the named files of our workspaces: our own files have no
-    name, so these are podman's temporary files."""
-    total = 0
+    """Bytes podman has staged in our workspaces, which every podman does
+    while it saves a layer: the files there that podman holds open (podman
+    5 unlinks its file at once) or that have a name (podman 4 keeps it;
+    the plugin's own copy has none)."""
+    workspaces = [str(path) + "/" for path in Path(tmpdir).glob("cdi-py-*")]
+    files = {}
+    for pid in podman_pids():
+        with contextlib.suppress(OSError):  # podman may exit meanwhile
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith(tuple(workspaces)):
+                        status = fd.stat()  # of the open file, named or not
+                        files[status.st_dev, status.st_ino] = status.st_size
     with contextlib.suppress(OSError):  # a workspace may vanish meanwhile
-        for workspace in Path(tmpdir).glob("cdi-py-*"):
-            for path in workspace.iterdir():
+        for workspace in workspaces:
+            for path in Path(workspace).iterdir():
                 if path.is_file():
-                    total += path.stat().st_size
-    return total
+                    status = path.stat()
+                    files[status.st_dev, status.st_ino] = status.st_size
+    return sum(files.values())
+
+
+def podman_pids():
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "podman":
+                pids.append(entry.name)
+    return pids
 
 
 @contextlib.contextmanager

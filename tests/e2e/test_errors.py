@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 from conftest import CDI, free_port, nbdkit_error, podman, read_export, run_nbdkit, sha256
+from lab import words_of
 
 
 @pytest.fixture
@@ -312,4 +313,12 @@ def test_a_missing_archive_is_one_line_and_leaves_nothing_in_var_tmp(transport):
     assert message.startswith(f"nbdkit: error: {CDI}: get_ready: error: {transport}:"
                               "/nonexistent-cdi-test.tar: copy with skopeo: file not found "
                               "(skopeo exit status 1: "), message
+    if transport == "oci-archive":
+        assert message.endswith(words_of("skopeo", {
+            "1.9": ": creating temp directory: open /nonexistent-cdi-test.tar: "
+                   "no such file or directory)\n",
+            "1.18": ': creating temp directory: archive file not found: '
+                    '"/nonexistent-cdi-test.tar")\n'})), message
+    else:
+        assert message.endswith("open /nonexistent-cdi-test.tar: no such file or directory)\n")
     assert set(os.listdir("/var/tmp")) - before == set()
