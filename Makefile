@@ -1,18 +1,26 @@
-# cdi.py: make setup | check | lint | unit | test | demo | install
+# cdi.py: make setup | check | check-other | lint | unit | test | demo | install
 
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
+# Everything the plugin and its tests use, on a minimal system too: file for
+# nbdinfo's "content" line; a kernel, busybox, syslinux and qemu to make and
+# boot a tiny VM disk (tests/e2e/vm.py).
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
-	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis
+	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis \
+	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
+	mtools dosfstools fdisk
 RUFF_VERSION = 0.17.6
 # Through the interpreter: a pip-installed ruff may have no command on PATH yet.
 RUFF = python3 -m ruff
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup check lint unit test demo install uninstall bench soak check-slow
+.PHONY: setup packages ruff check check-other lint unit test demo install uninstall \
+	bench soak check-slow
 
 # Install whatever is missing: Debian packages, then ruff from PyPI.
-setup:
+setup: packages ruff
+
+packages:
 	@missing=$$(for package in $(DEBIAN_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$package 2>/dev/null | \
 			grep -q 'ok installed' || echo $$package; \
@@ -22,17 +30,19 @@ setup:
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+
+ruff:
 	@$(RUFF) --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || \
 		python3 -m pip install --quiet --disable-pip-version-check 'ruff==$(RUFF_VERSION)' || \
 		python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
 			'ruff==$(RUFF_VERSION)'
 
-lint: setup
+lint: ruff
 	$(RUFF) check cdi.py cdipy tests bench
 	$(PYTHON) -m py_compile cdi.py
 
 # The core alone, in seconds: no nbdkit, podman or registry.
-unit: setup
+unit: packages
 	$(PYTHON) -m pytest tests/unit
 
 # Unit tests first, then end to end with real nbdkit, podman and registries.
@@ -40,6 +50,12 @@ test: unit
 	$(PYTHON) -m pytest tests/e2e
 
 check: lint test
+
+# The whole suite again on the other Debian release (12 on 13, 13 on 12), in
+# a root made with debootstrap and reused (CDI_ROOT=DIR to choose where);
+# lint runs on this machine alone.  As root.  See .ci/in-other-release.
+check-other:
+	$(SUDO) .ci/in-other-release make test
 
 demo: setup
 	tests/demo.sh

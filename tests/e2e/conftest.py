@@ -14,10 +14,56 @@ from pathlib import Path
 import nbd
 import pytest
 
-from lab import CDI, NBDKIT, Lab, free_port, inspect, podman, sha256, wait_for
+from lab import (
+    CDI,
+    FEATURES,
+    NBDKIT,
+    Lab,
+    free_port,
+    has,
+    inspect,
+    podman,
+    sha256,
+    versions,
+    wait_for,
+)
 
 # Test files import these from here too.
 __all__ = ["CDI", "NBDKIT", "free_port", "inspect", "podman", "sha256"]
+
+
+def pytest_report_header(config):
+    """What this run tried: the README's "Versions tried" comes from here."""
+    return "versions: " + ", ".join(f"{name} {version}" for name, version in versions().items())
+
+
+LEFT_OUT = pytest.StashKey()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the tests marked requires(FEATURE) where FEATURE is missing
+    (deselected, not skipped: this release cannot run them), and list them
+    at the end of the run."""
+    left_out, kept = {}, []
+    for item in items:
+        missing = [feature for marker in item.iter_markers("requires")
+                   for feature in marker.args if not has(feature)]
+        if missing:
+            left_out.setdefault(missing[0], []).append(item)
+        else:
+            kept.append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=[item for group in left_out.values()
+                                             for item in group])
+        items[:] = kept
+    config.stash[LEFT_OUT] = left_out
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for feature, items in config.stash.get(LEFT_OUT, {}).items():
+        terminalreporter.write_line(
+            f"left out, for want of {FEATURES[feature][0]}: {len(items)} tests: "
+            + ", ".join(item.nodeid.split("::", 1)[-1] for item in items))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -262,6 +263,45 @@ def words_of(program, by_version):
     known = [key for key in by_version if f"{version}.".startswith(f"{key}.")]
     assert known, f"no words known for {program} {version}: add them to the test"
     return by_version[max(known, key=len)]
+
+
+def versions():
+    """What this machine runs, in the words of each program, for the report."""
+    def first_line(*argv):
+        try:
+            result = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True)
+        except OSError:
+            return "not installed"
+        return (result.stdout or result.stderr).strip().splitlines()[0]
+
+    with open("/etc/debian_version") as release:
+        debian = release.read().strip()
+    return {"Debian": debian,
+            "nbdkit": first_line(NBDKIT, "--version").split()[-1],
+            "libnbd": nbd.NBD().get_version(),
+            "podman": tool_version("podman"),
+            "skopeo": tool_version("skopeo"),
+            "Python": ".".join(map(str, sys.version_info[:3])),
+            "qemu": first_line("qemu-img", "--version").split()[2],
+            "Distribution": first_line("docker-registry", "--version").split()[-1]}
+
+
+# What only some releases have, each with a test of whether this one has it.
+FEATURES = {
+    "qcow2dec": ("nbdkit's qcow2dec filter (nbdkit >= 1.36)",
+                 lambda: subprocess.run([NBDKIT, "--filter=qcow2dec", "null", "--dump-plugin"],
+                                        check=False, capture_output=True).returncode == 0),
+    "podman-artifact": ("podman's artifact store (podman >= 5.4)",
+                        lambda: subprocess.run(["podman", "artifact", "ls"], check=False,
+                                               capture_output=True).returncode == 0),
+}
+
+
+@functools.cache
+def has(feature):
+    """Whether this machine has FEATURE, a key of FEATURES."""
+    return FEATURES[feature][1]()
 
 
 def wait_for(condition, timeout, message, interval=0.01):
