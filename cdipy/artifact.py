@@ -87,7 +87,7 @@ def layout_exports(exports, fetched):
             exports.clear()
             if fetched.fetch is None or attempt == REFETCHES:
                 advice = ("pull=never forbids fetching it again: pass pull=missing"
-                          if settings.pull == "never" else f"remove {fetched.layout.path}")
+                          if settings.pull == "never" else fetched.layout.advice_on_damage())
                 raise CdiError(f"{error}; {advice}") from None
             log.debug(f"{error}: fetching it again")
             fetched.layout.remove_blob(error.digest)

@@ -9,6 +9,7 @@ checked: no reader ever finds half of one.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -49,9 +50,9 @@ class Blobs:
         self.layout = layout
         self.records = records
         self.verify = verify
-        self.unpacked = PrivateCache(os.path.join(layout.cache, "unpacked"))
+        self.unpacked = PrivateCache(os.path.join(layout.cache, "unpacked")
+                                     if layout.cache else None)
         self.fresh = set()  # digests of files just written, and checked as they were
-        self.remove_partial_copies()
 
     def blob_layer(self, index, descriptor):
         """Layer INDEX: the blob DESCRIPTOR (of a manifest) as it is."""
@@ -59,7 +60,7 @@ class Blobs:
         layer = self.open_layer(index, digest, self.layout.blob_path(digest), "blob",
                                 descriptor.get("size"))
         try:
-            self.check(layer, f"the cached blob {digest}")
+            self.check(layer, f"{self.layout.blob_words} {digest}")
         except BaseException:
             layer.close()
             raise
@@ -71,13 +72,14 @@ class Blobs:
         result must have (an image layer's diffID)."""
         digest = descriptor["digest"]
         self.layout.blob_path(digest)  # refuses a digest that could name another file
-        layer = self.unpacked_copy(index, digest)
-        if layer is None:
-            self.unpack(digest, descriptor.get("size"))
+        with self.unpacking():
             layer = self.unpacked_copy(index, digest)
             if layer is None:
-                raise CdiError(f"{self.layout.image_name}: cannot find {digest} unpacked "
-                               f"in {self.unpacked.directory}")
+                self.unpack(digest, descriptor.get("size"))
+                layer = self.unpacked_copy(index, digest)
+                if layer is None:
+                    raise CdiError(f"{self.layout.image_name}: cannot find {digest} unpacked "
+                                   f"in {self.unpacked.directory}")
         if expected is not None and layer.diff_id != expected:
             layer.close()
             raise CdiError(f"{self.layout.image_name}: verify: blob {digest} unpacks to "
@@ -117,21 +119,21 @@ class Blobs:
         try:
             return open(self.layout.blob_path(digest), "rb")
         except FileNotFoundError:
-            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} is "
-                               "missing", digest) from None
+            raise BlobMismatch(f"{self.layout.image_name}: {self.layout.blob_words} {digest} "
+                               "is missing", digest) from None
 
     def open_layer(self, index, digest, path, origin, size=None):
         """Layer INDEX over the file at PATH, whose digest is DIGEST."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} is "
-                               "missing", digest) from None
+            raise BlobMismatch(f"{self.layout.image_name}: {self.layout.blob_words} {digest} "
+                               "is missing", digest) from None
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or (size is not None and status.st_size != size):
             os.close(fd)
-            raise BlobMismatch(f"{self.layout.image_name}: the cached blob {digest} has "
-                               f"{status.st_size} bytes, the manifest says {size}", digest)
+            raise BlobMismatch(f"{self.layout.image_name}: {self.layout.blob_words} {digest} "
+                               f"has {status.st_size} bytes, the manifest says {size}", digest)
         layer = Layer(index, digest, "cache")
         layer.origin = origin
         layer.add_file(FileSegment(status.st_size, fd=fd))
@@ -150,19 +152,35 @@ class Blobs:
         try:
             zeros = check_digest(layer, self.layout.image_name)
         except CdiError as error:
-            raise BlobMismatch(f"{what} no longer matches its digest ({error})",
-                               layer.diff_id) from None
+            raise BlobMismatch(f"{self.layout.image_name}: {what} no longer matches its "
+                               f"digest ({error})", layer.diff_id) from None
         layer.learn_zeros(zeros)
         self.records.store(layer.diff_id, fingerprint(layer), zeros)
 
-    def remove_partial_copies(self):
-        """Remove what copies cut short left (under the layout's lock)."""
-        with contextlib.suppress(FileNotFoundError):
+    @contextlib.contextmanager
+    def unpacking(self):
+        """Hold the lock of the unpacked copies (waiting for another nbdkit
+        unpacking), with what unpackings cut short left removed."""
+        if self.unpacked.directory is None:
+            raise CdiError(f"{self.layout.image_name}: no cache directory to unpack gzip "
+                           "blobs into: HOME is not set; pass cache=DIR")
+        try:
+            make_private(self.unpacked.directory)
+            fd = os.open(self.unpacked.directory + ".lock",
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise CdiError(f"{self.layout.image_name}: cannot unpack in "
+                           f"{self.unpacked.directory}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             for name in os.listdir(self.unpacked.directory):
                 if name.startswith(PARTIAL):
                     log.debug(f"removing {name}, left in the cache by an unpacking cut short")
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.unpacked.directory, name))
+            yield
+        finally:
+            os.close(fd)
 
     def unpacked_copy(self, index, digest):
         """The checked Layer of blob DIGEST unpacked, or None if there is
@@ -193,12 +211,11 @@ class Blobs:
         # Under a temporary name until whole and checked; one left by a
         # process killed meanwhile is removed under the next lock.
         try:
-            make_private(self.unpacked.directory)
             out_fd, temporary = tempfile.mkstemp(prefix=PARTIAL, dir=self.unpacked.directory)
         except OSError as error:
             raise CdiError(f"{image_name}: cannot unpack {digest} in "
                            f"{self.unpacked.directory}: {error.strerror}") from None
-        mismatch = BlobMismatch(f"{image_name}: the cached blob {digest} no longer "
+        mismatch = BlobMismatch(f"{image_name}: {self.layout.blob_words} {digest} no longer "
                                 "matches its digest", digest)
         try:
             with self.open_blob(digest) as blob:

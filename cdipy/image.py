@@ -1,7 +1,9 @@
 """Finding the image, by the pull policy: in podman's local storage or
-pulled by podman; or, for an OCI artifact (which podman cannot pull) and
-an archive (which podman would import), in the cache's layout, copied
-there by skopeo."""
+pulled by podman.  An OCI artifact: in podman's artifact store (podman >=
+5.4), pulled there by podman; where podman has no artifact store (podman
+4), or for a multi-arch artifact, in the cache's layout, copied there by
+skopeo.  An archive (which podman would import into the user's storage):
+in the cache's layout, copied there by skopeo."""
 
 import contextlib
 import json
@@ -11,7 +13,7 @@ import re
 
 from .artifact import Fetched, copy, inspect_remote
 from .errors import CdiError
-from .layout import Layout, is_artifact
+from .layout import ArtifactStore, Layout, is_artifact
 from .parameters import local_reference, registry_host, split_transport
 
 log = logging.getLogger("cdipy")
@@ -23,8 +25,8 @@ FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
 
 def find_image(podman, skopeo, settings, held):
     """Apply the pull policy; return podman's inspect record of the image,
-    or a Fetched: an artifact or archive in the cache's layout, whose lock
-    HELD (an ExitStack) then holds."""
+    or a Fetched: an artifact or archive in podman's artifact store or in
+    the cache's layout, whose lock HELD (an ExitStack) then holds."""
     name = settings.name
     transport, _ = split_transport(name)
     if transport in FILE_TRANSPORTS:
@@ -32,28 +34,55 @@ def find_image(podman, skopeo, settings, held):
         return fetched(layout, name, lambda: copy(skopeo, settings, layout, name))
     local = local_reference(name)
     local_only = settings.pull == "never" or transport == "containers-storage"
-    remote = f"docker://{local}"
     if local is not None and (settings.pull != "always" or local_only):
-        status, _ = podman.run(["image", "exists", "--", local],
-                               "look up in local storage", ok_statuses=(0, 1))
-        if status == 0:
-            image = inspect_image(podman, local)
-            if platform_matches(image, settings.platform):
-                log.debug(f"using {image['Id']} from local storage")
-                return image
-            log.debug(f"local {name} is not {settings.platform}")
-        found = cached(settings, held) if transport != "containers-storage" else None
+        found = find_local(podman, skopeo, settings, held, local)
         if found is not None:
-            layout, manifest = found
-            log.debug(f"using the artifact {name} from the cache {layout.path}")
-            fetch = None if local_only else lambda: copy(skopeo, settings, layout, remote)
-            return Fetched(name, layout, manifest, fetch)
+            return found
     if local_only:
         raise CdiError(f"{name}: image not found in local storage"
                        + (" nor in the cache (pull=never)" if settings.pull == "never" else ""))
+    return pull(podman, skopeo, settings, held, local)
+
+
+def find_local(podman, skopeo, settings, held, local):
+    """The image LOCAL in podman's storage, else the artifact in podman's
+    artifact store or in the cache; None if none holds it."""
+    name = settings.name
+    status, _ = podman.run(["image", "exists", "--", local],
+                           "look up in local storage", ok_statuses=(0, 1))
+    if status == 0:
+        image = inspect_image(podman, local)
+        if platform_matches(image, settings.platform):
+            log.debug(f"using {image['Id']} from local storage")
+            return image
+        log.debug(f"local {name} is not {settings.platform}")
+    if split_transport(name)[0] == "containers-storage":
+        return None  # names podman's image storage alone
+    stored = stored_artifact(podman, settings, local)
+    if stored is not None:
+        return stored
+    found = cached(settings, held)
+    if found is None:
+        return None
+    layout, manifest = found
+    log.debug(f"using the artifact {name} from the cache {layout.path}")
+    remote = f"docker://{local}"
+    fetch = None if settings.pull == "never" else lambda: copy(skopeo, settings, layout, remote)
+    return Fetched(name, layout, manifest, fetch)
+
+
+def pull(podman, skopeo, settings, held, local):
+    """Fetch the image: an artifact with podman artifact pull where podman
+    can, else with skopeo into the cache; an image with podman pull."""
+    name = settings.name
+    remote = f"docker://{local}"
     if local is not None and registry_host(name) is not None:
         manifest = inspect_remote(skopeo, settings, remote)
         if manifest is not None and is_artifact(manifest):
+            # podman artifact pull takes no platform: an index goes to skopeo.
+            pulled = None if "manifests" in manifest else pull_artifact(podman, settings, local)
+            if pulled is not None:
+                return pulled
             log.debug(f"{name} is an artifact: copying it with skopeo")
             layout = held.enter_context(layout_of(settings).locked())
             return fetched(layout, name, lambda: copy(skopeo, settings, layout, remote))
@@ -65,6 +94,45 @@ def find_image(podman, skopeo, settings, held):
     if not re.fullmatch(r"[0-9a-f]{64}", image_id):
         raise CdiError(f"{name}: pull: podman printed no image ID: {output!r}")
     return inspect_image(podman, image_id)
+
+
+def stored_artifact(podman, settings, local):
+    """The artifact LOCAL in podman's artifact store, as a Fetched whose
+    blobs are read in place; None if it is not there, or podman has no
+    artifact store."""
+    status, output = podman.run(["artifact", "inspect", "--", local],
+                                "look up in the artifact store", ok_statuses=(0, 125))
+    if status != 0:
+        return None  # podman 4 has no "podman artifact"; podman 5: not there
+    try:
+        manifest = json.loads(output)["Manifest"]
+    except (ValueError, KeyError, TypeError):
+        raise CdiError(f"{settings.name}: look up in the artifact store: podman printed "
+                       f"unexpected output: {output[:200]!r}") from None
+    store = ArtifactStore(graph_root(podman), settings.name, settings.cache_directory())
+    log.debug(f"using the artifact {settings.name} from podman's artifact store {store.path}")
+    return Fetched(settings.name, store, manifest)
+
+
+def pull_artifact(podman, settings, local):
+    """Pull the artifact LOCAL into podman's artifact store; its Fetched,
+    whose new blobs podman checked as it wrote them; None where podman has
+    no artifact store (podman 4)."""
+    status, _ = podman.run(["artifact", "ls"], "look for the artifact store",
+                           ok_statuses=(0, 125))
+    if status != 0:
+        return None
+    store = ArtifactStore(graph_root(podman), settings.name, settings.cache_directory())
+    before = set(store.blobs())
+    log.debug(f"{settings.name} is an artifact: pulling it with podman artifact pull")
+    podman.run(["artifact", "pull", "--quiet", *settings.registry_options(platform=False),
+                "--", local], "pull the artifact")
+    pulled = stored_artifact(podman, settings, local)
+    if pulled is None:
+        raise CdiError(f"{settings.name}: pull the artifact: podman's artifact store does "
+                       "not hold it after podman artifact pull")
+    pulled.fresh = set(store.blobs()) - before
+    return pulled
 
 
 def fetched(layout, name, fetch):

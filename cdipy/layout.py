@@ -1,5 +1,6 @@
-"""The OCI image layout in the cache (CACHE/oci) that skopeo copies
-artifacts and archives into, and what the plugin reads back from it.
+"""OCI image layouts the plugin serves blobs from: the one in the cache
+(CACHE/oci) that skopeo copies artifacts and archives into, and podman's
+artifact store (podman >= 5.4), which the plugin only reads.
 
 skopeo writes each blob under a temporary name in the layout and renames
 it to its digest once it has checked it, so a blob under its digest name
@@ -35,7 +36,63 @@ IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
                       "application/vnd.docker.container.image.v1+json")
 
 
-class Layout:
+class OciLayout:
+    """The blobs of the OCI layout at PATH, for image IMAGE_NAME; CACHE is
+    the cache directory (None: none), where gzip blobs are unpacked."""
+    # How its blobs are named in messages, and what to do if one is damaged.
+    blob_words = "the cached blob"
+
+    def __init__(self, path, image_name, cache):
+        self.path = path
+        self.image_name = image_name
+        self.cache = cache
+
+    def json_blob(self, digest):
+        try:
+            with open(self.blob_path(digest), "rb") as file:
+                data = file.read()
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError("it does not match its digest")
+            return json.loads(data)
+        except (OSError, ValueError) as error:
+            raise CdiError(f"{self.image_name}: {self.blob_words} {digest} cannot be read: "
+                           f"{getattr(error, 'strerror', None) or error}") from None
+
+    def blob_path(self, digest):
+        """The path of blob DIGEST; a digest that is not a sha256, which
+        could name another file, is refused."""
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise CdiError(f"{self.image_name}: the manifest names a blob {digest!r}, "
+                           "which is not a sha256 digest")
+        return os.path.join(self.path, "blobs", "sha256", digest[len("sha256:"):])
+
+    def blobs(self):
+        """The digests of the blobs the layout holds."""
+        try:
+            return ["sha256:" + name for name in os.listdir(os.path.join(self.path, "blobs",
+                                                                         "sha256"))]
+        except FileNotFoundError:
+            return []
+
+    def advice_on_damage(self):
+        """What the user can do about a damaged blob that cannot be fetched again."""
+        return f"remove {self.path}"
+
+
+class ArtifactStore(OciLayout):
+    """podman's artifact store, GRAPH_ROOT/artifacts, which podman artifact
+    pull and podman artifact add fill: an OCI layout whose blobs are served
+    in place.  Read only: a damaged blob is podman's to replace."""
+    blob_words = "the blob in podman's artifact store"
+
+    def __init__(self, graph_root, image_name, cache):
+        super().__init__(os.path.join(graph_root, "artifacts"), image_name, cache)
+
+    def advice_on_damage(self):
+        return f"remove it with podman artifact rm {self.image_name} and pull it again"
+
+
+class Layout(OciLayout):
     """The layout in CACHE_DIRECTORY/oci, for image IMAGE_NAME of PLATFORM
     (None: the default)."""
 
@@ -43,9 +100,7 @@ class Layout:
         if cache_directory is None:
             raise CdiError(f"{image_name}: no cache directory for the artifact: "
                            "HOME is not set; pass cache=DIR")
-        self.cache = cache_directory
-        self.path = os.path.join(cache_directory, "oci")
-        self.image_name = image_name
+        super().__init__(os.path.join(cache_directory, "oci"), image_name, cache_directory)
         self.platform = platform
 
     @contextlib.contextmanager
@@ -99,33 +154,6 @@ class Layout:
                     == wanted:
                 return entry["digest"], self.json_blob(entry["digest"])
         return None
-
-    def json_blob(self, digest):
-        try:
-            with open(self.blob_path(digest), "rb") as file:
-                data = file.read()
-            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-                raise ValueError("it does not match its digest")
-            return json.loads(data)
-        except (OSError, ValueError) as error:
-            raise CdiError(f"{self.image_name}: the cached blob {digest} cannot be read: "
-                           f"{getattr(error, 'strerror', None) or error}") from None
-
-    def blob_path(self, digest):
-        """The path of blob DIGEST; a digest that is not a sha256, which
-        could name another file, is refused."""
-        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
-            raise CdiError(f"{self.image_name}: the manifest names a blob {digest!r}, "
-                           "which is not a sha256 digest")
-        return os.path.join(self.path, "blobs", "sha256", digest[len("sha256:"):])
-
-    def blobs(self):
-        """The digests of the blobs the layout holds."""
-        try:
-            return ["sha256:" + name for name in os.listdir(os.path.join(self.path, "blobs",
-                                                                         "sha256"))]
-        except FileNotFoundError:
-            return []
 
     def remove_blob(self, digest):
         with contextlib.suppress(FileNotFoundError):

@@ -23,7 +23,9 @@ from lab import (
     has,
     inspect,
     podman,
+    remove_artifacts,
     sha256,
+    stored_artifacts,
     versions,
     wait_for,
 )
@@ -111,13 +113,16 @@ def three(lab, disk):
 
 @pytest.fixture(autouse=True)
 def plugin_tmpdir(lab, monkeypatch):
-    """The TMPDIR of every test, which must be empty when the test ends."""
+    """The TMPDIR of every test, which must be empty when the test ends;
+    the images and artifacts it leaves in podman's storage are removed."""
     path = tempfile.mkdtemp(dir=lab.workdir, prefix="plugin-tmp-")
     monkeypatch.setenv("TMPDIR", path)
     before = set(podman("images", "--all", "--quiet", "--no-trunc").split())
+    artifacts_before = stored_artifacts()
     yield path
     for image_id in set(podman("images", "--all", "--quiet", "--no-trunc").split()) - before:
         podman("rmi", "--force", image_id, check=False)
+    remove_artifacts(stored_artifacts() - artifacts_before)
     try:
         wait_for(lambda: not os.listdir(path), 30,
                  lambda: f"TMPDIR not empty after the test: {os.listdir(path)}")

@@ -89,6 +89,7 @@ class Lab:
             if self.podman_is_ours:  # never "rmi --all" in the user's own storage
                 podman("rmi", "--all", "--force", check=False)
                 podman("manifest", "rm", "--all", check=False)
+                remove_artifacts(stored_artifacts())
         finally:
             self.services.close()
             os.environ.clear()
@@ -295,6 +296,9 @@ FEATURES = {
     "podman-artifact": ("podman's artifact store (podman >= 5.4)",
                         lambda: subprocess.run(["podman", "artifact", "ls"], check=False,
                                                capture_output=True).returncode == 0),
+    "skopeo-artifacts": ("a podman without an artifact store (podman < 5.4), whose "
+                         "artifacts skopeo copies into the cache",
+                         lambda: not has("podman-artifact")),
 }
 
 
@@ -302,6 +306,19 @@ FEATURES = {
 def has(feature):
     """Whether this machine has FEATURE, a key of FEATURES."""
     return FEATURES[feature][1]()
+
+
+def stored_artifacts():
+    """The names in podman's artifact store; none where podman has none."""
+    if not has("podman-artifact"):
+        return set()
+    return set(podman("artifact", "ls", "--noheading", "--format",
+                      "{{.Repository}}:{{.Tag}}").split())
+
+
+def remove_artifacts(names):
+    for name in names:
+        podman("artifact", "rm", name, check=False)
 
 
 def wait_for(condition, timeout, message, interval=0.01):

@@ -1,5 +1,7 @@
-"""OCI artifacts (ORAS disks, KubeVirt VM exports) fetched with skopeo into
-the cache, and the disk export, for every shape a VM disk ships in."""
+"""OCI artifacts (ORAS disks, KubeVirt VM exports), and the disk export, for
+every shape a VM disk ships in: pulled into podman's artifact store and
+served in place from there where podman has one (podman >= 5.4), fetched
+with skopeo into the cache where it has not."""
 
 import concurrent.futures
 import gzip
@@ -12,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from conftest import make_disk, nbdkit_error, read_export, run_nbdkit, serve, sha256
-from lab import Blob, processes_mentioning, push_artifact, registry, wait_for
+from lab import (
+    Blob,
+    podman,
+    processes_mentioning,
+    push_artifact,
+    registry,
+    stored_artifacts,
+    wait_for,
+)
 
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 VM = {"artifact_type": "application/vnd.kubevirt.virtualmachine.v1",
@@ -162,6 +172,7 @@ def corrupt(path):
         file.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.requires("skopeo-artifacts")
 @pytest.mark.parametrize("shape", ["vm-qcow2", "vm-raw-gzip"])
 def test_a_corrupted_cached_blob_is_fetched_again(artifacts, cache, shape, disk):
     name, disk_file = artifacts[shape]
@@ -209,6 +220,7 @@ def test_extents_of_the_disk_export_pass_through(artifacts, cache):
     assert holes > 7 << 20
 
 
+@pytest.mark.requires("skopeo-artifacts")
 def test_a_fetch_killed_midway_leaves_nothing_and_the_next_start_serves(lab, cache):
     name = f"{lab.registry}/cdi-test/big-vm:1"
     disk = Path(lab.workdir, "big.img")
@@ -237,6 +249,7 @@ def test_a_fetch_killed_midway_leaves_nothing_and_the_next_start_serves(lab, cac
     assert not [path for path in partial.glob("*") if path.name.startswith("oci-put-blob")]
 
 
+@pytest.mark.requires("skopeo-artifacts")
 def test_a_cached_blob_removed_is_fetched_again(artifacts, cache, disk):
     name, disk_file = artifacts["vm-qcow2"]
     assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk_file
@@ -251,3 +264,72 @@ def test_a_layer_out_of_range_counts_the_blobs(artifacts, cache):
     assert nbdkit_error(f"name={name}", f"cache={cache}", "layer=2").rstrip().endswith(
         f"error: {name}: layer=2 is out of range: the artifact has 2 blobs "
         "(allowed: 0..1 or -2..-1)")
+
+
+# ------------------------------------------- podman's artifact store (podman 5)
+
+def store_blob(digest):
+    """The path of blob DIGEST in podman's artifact store."""
+    graph_root = podman("info", "--format", "{{.Store.GraphRoot}}").strip()
+    return Path(graph_root, "artifacts", "blobs", "sha256", digest.split(":")[1])
+
+
+def cached_blobs(cache):
+    return list(Path(cache, "oci", "blobs").rglob("*")) if Path(cache, "oci").exists() else []
+
+
+@pytest.mark.requires("podman-artifact")
+def test_an_artifact_pulled_by_podman_is_served_in_place_and_checked(artifacts, cache, disk):
+    name = artifacts["vm-qcow2"][0]
+    podman("artifact", "pull", "--quiet", "--tls-verify=false", name)
+    result = run_nbdkit(f"name={name}", f"cache={cache}", "pull=never", "layer=disk",
+                        verbose=True, run='nbdcopy "$uri" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == sha256(disk[1])
+    assert f"using the artifact {name} from podman's artifact store" in result.stderr
+    assert "checking the blob in podman's artifact store sha256:" in result.stderr
+    assert "running: skopeo" not in result.stderr
+    assert cached_blobs(cache) == [], "a second copy in the cache"
+
+
+@pytest.mark.requires("podman-artifact")
+def test_an_artifact_made_with_podman_artifact_add_is_served(lab, cache, disk):
+    path = Path(lab.workdir, "added.qcow2")
+    path.write_bytes(disk[1])
+    name = f"localhost/cdi-test/added-{os.urandom(4).hex()}:1"
+    try:
+        podman("artifact", "add", name, str(path))
+    finally:
+        path.unlink()
+    exports = listing(f"name={name}", f"cache={cache}")
+    assert sorted(exports) == ["0", "added.qcow2", "disk"]
+    assert read_export(f"name={name}", f"cache={cache}", export_name="disk") == disk[1]
+
+
+@pytest.mark.requires("podman-artifact")
+@pytest.mark.parametrize("pull", ["missing", "always"])
+def test_a_cold_artifact_is_pulled_into_podmans_store(artifacts, cache, disk, pull):
+    name, disk_file = artifacts["vm-raw-gzip"]
+    result = run_nbdkit(f"name={name}", f"cache={cache}", f"pull={pull}", "tls-verify=false",
+                        "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == sha256(disk_file)
+    assert "pulling it with podman artifact pull" in result.stderr
+    assert name in stored_artifacts()
+    assert cached_blobs(cache) == [], "a second copy in the cache"
+    warm = run_nbdkit(f"name={name}", f"cache={cache}", "pull=never", verbose=True)
+    assert warm.returncode == 0, warm.stderr
+    assert "passed its check before, unchanged since" in warm.stderr
+
+
+@pytest.mark.requires("podman-artifact")
+def test_a_damaged_blob_in_podmans_store_is_refused_with_advice(artifacts, cache, disk):
+    name = artifacts["vm-qcow2"][0]
+    podman("artifact", "pull", "--quiet", "--tls-verify=false", name)
+    [layer] = json.loads(podman("artifact", "inspect", name))["Manifest"]["layers"]
+    corrupt(store_blob(layer["digest"]))
+    message = nbdkit_error(f"name={name}", f"cache={cache}")
+    assert (f"error: {name}: the blob in podman's artifact store {layer['digest']} no longer "
+            f"matches its digest ({name}: verify: layer 0 hashes to sha256:") in message
+    assert message.rstrip().endswith(
+        f"; remove it with podman artifact rm {name} and pull it again")
