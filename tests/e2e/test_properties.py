@@ -51,7 +51,8 @@ KEYS = ("name", "layer", "pull", "tls-verify", "authfile", "cert-dir", "platform
         "verify", "copy")
 # podman's own words before "--", per command; everything else is ours.
 COMMANDS = (("image", "exists"), ("image", "inspect"), ("pull", "--quiet"),
-            ("save", "--quiet", "--format", "docker-archive"))
+            ("save", "--quiet", "--format", "docker-archive"), ("artifact", "inspect"),
+            ("artifact", "pull", "--quiet"))
 # skopeo's: its global options (ours: --registries-conf, --override-*), then these.
 SKOPEO_COMMANDS = (("inspect", "--raw"),
                    ("copy", "--quiet", "--dest-oci-accept-uncompressed-layers"))
@@ -195,11 +196,12 @@ def check_argv(argv, name, option):
     command = next((command for command in COMMANDS
                     if tuple(head[:len(command)]) == command), None)
     assert command is not None, f"unexpected podman command: {words}"
-    assert head[len(command):] == ([option] if option and command[0] == "pull" else []), words
+    pulls = command[0] == "pull" or command[:2] == ("artifact", "pull")
+    assert head[len(command):] == ([option] if option and pulls else []), words
     assert len(operands) == 1, words
     if command[0] == "pull":
         assert operands == [name]
-    elif command == ("image", "exists"):
+    elif command in (("image", "exists"), ("artifact", "inspect")):
         assert name.endswith(operands[0])
 
 
@@ -310,9 +312,10 @@ def test_shell_syntax_in_the_name_reaches_podman_verbatim(fake_podman, plugin_tm
     name = "localhost/cdi-test/x" + trick % marker
     outcome = run(fake_podman, plugin_tmpdir, f"name={name}")
     assert not marker.exists(), "a shell ran the name"
-    # image exists, skopeo inspect (is it an artifact?), pull.
+    # image exists, artifact inspect (in podman's artifact store?), skopeo
+    # inspect (is it an artifact?), pull.
     assert [(call["program"], call["argv"][-1].decode()) for call in outcome.calls] == [
-        ("podman", name), ("skopeo", f"docker://{name}"), ("podman", name)]
+        ("podman", name), ("podman", name), ("skopeo", f"docker://{name}"), ("podman", name)]
     assert {call["parent"] for call in outcome.calls} == {"nbdkit"}  # no shell between
     # The real podman too: the name is one argument it rejects.
     result = run_nbdkit(f"name={name}")
