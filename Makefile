@@ -86,8 +86,11 @@ PYTHONDIR = $(shell $(PYTHON) -c 'import sys, sysconfig; \
 
 install:
 	@test -n "$(PLUGINDIR)" || { echo "make install: nbdkit not found; run make setup"; exit 1; }
-	install -d $(DESTDIR)$(PYTHONDIR)/cdipy $(DESTDIR)$(PLUGINDIR)
-	install -m 0644 cdipy/*.py $(DESTDIR)$(PYTHONDIR)/cdipy/
+	install -d $(DESTDIR)$(PLUGINDIR)
+	for package in cdipy cdipy/oci cdipy/sources; do \
+		install -d $(DESTDIR)$(PYTHONDIR)/$$package && \
+		install -m 0644 $$package/*.py $(DESTDIR)$(PYTHONDIR)/$$package/ || exit 1; \
+	done
 	install -m 0755 cdi.py $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin
 
 uninstall:

@@ -37,9 +37,9 @@ if os.path.isdir(os.path.join(HERE, "cdipy")):
     sys.path.insert(0, HERE)
 
 from cdipy.errors import CdiError, NoSuchExport  # noqa: E402
-from cdipy.exports import prepare  # noqa: E402
 from cdipy.layer import DATA, HOLE, ZERO  # noqa: E402
 from cdipy.parameters import PARAMETERS, Settings  # noqa: E402
+from cdipy.startup import prepare  # noqa: E402
 
 API_VERSION = 2
 EXTENT_FLAGS = {DATA: 0, HOLE: nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO, ZERO: nbdkit.EXTENT_ZERO}
@@ -122,7 +122,7 @@ def list_exports(readonly, is_tls):
 
 
 def default_export(readonly, is_tls):
-    return str(exports.default_index)
+    return exports.default_name
 
 
 def open(readonly):

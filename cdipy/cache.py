@@ -73,3 +73,15 @@ def make_private(directory):
 
 def only_ours(status):
     return status.st_uid == os.geteuid() and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def remove_leftovers(directory, prefix, what):
+    """Remove the files of DIRECTORY whose names start with PREFIX: what
+    WHAT (a writer killed meanwhile) left under a temporary name.  Only
+    under the lock that such writers hold."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                log.debug(f"removing {name}, left in the cache by {what}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))

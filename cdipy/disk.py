@@ -1,5 +1,6 @@
 """Which file is the VM disk: the one the VM would boot, as KubeVirt finds
-it in the image's merged filesystem.
+it in the image's merged filesystem; and what a disk, or a layer holding
+disks, is, in words.
 
 Layers are stacked base first, as podman would mount them: a later layer's
 entry replaces an earlier one at the same path, a whiteout (.wh.NAME)
@@ -12,9 +13,15 @@ import dataclasses
 import os
 
 from .errors import CdiError
+from .layer import Member
+from .progress import describe_size
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
+QCOW2_MAGIC = b"QFI\xfb"
+KIND_NAMES = {"file": ("file", "files"), "directory": ("directory", "directories"),
+              "link": ("link", "links"), "whiteout": ("whiteout", "whiteouts"),
+              "other": ("other entry", "other entries")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +111,38 @@ def shown(path):
 
 def is_candidate(path):
     return path.startswith("disk/") or "/" not in path
+
+
+# ------------------------------------------------------------ in words
+
+def describe_contents(layer):
+    """What LAYER (a tar) holds: its disks, with their format, or how many
+    entries of each kind."""
+    disks = [member for member in layer.members if member.is_disk()]
+    if disks:
+        return ", ".join(f"{disk.name} ({describe_format(layer, disk)})" for disk in disks)
+    counts = {}
+    for member in layer.members:
+        counts[member.kind] = counts.get(member.kind, 0) + 1
+    parts = [f"{number} {KIND_NAMES[kind][number != 1]}"
+             for kind, number in sorted(counts.items())]
+    return ", ".join(parts) or "empty"
+
+
+def describe_file(layer):
+    """LAYER as one disk file (a blob, a window): its format and size."""
+    return describe_format(layer, Member("", "file", layer.size, 0))
+
+
+def describe_format(layer, member):
+    """The format of file MEMBER of LAYER: qcow2 with its virtual size, or raw."""
+    head = bytearray(32)
+    if member.size >= len(head):
+        try:
+            layer.read(memoryview(head), member.offset)
+        except OSError as error:
+            return f"{describe_size(member.size)}, unreadable: {error.strerror}"
+        if head[:4] == QCOW2_MAGIC:
+            virtual = int.from_bytes(head[24:32], "big")
+            return f"qcow2, {describe_size(virtual)} virtual"
+    return f"raw, {describe_size(member.size)}"

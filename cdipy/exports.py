@@ -1,218 +1,149 @@
-"""The set of exports: one per layer of the image (or blob of the
-artifact), and "disk", the VM disk file itself.  A layer of an image in
-podman's storage is built on first use, in place from storage when it can
-be and copied when it must; one from the cache is ready from the start.
+"""The table of exports: what nbdkit reads.  One export per entry of the
+source (a layer of the image, or a blob of the artifact), by index,
+digest or other name, and "disk", the VM disk file itself; the default;
+listing with descriptions; open and close.
 
-Exports holds the whole state of a running plugin.  Each export (a Slot)
-has its own lock, held while that layer is built, so opening a ready export
-never waits behind the building of another.
+Each export has its own lock, held while it is built, so opening a ready
+export never waits behind the building of another.  The source builds;
+the table knows nothing of podman, skopeo or layouts.
 """
 
 import contextlib
 import logging
-import os
 import re
 import threading
-import time
 
-from .artifact import Fetched, layout_exports
-from .cache import PrivateCache
-from .disk import choose_disk, is_candidate
-from .errors import CdiError, NoSuchExport, StorageUnavailable
-from .image import find_image, graph_root
-from .podman import Podman, Skopeo
-from .progress import describe_size
-from .save import saved_layers
-from .storage import raise_open_file_limit, storage_layer, storage_plans
-from .verify import CheckRecords, check_and_remember, remembered, start_check
-from .workspace import Workspace
+from .disk import is_candidate
+from .errors import CdiError, NoSuchExport
+from .layer import Window
+from .verify import check_and_remember, recall_check, start_check
 
 log = logging.getLogger("cdipy")
 
 
-def prepare(settings):
-    """Find the image and build its default export; return the Exports.
-    The heavy work of start-up, done once before any client connects."""
-    started = time.monotonic()
-    raise_open_file_limit()
-    # The cache's lock (in HELD) outlives the workspace: skopeo is stopped
-    # before another nbdkit may write the cache.
-    with contextlib.ExitStack() as held, Workspace(settings.name, guard=True) as workspace:
-        podman = Podman(workspace, settings.name)
-        found = find_image(podman, Skopeo(workspace, settings.name), settings, held)
-        if isinstance(found, Fetched):
-            exports = Exports(settings, None)
-            layout_exports(exports, found)
-            log.debug(f"ready in {time.monotonic() - started:.2f} s")
-            return exports
-        image = found
-        podman.space_needed = 2 * image.get("Size", 0)
-        vfs = (image.get("GraphDriver") or {}).get("Name") == "vfs" and not settings.copy
-        exports = Exports(settings, image, graph_root(podman) if vfs else None)
-        log.debug(f"found image {image['Id']} ({len(exports.slots)} layers) in "
-                  f"{time.monotonic() - started:.2f} s")
-        try:
-            exports.build_default(podman)
-        except BaseException:
-            exports.close()
-            raise
-    default = exports.find("")
-    if default is exports.disk:
-        default = exports.slots[default.layer.index]  # whose check covers the disk
-    log.debug(f"ready in {time.monotonic() - started:.2f} s")
-    if settings.verify == "before" and default.layer.how == "storage" and not default.checked:
-        default.checked = True
-        try:
-            if not remembered(default.layer, exports.records):
-                check_and_remember(default.layer, settings.name, exports.records)
-        except BaseException:
-            exports.close()
-            raise
-    return exports
+class Export:
+    """One export, NAME, of entry INDEX (whose digest is DIGEST) of the
+    source, or with INDEX None the disk.  Pending until built, then ready
+    (LAYER), or failed (FAILURE says why, and it is tried again).  Its
+    fields change only under LOCK; LAYER is set once and read without it."""
 
-
-class Slot:
-    """One export: layer INDEX of the image (or, with the name "disk", the
-    VM disk file), and what is known of it.  Its fields change only under
-    lock; layer, checked and description are set once and may be read
-    without it."""
-
-    def __init__(self, index, diff_id, plan, name=None):
+    def __init__(self, name, index=None, digest=None):
+        self.name = name
         self.index = index
-        self.diff_id = diff_id
-        self.name = str(index) if name is None else name
+        self.digest = digest
         self.lock = threading.Lock()
-        self.layer = None           # the Layer, once built; then never changed
-        self.plan = plan            # StoragePlan, or None: copy it
-        self.not_in_storage = None  # why it must be copied, as a phrase
-        self.failure = None         # why the last try to build it failed
-        self.checked = False        # its digest check has started (or is done)
-        self.check_thread = None    # the thread checking it, if any
-        self.description = None     # made once: every client handshake asks
-        self.title = None           # an artifact's blob: its title annotation
-        self.media_type = ""        # an artifact's blob: its media type
+        self.layer = None            # the Layer, once built; then never changed
+        self.failure = None          # why the last try to build it failed
+        self.check_started = False   # its digest check is started (or done, or not wanted)
+        self.check_thread = None     # the thread checking it, if any
 
 
 class Exports:
-    """The exports of IMAGE, podman's inspect record (the storage at
-    GRAPH_ROOT, for vfs); with IMAGE None, layout_exports adds them."""
+    """The exports of SOURCE (see sources/), for SETTINGS, its checks
+    remembered in RECORDS: the running plugin's whole state."""
 
-    def __init__(self, settings, image, graph_root=None):
+    def __init__(self, source, settings, records):
+        self.source = source
         self.settings = settings
-        self.image = image
-        diff_ids = image["RootFS"]["Layers"] if image else []
+        self.records = records
         self.verifying = settings.verify != "false"
-        cache = settings.cache_directory()
-        self.records = CheckRecords(PrivateCache(os.path.join(cache, "checked")
-                                                 if cache else None))
-        self.maps = PrivateCache(os.path.join(cache, "maps") if cache else None)
-        plans, why = [None] * len(diff_ids), "copy=true"
-        if image and not settings.copy:
-            try:
-                plans = storage_plans(image, graph_root)
-            except StorageUnavailable as reason:
-                why = f"cannot serve from podman's storage ({reason})"
-        # Made here, or by layout_exports before serving: read without a lock.
-        self.slots = [Slot(index, diff_id, plan)
-                      for index, (diff_id, plan) in enumerate(zip(diff_ids, plans))]
-        for slot in self.slots:
-            if slot.plan is None:
-                slot.not_in_storage = why
-        self.disk = Slot(None, None, None, name="disk")
-        self.disk_error = None    # why there is no one disk, once known
-        self.aliases = {}         # other names of slots: the titles of blobs
-        self.default_index = None  # the default export: an index, or "disk"
-        self.image_config = image is not None  # False: an artifact's blobs
+        self.layers = [Export(str(entry.index), entry.index, entry.digest)
+                       for entry in source.entries]
+        self.aliases = {name: self.layers[entry.index]
+                        for entry in source.entries for name in entry.names}
+        self.disk = DiskExport(self)
+        self.default_name = None   # the export named "", once chosen
 
     # ----------------------------------------------------------- start-up
 
-    def build_default(self, podman=None):
-        """Build the default export (for layer=auto and layer=disk, with the
-        layers that decide which file is the VM disk) with PODMAN, the
-        start-up's own."""
-        count = len(self.slots)
-        layer = self.settings.layer
+    def build_default(self, tools=None):
+        """Choose and build the default export (for layer=auto and
+        layer=disk, with the layers that decide which file is the VM disk),
+        with TOOLS, the start-up's."""
+        count, layer = len(self.layers), self.settings.layer
         if layer in ("auto", "disk"):
             with self.disk.lock:
-                self.build_disk(podman)
-            self.default_index = self.disk.layer.index if layer == "auto" else "disk"
+                self.disk.build(tools)
+            self.default_name = str(self.disk.layer.index) if layer == "auto" else "disk"
         elif -count <= layer < count:
-            self.default_index = layer % count
-            slot = self.slots[self.default_index]
-            with slot.lock:
-                self.build(slot, podman)
+            export = self.layers[layer % count]
+            self.default_name = export.name
+            with export.lock:
+                self.build(export, tools)
         else:
             allowed = f"0..{count - 1} or -{count}..-1" if count else "none"
-            whole, part = ("image", "layer") if self.image_config else ("artifact", "blob")
             raise CdiError(f"{self.settings.name}: layer={layer} is out of range: the "
-                           f"{whole} has {count} {part}{'s' if count != 1 else ''} "
-                           f"(allowed: {allowed})")
+                           f"{self.source.whole} has {count} {self.source.part}"
+                           f"{'s' if count != 1 else ''} (allowed: {allowed})")
+
+    def check_default_now(self):
+        """verify=before: check the default export's layer before serving,
+        unless it was checked already (or passed before, unchanged since)."""
+        export = self.find("")
+        if export is self.disk:
+            export = self.layers[export.layer.index]  # whose check covers the disk
+        if export.layer.verified or export.check_started:
+            return
+        export.check_started = True
+        if not recall_check(export.layer, self.records):
+            check_and_remember(export.layer, self.settings.name, self.records)
 
     def build_in_background(self):
-        """Map every layer that storage holds, in a thread: a client asking
-        for one meanwhile waits for that one alone."""
+        """Build every export the source holds in place, in a thread: a
+        client asking for one meanwhile waits for that one alone."""
         def run():
-            for slot in self.slots:
-                with slot.lock:
-                    if slot.layer is None and slot.plan is not None:
-                        try:
-                            self.build_from_storage(slot)
-                        except Exception as error:  # one layer's failure stops no other
-                            log.debug(f"layer {slot.index}: {error}")
+            for export in self.layers:
+                with export.lock:
+                    try:
+                        self.build_in_place(export)
+                    except Exception as error:  # one layer's failure stops no other
+                        log.debug(f"layer {export.index}: {error}")
         threading.Thread(target=run, name="open-layers", daemon=True).start()
 
     # ------------------------------------------------------------ serving
 
     def find(self, name):
-        """The Slot of export NAME: "" (the default), an index (negative
-        from the top), "disk", a blob's title or a diffID; None if there
-        is none."""
-        count = len(self.slots)
+        """The Export NAME: "" (the default), an index (negative from the
+        top), "disk", another name of the source's (a blob's title) or a
+        digest; None if there is none."""
+        count = len(self.layers)
         if name == "":
-            name = str(self.default_index)
+            name = self.default_name
         if name == "disk":
             return self.disk
         if name in self.aliases:
             return self.aliases[name]
         if re.fullmatch(r"0|-?[1-9][0-9]{0,19}", name) and -count <= int(name) < count:
-            return self.slots[int(name) % count]
-        return next((slot for slot in self.slots if slot.diff_id == name), None)
+            return self.layers[int(name) % count]
+        return next((export for export in self.layers if export.digest == name), None)
 
     def open(self, name):
         """The Layer of export NAME, built if it is not yet; starts its digest
         check.  Raises NoSuchExport if there is no such export, CdiError if
         it cannot be served."""
-        slot = self.find(name)
-        if slot is None:
-            self.describe_disk()  # then "disk" is named only if there is one
+        export = self.find(name)
+        if export is None:
+            self.disk.describe()  # then "disk" is named only if there is one
             raise NoSuchExport(f"no export {name!r}: the exports are "
-                              + ", ".join(self.names())
-                              + " (or -1, -2, ... or a layer's diffID)")
-        if slot is self.disk and self.disk_error:
-            raise NoSuchExport(self.disk_error)
-        if slot is self.disk and (slot.layer is None or not slot.checked):
-            # The disk's bytes are its layer's: that layer's check covers them.
-            with slot.lock:
-                if slot.layer is None:
-                    self.build_disk()
-            self.open(str(slot.layer.index))
-            slot.checked = True
-        layer = slot.layer  # set once: a ready export needs no lock
-        if layer is None or not slot.checked:
-            with slot.lock:
-                if slot.layer is None:
-                    self.build(slot)
-                layer = slot.layer
-                if not slot.checked:
-                    slot.checked = True
-                    if self.verifying:
-                        slot.check_thread = start_check(layer, self.settings.name,
-                                                        self.records)
+                               + ", ".join(self.names())
+                               + " (or -1, -2, ... or a layer's diffID)")
+        if export is self.disk:
+            return self.disk.open()
+        layer = export.layer  # set once: a ready export needs no lock
+        if layer is None or not export.check_started:
+            with export.lock:
+                self.build(export)
+                layer = export.layer
+                if not export.check_started:
+                    export.check_started = True
+                    if self.verifying and not layer.verified:
+                        export.check_thread = start_check(layer, self.settings.name,
+                                                          self.records)
         return layer
 
     def names(self):
-        names = [slot.name for slot in self.slots] + list(self.aliases)
-        return names + ([] if self.disk_error else ["disk"])
+        names = [export.name for export in self.layers] + list(self.aliases)
+        return names + ([] if self.disk.error else ["disk"])
 
     def listing(self):
         """(name, description) of every export; "disk" only once it is found
@@ -222,177 +153,155 @@ class Exports:
         return [(name, description) for name, description in listed
                 if name != "disk" or self.disk.layer is not None]
 
-    def describe(self, slot):
-        """What export SLOT holds; a layer that storage holds is opened to
-        tell, one that must be copied is not."""
-        if slot is self.disk:
-            return self.describe_disk()
-        with slot.lock:
-            if slot.layer is None and slot.plan is not None:
-                self.build_from_storage(slot)
-            if slot.description is not None:
-                return slot.description
-            head = f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}"
-            if slot.failure:
-                return f"{head}: cannot be served: {slot.failure}"
-            return (f"{head}: copied with podman save when first opened "
-                    f"({slot.not_in_storage})")
-
-    def add_slot(self, index, diff_id):
-        """A new export for layer or blob INDEX, whose digest is DIFF_ID."""
-        slot = Slot(index, diff_id, None)
-        self.slots.append(slot)
-        return slot
-
-    def clear(self):
-        """Close and forget every export, to add them again."""
-        self.close()
-        self.slots.clear()
-        self.aliases.clear()
-        self.disk = Slot(None, None, None, name="disk")
-        self.disk_error = None
-
-    def describe_disk(self):
-        """What the disk export holds; found now if every layer it depends
-        on is in storage, otherwise when first opened."""
-        with self.disk.lock:
-            if self.disk.layer is None and not self.disk_error \
-                    and all(slot.plan is not None or slot.layer for slot in self.slots):
-                with contextlib.suppress(CdiError):  # then disk_error says why
-                    self.build_disk()
-            if self.disk.description is not None:
-                return self.disk.description
-            if self.disk_error:
-                return f"no VM disk: {self.disk_error}"
-            return "the VM disk file, found when first opened (with podman save)"
+    def describe(self, export):
+        """What EXPORT holds; one the source holds in place is built to tell,
+        one that must be copied or fetched is not."""
+        if export is self.disk:
+            return self.disk.describe()
+        with export.lock:
+            self.build_in_place(export)
+            if export.layer is not None:
+                return export.layer.description
+            head = (f"{self.source.part} {export.index} of {len(self.layers)}: "
+                    f"{export.digest}")
+            if export.failure:
+                return f"{head}: cannot be served: {export.failure}"
+            return self.source.pending(export.index)
 
     def close(self):
-        """Close every layer; a check still reading one stops first."""
-        for slot in [self.disk, *self.slots]:
-            with slot.lock:
-                if slot.layer is not None and slot.layer.sources:
-                    slot.layer.fail("the server is stopping")  # ends its check
-                    if slot.check_thread is not None:
-                        slot.check_thread.join()
-                    slot.layer.close()
+        """Close every layer, and the source; a check still reading a layer
+        stops first."""
+        for export in [self.disk, *self.layers]:
+            with export.lock:
+                if export.layer is not None and export.layer.sources:
+                    export.layer.fail("the server is stopping")  # ends its check
+                    if export.check_thread is not None:
+                        export.check_thread.join()
+                    export.layer.close()
+        self.source.close()
 
-    # ----------------------------------------------- building, under slot.lock
+    # --------------------------------------------- building, under export.lock
 
-    def build(self, slot, podman=None):
-        """Build SLOT's layer: from storage, else copied with PODMAN (by
-        default, podman in a workspace of its own)."""
-        if slot is self.disk:
-            return self.build_disk(podman)
-        if slot.layer is None and slot.plan is not None:
-            self.build_from_storage(slot)
-        if slot.layer is None and podman is None:
-            with Workspace(self.settings.name) as workspace:
-                self.build(slot, Podman(workspace, self.settings.name))
-        elif slot.layer is None:
-            log.debug(f"layer {slot.index}: {slot.not_in_storage}: "
-                      "copying the layer with podman save")
-            try:
-                layer = next(saved_layers(podman, self.image, [slot.index], self.verifying),
-                             None)
-                if layer is None:
-                    raise CdiError(f"{self.settings.name}: save: podman's archive has no "
-                                   f"layer {slot.diff_id}")
-            except CdiError as error:
-                slot.failure = str(error)
-                raise
-            self.keep(slot, layer)
+    def build(self, export, tools=None):
+        """Build EXPORT's layer, in place if it can be, else as the source
+        can (a copy, with TOOLS if given)."""
+        if export is self.disk:
+            return self.disk.build(tools)
+        if self.build_in_place(export) is None and export.layer is None:
+            self.keep(export, lambda: self.source.build(export.index, tools))
 
-    def build_disk(self, podman=None):
-        """Build the disk export: the file the VM would boot, in the merged
-        filesystem of the layers, as a window onto its layer."""
-        if self.disk_error:
-            raise CdiError(self.disk_error)
-        if self.disk.layer is not None:
-            return
-        if podman is None:
-            with Workspace(self.settings.name) as workspace:
-                return self.build_disk(Podman(workspace, self.settings.name))
+    def build_in_place(self, export):
+        """Build EXPORT's layer if the source holds it in place; its layer, or None."""
+        if export.layer is None and self.source.in_place(export.index):
+            self.keep(export, lambda: self.source.build_in_place(export.index))
+        return export.layer
+
+    def keep(self, export, make):
+        """Make EXPORT's layer with MAKE (None: not in place after all); a
+        failure is kept, to say why, and raised."""
         try:
-            choice = choose_disk(self.members_of_layers(podman), self.settings.name)
+            layer = make()
         except CdiError as error:
-            self.disk_error = str(error)
+            export.failure = str(error)
             raise
-        slot = self.slots[choice.index]
-        with slot.lock:
-            self.build(slot, podman)
+        if layer is not None:
+            export.failure = None
+            export.layer = layer
+            log.debug(f"export {export.name}: {layer.served_from}: {layer.description}")
+
+
+class DiskExport(Export):
+    """The export "disk" of TABLE: the file the VM would boot, as the source
+    chooses it, served as a Window onto its layer; found when first needed."""
+
+    def __init__(self, table):
+        super().__init__("disk")
+        self.table = table
+        self.error = None   # why there is no one disk, once known
+
+    def open(self):
+        """The Window; its bytes are its layer's, whose check covers them."""
+        if self.layer is None or not self.check_started:
+            with self.lock:
+                try:
+                    self.build()
+                except CdiError:
+                    if self.error:
+                        raise NoSuchExport(self.error) from None
+                    raise
+            self.table.open(str(self.layer.index))
+            self.check_started = True
+        return self.layer
+
+    def describe(self):
+        """What it holds; found now if every entry it depends on is in
+        place, otherwise when first opened."""
+        table = self.table
+        with self.lock:
+            if self.layer is None and not self.error and all(
+                    export.layer or table.source.in_place(export.index)
+                    for export in table.layers):
+                with contextlib.suppress(CdiError):  # then error says why
+                    self.build()
+            if self.layer is not None:
+                return self.layer.description
+            if self.error:
+                return f"no VM disk: {self.error}"
+            return table.source.pending_disk
+
+    # ----------------------------------------------------- under self.lock
+
+    def build(self, tools=None):
+        """Choose the disk among the members of every layer, and make its
+        Window, with TOOLS (or a session of the source's own)."""
+        if self.error:
+            raise CdiError(self.error)
+        if self.layer is not None:
+            return
+        table, source = self.table, self.table.source
+        with source.session(tools) as session:
             try:
-                window = slot.layer.window(choice.member, choice.why)
-            except OSError as error:
-                raise CdiError(f"{self.settings.name}: cannot open {choice.member.name} of "
-                               f"layer {slot.index}: {error.strerror}") from None
-            self.keep_disk(window)
+                choice = source.choose_disk(self.members_of_layers(session))
+            except CdiError as error:
+                self.error = str(error)
+                raise
+            export = table.layers[choice.index]
+            with export.lock:
+                table.build(export, session)
+                try:
+                    window = Window(export.layer, choice.member, choice.why)
+                except OSError as error:
+                    raise CdiError(f"{table.settings.name}: cannot open {choice.member.name} "
+                                   f"of {source.part} {export.index}: "
+                                   f"{error.strerror}") from None
+        window.description = source.describe_disk(window)
+        self.layer = window
+        log.debug(f"export disk: {choice.member.name} of {source.part} "
+                  f"{choice.index}: {choice.why}")
 
-    def keep_disk(self, window):
-        """Make WINDOW, a window onto one file of a layer, the disk export."""
-        slot = self.slots[window.index]
-        where = {"storage": "in place from podman's storage", "copy": "from its copy",
-                 "cache": "from the cache"}[window.parent.how]
-        self.disk.description = (f"{window.member.name} of layer {window.index} "
-                                 f"({slot.diff_id}), {where}: {window.describe_contents()}")
-        window.description = self.disk.description
-        self.disk.layer = window
-        log.debug(f"export disk: {window.member.name} of layer {window.index}: "
-                  f"{window.how_found}")
-
-    def members_of_layers(self, podman):
-        """[(index, members)] of every layer, base first.  Layers in storage
-        are mapped; the others are read from one podman save, and those
+    def members_of_layers(self, tools):
+        """[(index, members)] of every entry, base first.  Those in place
+        are built; the source reads the others (with TOOLS), and those
         holding a file that could be the disk are kept."""
-        members = {}
-        missing = []
-        for slot in self.slots:
-            with slot.lock:
-                if slot.layer is None and slot.plan is not None:
-                    self.build_from_storage(slot)
-                if slot.layer is not None:
-                    members[slot.index] = slot.layer.members
+        table = self.table
+        members, missing = {}, []
+        for export in table.layers:
+            with export.lock:
+                if table.build_in_place(export) is not None:
+                    members[export.index] = export.layer.members
                 else:
-                    missing.append(slot.index)
+                    missing.append(export.index)
         if missing:
-            log.debug(f"layers {missing} are not in storage: reading them with podman save")
-            for layer in saved_layers(podman, self.image, missing, self.verifying):
-                members[layer.index] = layer.members
-                slot = self.slots[layer.index]
-                with slot.lock:
-                    if slot.layer is None and any(
-                            member.kind == "file" and is_candidate(member.name)
-                            for member in layer.members):
-                        self.keep(slot, layer)
+            for index, layer in table.source.read_members(missing, tools).items():
+                members[index] = layer.members
+                if layer.index != index:
+                    continue  # a layer twice in the image: kept once
+                export = table.layers[index]
+                with export.lock:
+                    if export.layer is None and any(member.kind == "file"
+                                                    and is_candidate(member.name)
+                                                    for member in layer.members):
+                        table.keep(export, lambda layer=layer: layer)
                     else:
                         layer.close()
-            # A layer that is twice in the image is in podman's archive once.
-            by_diff_id = {self.slots[index].diff_id: found for index, found in members.items()}
-            for index in missing:
-                if self.slots[index].diff_id not in by_diff_id:
-                    raise CdiError(f"{self.settings.name}: save: podman's archive has no "
-                                   f"layer {self.slots[index].diff_id}")
-                members.setdefault(index, by_diff_id[self.slots[index].diff_id])
-        return [(slot.index, members[slot.index]) for slot in self.slots]
-
-    def build_from_storage(self, slot):
-        try:
-            self.keep(slot, storage_layer(slot.index, slot.diff_id, slot.plan,
-                                          self.settings.name, self.maps))
-        except StorageUnavailable as reason:
-            slot.plan = None
-            slot.not_in_storage = f"cannot serve from podman's storage ({reason})"
-        except CdiError as error:
-            slot.failure = str(error)
-            raise
-
-    def keep(self, slot, layer, description=None):
-        """Make LAYER SLOT's, described as DESCRIPTION (default: a layer's)."""
-        slot.failure = None
-        # A copy was checked while copied, a blob of the cache before it is served.
-        slot.checked = slot.checked or layer.how != "storage"
-        slot.description = description or (
-            f"layer {slot.index} of {len(self.slots)}: {slot.diff_id}, "
-            f"{describe_size(layer.size)}: {layer.describe_contents()}")
-        layer.description = slot.description
-        slot.layer = layer
-        log.debug(f"export {slot.index}: {layer.how}: {slot.description}")
+        return [(export.index, members[export.index]) for export in table.layers]

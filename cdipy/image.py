@@ -11,9 +11,9 @@ import logging
 import os
 import re
 
-from .artifact import Fetched, copy, inspect_remote
 from .errors import CdiError
-from .layout import ArtifactStore, Layout, is_artifact
+from .oci.fetch import Fetched, copy, fetched, inspect_remote, pull_artifact, stored_artifact
+from .oci.layout import Layout, is_artifact
 from .parameters import local_reference, registry_host, split_transport
 
 log = logging.getLogger("cdipy")
@@ -96,52 +96,6 @@ def pull(podman, skopeo, settings, held, local):
     return inspect_image(podman, image_id)
 
 
-def stored_artifact(podman, settings, local):
-    """The artifact LOCAL in podman's artifact store, as a Fetched whose
-    blobs are read in place; None if it is not there, or podman has no
-    artifact store."""
-    status, output = podman.run(["artifact", "inspect", "--", local],
-                                "look up in the artifact store", ok_statuses=(0, 125))
-    if status != 0:
-        return None  # podman 4 has no "podman artifact"; podman 5: not there
-    try:
-        manifest = json.loads(output)["Manifest"]
-    except (ValueError, KeyError, TypeError):
-        raise CdiError(f"{settings.name}: look up in the artifact store: podman printed "
-                       f"unexpected output: {output[:200]!r}") from None
-    store = ArtifactStore(graph_root(podman), settings.name, settings.cache_directory())
-    log.debug(f"using the artifact {settings.name} from podman's artifact store {store.path}")
-    return Fetched(settings.name, store, manifest)
-
-
-def pull_artifact(podman, settings, local):
-    """Pull the artifact LOCAL into podman's artifact store; its Fetched,
-    whose new blobs podman checked as it wrote them; None where podman has
-    no artifact store (podman 4)."""
-    status, _ = podman.run(["artifact", "ls"], "look for the artifact store",
-                           ok_statuses=(0, 125))
-    if status != 0:
-        return None
-    store = ArtifactStore(graph_root(podman), settings.name, settings.cache_directory())
-    before = set(store.blobs())
-    log.debug(f"{settings.name} is an artifact: pulling it with podman artifact pull")
-    podman.run(["artifact", "pull", "--quiet", *settings.registry_options(platform=False),
-                "--", local], "pull the artifact")
-    pulled = stored_artifact(podman, settings, local)
-    if pulled is None:
-        raise CdiError(f"{settings.name}: pull the artifact: podman's artifact store does "
-                       "not hold it after podman artifact pull")
-    pulled.fresh = set(store.blobs()) - before
-    return pulled
-
-
-def fetched(layout, name, fetch):
-    """NAME copied by FETCH into LAYOUT: a Fetched."""
-    result = Fetched(name, layout, {}, fetch)
-    result.fetch_again()
-    return result
-
-
 def cached(settings, held):
     """(the cache's layout, locked by HELD, the manifest there) if it holds
     the artifact settings.name; else None."""
@@ -177,9 +131,3 @@ def platform_matches(image, platform):
     actual = [image.get("Os", ""), image.get("Architecture", ""),
               image.get("Variant", "")][:len(wanted)]
     return actual == wanted
-
-
-def graph_root(podman):
-    """Where podman keeps its storage."""
-    _, output = podman.run(["info", "--format", "{{.Store.GraphRoot}}"], "info")
-    return output.strip()

@@ -1,25 +1,22 @@
 """A layer as an offset map: the tar archive's bytes as a list of segments,
 each either bytes in memory (tar headers) or a range of an open file (a
-file's contents), and the tar members they hold."""
+file's contents), and the tar members they hold; and a window onto one
+file of a layer, which the disk export serves."""
 
 import bisect
 import contextlib
 import errno
-import marshal
 import os
 import re
 import tarfile
 import threading
 import time
 
-from .progress import describe_size
+from .sparse import ZERO_BLOCK
 
 # Tar type flags, by what they mean to us.
 TAR_KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"5": "directory",
              b"1": "link", b"2": "link"}
-KIND_NAMES = {"file": ("file", "files"), "directory": ("directory", "directories"),
-              "link": ("link", "links"), "whiteout": ("whiteout", "whiteouts"),
-              "other": ("other entry", "other entries")}
 # lseek errors that mean "this filesystem cannot tell data from holes".
 NO_HOLE_SUPPORT = (errno.EINVAL, errno.EOPNOTSUPP)
 
@@ -56,22 +53,21 @@ LEADING_ZEROS = re.compile(rb"\0*")
 # Seconds give_way sleeps.
 GIVE_WAY = 50e-6
 # Zeros that segments of zeros are views of.
-ZERO_BLOCK = bytes(64 << 10)
 SHARED_ZEROS = memoryview(ZERO_BLOCK)
 # Kinds of extent.
 DATA, HOLE, ZERO = "data", "hole", "zero"
 
 
 class Layer:
-    """The bytes of layer INDEX, whose digest is DIFF_ID.  HOW says where
-    they come from ("storage", "copy", "cache", or "window" for one file
-    of another layer, see window).  OPENER, if given, opens its
-    files on demand (see storage.LazyFiles); otherwise every file is open."""
+    """The bytes of layer INDEX, whose digest is DIFF_ID, from SERVED_FROM
+    (for messages: "storage", "copy", "cache" or "artifact store").
+    OPENER, if given, opens its files on demand (see storage.LazyFiles);
+    otherwise every file is open."""
 
-    def __init__(self, index, diff_id, how, opener=None):
+    def __init__(self, index, diff_id, served_from, opener=None):
         self.index = index
         self.diff_id = diff_id
-        self.how = how
+        self.served_from = served_from
         self.opener = opener
         self.starts = []      # offset in the layer of each segment
         self.sources = []     # bytes, a view of zeros, or a FileSegment
@@ -82,8 +78,9 @@ class Layer:
         self.failure = None   # set when the layer fails its check: reads then fail
         self.reads = 0        # calls of read; threads may lose a count: a hint only
         self.origin = ""      # what its map was made from, for the check records
-        self.windows = []     # layers that are windows onto this one
+        self.windows = []     # Windows onto this one
         self.description = None  # what the export serving it says it is
+        self.verified = False    # its digest was checked before it was served
 
     def add_bytes(self, data):
         """Add tar bytes DATA.  Zeros that lead it (the padding after a file,
@@ -196,41 +193,10 @@ class Layer:
 
     def learn_zeros(self, zeros):
         """ZEROS, sorted (start, end) ranges, read as zeros: so do the
-        matching ranges of the windows."""
+        matching ranges of its windows."""
         self.zeros = zeros
         for window in self.windows:
             window.learn_zeros(window.zeros_within(zeros))
-
-    def window(self, member, how_found):
-        """A layer of MEMBER's bytes alone (a file, not a tar), read from
-        descriptors of its own, so that closing either closes nothing of
-        the other.  HOW_FOUND says, for its description, why this file."""
-        window = Layer(self.index, self.diff_id, "window")
-        window.member, window.how_found, window.parent = member, how_found, self
-        try:
-            for source, within, piece in self.segments(member.offset, member.size):
-                if type(source) is not FileSegment:
-                    window.add_segment(source[within:within + piece], piece)
-                    continue
-                with self.holding(source) as fd:
-                    window.add_file(FileSegment(piece, fd=os.dup(fd), start=within))
-        except BaseException:
-            window.close()
-            raise
-        # Registered before its state is copied: a check failing meanwhile
-        # reaches it either way.
-        self.windows.append(window)
-        window.failure = window.failure or self.failure
-        window.zeros = window.zeros_within(self.zeros)
-        return window
-
-    def zeros_within(self, zeros):
-        """The parts of ZEROS, ranges of the parent layer, inside this
-        window, in the window's offsets."""
-        start, end = self.member.offset, self.member.offset + self.member.size
-        return [(max(zero_start, start) - start, min(zero_end, end) - start)
-                for zero_start, zero_end in zeros
-                if zero_start < end and zero_end > start]
 
     def close(self):
         if self.opener is not None:
@@ -242,38 +208,47 @@ class Layer:
         self.sources = []
         self.starts = []
 
-    def disks(self):
-        return [member for member in self.members if member.is_disk()]
 
-    def describe_contents(self):
-        """Its disks, with their format, or how many entries of each kind."""
-        if self.how == "window":
-            return self.describe_file()
-        disks = self.disks()
-        if disks:
-            return ", ".join(f"{disk.name} ({self.describe_disk(disk)})" for disk in disks)
-        counts = {}
-        for member in self.members:
-            counts[member.kind] = counts.get(member.kind, 0) + 1
-        parts = [f"{number} {KIND_NAMES[kind][number != 1]}"
-                 for kind, number in sorted(counts.items())]
-        return ", ".join(parts) or "empty"
 
-    def describe_file(self):
-        """The layer as one disk file: its format and size."""
-        return self.describe_disk(Member("", "file", self.size, 0))
+class Window(Layer):
+    """A layer of the bytes of MEMBER, one file of layer PARENT, alone (a
+    file, not a tar): the disk export.  It reads from descriptors of its
+    own, so that closing either closes nothing of the other; a failed check
+    of the parent fails it, and the zeros the parent learns are its too.
+    WHY says, for its description, why this file."""
 
-    def describe_disk(self, member):
-        head = bytearray(32)
-        if member.size >= len(head):
-            try:
-                self.read(memoryview(head), member.offset)
-            except OSError as error:
-                return f"{describe_size(member.size)}, unreadable: {error.strerror}"
-            if head[:4] == b"QFI\xfb":
-                virtual = int.from_bytes(head[24:32], "big")
-                return f"qcow2, {describe_size(virtual)} virtual"
-        return f"raw, {describe_size(member.size)}"
+    def __init__(self, parent, member, why):
+        super().__init__(parent.index, parent.diff_id, parent.served_from)
+        self.parent, self.member, self.why = parent, member, why
+        try:
+            for source, within, piece in parent.segments(member.offset, member.size):
+                if type(source) is not FileSegment:
+                    self.add_segment(source[within:within + piece], piece)
+                    continue
+                with parent.holding(source) as fd:
+                    self.add_file(FileSegment(piece, fd=os.dup(fd), start=within))
+        except BaseException:
+            self.close()
+            raise
+        # Registered before its state is copied: a check failing meanwhile
+        # reaches it either way.
+        parent.windows.append(self)
+        self.failure = self.failure or parent.failure
+        self.zeros = self.zeros_within(parent.zeros)
+
+    def zeros_within(self, zeros):
+        """The parts of ZEROS, ranges of the parent layer, inside this
+        window, in the window's offsets."""
+        start, end = self.member.offset, self.member.offset + self.member.size
+        return [(max(zero_start, start) - start, min(zero_end, end) - start)
+                for zero_start, zero_end in zeros
+                if zero_start < end and zero_end > start]
+
+
+def identity(status):
+    """What tells a file apart, and tells that it changed."""
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
+            status.st_ctime_ns)
 
 
 def member_kind(name, typeflag):
@@ -384,53 +359,6 @@ def merge_runs(runs):
         else:
             merged.append((start, length, kind))
     return merged
-
-
-# The version of dump_map's format.
-MAP_FORMAT = 2
-# Entries in one piece of a dumped map: each piece is loaded by one call
-# that holds the GIL.
-MAP_PIECE = 2048
-
-
-def dump_map(layer):
-    """LAYER's map and members, not its open files, as bytes to cache."""
-    sources = [(source.length, source.name) if type(source) is FileSegment
-               else len(source) if type(source) is memoryview else bytes(source)
-               for source in layer.sources]
-    members = [(member.name, member.kind, member.size, member.offset)
-               for member in layer.members]
-    return marshal.dumps((MAP_FORMAT, layer.size, pieces(sources), pieces(members)))
-
-
-def pieces(entries):
-    return [marshal.dumps(entries[start:start + MAP_PIECE])
-            for start in range(0, len(entries), MAP_PIECE)]
-
-
-def load_map(layer, data):
-    """Fill the new LAYER from DATA, made by dump_map; return it, or None if
-    DATA is not such a map."""
-    try:
-        version, size, sources, members = marshal.loads(data)
-        if version != MAP_FORMAT:
-            return None
-        for piece in sources:
-            give_way()
-            for source in marshal.loads(piece):
-                if type(source) is tuple:
-                    layer.add_file(FileSegment(source[0], name=source[1]))
-                elif type(source) is int:
-                    layer.add_zeros(source)
-                else:
-                    layer.add_segment(source, len(source))
-                    layer.bytes_held += len(source)
-        for piece in members:
-            give_way()
-            layer.members += [Member(*member) for member in marshal.loads(piece)]
-    except (EOFError, ValueError, TypeError, IndexError):
-        return None
-    return layer if layer.size == size else None
 
 
 def give_way():

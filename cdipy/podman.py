@@ -52,7 +52,6 @@ class Tool:
     def __init__(self, workspace, image_name):
         self.workspace = workspace
         self.image_name = image_name
-        self.space_needed = None  # bytes, once the image is known
 
     def start(self, args, stdout=subprocess.PIPE):
         return self.workspace.start([self.program, *args], stdout=stdout)
@@ -74,13 +73,14 @@ class Tool:
             output.seek(0)
             return process.returncode, output.read().decode(errors="replace")
 
-    def failure(self, process, step):
-        """The CdiError for a command that failed at STEP."""
+    def failure(self, process, step, space_needed=None):
+        """The CdiError for a command that failed at STEP, which needs up to
+        SPACE_NEEDED bytes in TMPDIR, if known."""
         text = stderr_text(process)
         meaning = diagnose(text, registry_of(self.image_name), self.workspace.tmpdir,
                            self.program)
-        if meaning.startswith("no space left") and self.space_needed is not None:
-            meaning += (f"; the import needs up to {describe_size(self.space_needed)} "
+        if meaning.startswith("no space left") and space_needed is not None:
+            meaning += (f"; the import needs up to {describe_size(space_needed)} "
                         "free (podman stages its own copy of the layer)")
         return CdiError(f"{self.image_name}: {step}: {meaning}"
                         f" ({describe_status(process, self.program)}: {summary(text)})")
@@ -88,6 +88,11 @@ class Tool:
 
 class Podman(Tool):
     program = "podman"
+
+    def graph_root(self):
+        """Where podman keeps its storage."""
+        _, output = self.run(["info", "--format", "{{.Store.GraphRoot}}"], "info")
+        return output.strip()
 
 
 class Skopeo(Tool):

@@ -12,14 +12,13 @@ import tarfile
 import tempfile
 
 from .errors import CdiError
-from .layer import ZERO_BLOCK, FileSegment, Layer, Member, clean_name, member_kind
+from .layer import FileSegment, Layer, Member, clean_name, member_kind
 from .progress import Progress, describe_size
+from .sparse import SparseWriter
 
 log = logging.getLogger("cdipy")
 
 COPY_CHUNK = 1 << 20
-# Zero blocks of this size are left as holes in a copy.
-SPARSE_BLOCK = len(ZERO_BLOCK)
 
 
 def saved_layers(podman, image, wanted, verify):
@@ -29,6 +28,8 @@ def saved_layers(podman, image, wanted, verify):
     # docker-archive holds uncompressed layers named by their diffID, in
     # manifest order: copy what we need and stop reading there.
     diff_ids = image["RootFS"]["Layers"]
+    # podman stages its own copy of the layer as it streams it.
+    space_needed = 2 * image.get("Size", 0)
     by_file = {}
     for index in wanted:
         by_file.setdefault(diff_ids[index].split(":", 1)[-1] + ".tar", index)
@@ -44,7 +45,7 @@ def saved_layers(podman, image, wanted, verify):
                                    index, diff_ids[index], verify=verify)
         # The whole archive was read: podman has finished, perhaps failed.
         if process.wait() != 0:
-            raise podman.failure(process, "save")
+            raise podman.failure(process, "save", space_needed)
     except (tarfile.TarError, CdiError) as error:
         if podman.workspace.signal_received is not None:
             raise  # interrupted: podman is stopped on the way out
@@ -52,7 +53,7 @@ def saved_layers(podman, image, wanted, verify):
         # best.  A podman still writing has not failed: don't wait for it.
         with contextlib.suppress(subprocess.TimeoutExpired):
             if process.wait(timeout=5) != 0:
-                raise podman.failure(process, "save") from None
+                raise podman.failure(process, "save", space_needed) from None
         if isinstance(error, tarfile.TarError):
             raise CdiError(f"{podman.image_name}: save: not a tar archive: {error}") from None
         raise
@@ -70,6 +71,7 @@ def copied_layer(podman, source, size, index, diff_id, *, verify):
         layer = Layer(index, diff_id, "copy")
         layer.add_file(FileSegment(size, fd=fd))
         layer.members = scan_members(fd)
+        layer.verified = digest is not None
     except BaseException:
         os.close(fd)
         raise
@@ -118,55 +120,6 @@ def copy_sparse(podman, source, size, out_fd, verify):
     if size == 0:
         output.finish()
     return "sha256:" + digest.hexdigest() if digest else None
-
-
-class SparseWriter:
-    """Writes to FD from its start, all-zero blocks (aligned in the file)
-    left as holes; HASH, if given, sees every byte."""
-
-    def __init__(self, fd, hash_=None):
-        self.fd = fd
-        self.hash = hash_
-        self.pending = bytearray()  # less than a block, or not yet flushed
-        self.written = 0
-
-    def write(self, data):
-        if not self.pending and len(data) % SPARSE_BLOCK == 0:
-            self.flush(data)  # whole blocks (a copy's usual chunk): no copy
-            return
-        self.pending += data
-        if len(self.pending) >= COPY_CHUNK:
-            self.flush_pending(len(self.pending) - len(self.pending) % SPARSE_BLOCK)
-
-    def finish(self):
-        """Write what is left; return the file's size."""
-        self.flush_pending(len(self.pending))
-        os.ftruncate(self.fd, self.written)
-        return self.written
-
-    def flush_pending(self, count):
-        data = bytes(self.pending[:count])
-        del self.pending[:count]
-        self.flush(data)
-
-    def flush(self, data):
-        for start in range(0, len(data), SPARSE_BLOCK):
-            size = min(SPARSE_BLOCK, len(data) - start)
-            # startswith compares in place: no copy of the block.
-            if not data.startswith(ZERO_BLOCK[:size], start):
-                write_exactly(self.fd, memoryview(data)[start:start + size],
-                              self.written + start)
-        if self.hash is not None:
-            self.hash.update(data)
-        self.written += len(data)
-
-
-def write_exactly(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        count = os.pwrite(fd, view, offset)
-        view = view[count:]
-        offset += count
 
 
 def scan_members(fd):

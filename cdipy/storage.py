@@ -17,6 +17,7 @@ import errno
 import gzip
 import hashlib
 import json
+import marshal
 import os
 import re
 import resource
@@ -32,10 +33,10 @@ from .errors import StorageUnavailable
 from .layer import (
     FileSegment,
     Layer,
+    Member,
     clean_name,
-    dump_map,
     give_way,
-    load_map,
+    identity,
     member_from_header,
 )
 from .userns import NamespaceOpener
@@ -218,6 +219,53 @@ def map_layer(layer, plan):
         raise StorageUnavailable(f"rebuilt {layer.size} bytes, storage says {plan.diff_size}")
 
 
+# The version of dump_map's format.
+MAP_FORMAT = 2
+# Entries in one piece of a dumped map: each piece is loaded by one call
+# that holds the GIL.
+MAP_PIECE = 2048
+
+
+def dump_map(layer):
+    """LAYER's map and members, not its open files, as bytes to cache."""
+    sources = [(source.length, source.name) if type(source) is FileSegment
+               else len(source) if type(source) is memoryview else bytes(source)
+               for source in layer.sources]
+    members = [(member.name, member.kind, member.size, member.offset)
+               for member in layer.members]
+    return marshal.dumps((MAP_FORMAT, layer.size, pieces(sources), pieces(members)))
+
+
+def pieces(entries):
+    return [marshal.dumps(entries[start:start + MAP_PIECE])
+            for start in range(0, len(entries), MAP_PIECE)]
+
+
+def load_map(layer, data):
+    """Fill the new LAYER from DATA, made by dump_map; return it, or None if
+    DATA is not such a map."""
+    try:
+        version, size, sources, members = marshal.loads(data)
+        if version != MAP_FORMAT:
+            return None
+        for piece in sources:
+            give_way()
+            for source in marshal.loads(piece):
+                if type(source) is tuple:
+                    layer.add_file(FileSegment(source[0], name=source[1]))
+                elif type(source) is int:
+                    layer.add_zeros(source)
+                else:
+                    layer.add_segment(source, len(source))
+                    layer.bytes_held += len(source)
+        for piece in members:
+            give_way()
+            layer.members += [Member(*member) for member in marshal.loads(piece)]
+    except (EOFError, ValueError, TypeError, IndexError):
+        return None
+    return layer if layer.size == size else None
+
+
 def tar_split_entries(stream, path):
     """Yield (bytes, None, 0) for raw tar data and (None, name, size) for a
     file's contents, from a tar-split STREAM (read from PATH)."""
@@ -271,7 +319,14 @@ def name_parts(name):
 
 class DirectoryTree:
     """Opens files beneath directory PATH, following no symlink and no
-    '..', and opening each directory on the way once."""
+    '..', and opening each directory on the way once.
+
+    One of two walks beneath a directory, and the two must differ: this
+    one, for opening every file of a layer at once, holds each directory
+    open until it is done (each is opened once, however many files it
+    has); open_beneath, for a big layer's files opened one at a time when
+    read, holds none (holding a big layer's directories would hold
+    thousands of descriptors for as long as it is served)."""
 
     def __init__(self, path):
         self.path = path
@@ -383,7 +438,8 @@ class LazyFiles:
 
 
 def open_beneath(root, parts):
-    """Open PARTS beneath directory ROOT, following no symlink."""
+    """Open PARTS beneath directory ROOT, following no symlink, holding no
+    directory once done (see DirectoryTree)."""
     fd = root
     try:
         for part in parts[:-1]:
@@ -395,12 +451,6 @@ def open_beneath(root, parts):
     finally:
         if fd != root:
             os.close(fd)
-
-
-def identity(status):
-    """What tells a file apart, and tells that it changed."""
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns,
-            status.st_ctime_ns)
 
 
 def raise_open_file_limit():

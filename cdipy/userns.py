@@ -1,7 +1,7 @@
 """Opening files a rootless user cannot open, the way podman itself does:
 from inside podman's user namespace, where the user is root.
 
-A helper (cdipy/unshared.py, run with "podman unshare") opens each file
+A helper (cdipy/userns_helper.py, run with "podman unshare") opens each file
 beneath the layer's directory, following no symlink, and passes the
 descriptor back over a Unix socket (SCM_RIGHTS).  It is started when the
 first such file is met and stopped when the layer is built: it never
@@ -84,7 +84,7 @@ class NamespaceOpener:
             self.workspace = Workspace(self.image_name).__enter__()
             self.process = self.workspace.start(
                 ["podman", "unshare", "env", f"PYTHONPATH={PACKAGE_PARENT}",
-                 interpreter(), "-m", "cdipy.unshared", str(theirs.fileno())],
+                 interpreter(), "-m", "cdipy.userns_helper", str(theirs.fileno())],
                 stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()

@@ -18,9 +18,9 @@ import threading
 import time
 
 from .errors import CdiError
-from .layer import ZERO_BLOCK
+from .layer import identity
 from .progress import Progress
-from .storage import identity
+from .sparse import blocks
 
 log = logging.getLogger("cdipy")
 
@@ -37,14 +37,14 @@ def start_check(layer, image_name, records):
     storage, which podman checked when it stored the layer."""
     # Cheap for a layer whose files are all open: done now, so that the
     # very first client already sees the known zeros.
-    if layer.opener is None and remembered(layer, records):
+    if layer.opener is None and recall_check(layer, records):
         return None
 
     def run():
         with contextlib.suppress(OSError):  # not allowed: keep the priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
         try:
-            if layer.opener is None or not remembered(layer, records):
+            if layer.opener is None or not recall_check(layer, records):
                 check_and_remember(layer, image_name, records)
         except CdiError as error:
             log.debug(str(error))  # layer.failure is set: every read fails now
@@ -61,9 +61,10 @@ def check_and_remember(layer, image_name, records):
     records.store(layer.diff_id, before, layer.zeros)
 
 
-def remembered(layer, records):
-    """Whether RECORDS say LAYER, with its files as they are now, passed;
-    if so its known zeros are set."""
+def recall_check(layer, records):
+    """Whether RECORDS say LAYER, with its files as they are now, passed its
+    check; if so, LAYER learns its known zeros and counts as verified.  A
+    file that cannot be read fails LAYER."""
     try:
         zeros = records.lookup(layer.diff_id, fingerprint(layer))
     except OSError as error:
@@ -72,6 +73,7 @@ def remembered(layer, records):
     if zeros is None:
         return False
     layer.learn_zeros(zeros)
+    layer.verified = True
     log.debug(f"layer {layer.index} passed its check before, unchanged since")
     return True
 
@@ -90,8 +92,8 @@ def fingerprint(layer):
 
 def check_digest(layer, image_name):
     """Read LAYER whole and compare its sha256 with its diffID; return the
-    (start, end) ranges that are all zeros.  After a mismatch, or a read
-    error, every read of the layer fails."""
+    (start, end) ranges that are all zeros.  After a match the layer counts
+    as verified; after a mismatch, or a read error, every read of it fails."""
     started = time.monotonic()
     digest = hashlib.sha256()
     buffer = bytearray(CHECK_CHUNK)
@@ -118,6 +120,7 @@ def check_digest(layer, image_name):
                    f"{actual} but the image says {layer.diff_id}; refusing to "
                    "serve it (verify=false skips this check)")
         raise CdiError(layer.failure)
+    layer.verified = True
     log.debug(f"verified layer {layer.index} in {time.monotonic() - started:.2f} s")
     return [tuple(zero) for zero in zeros]
 
@@ -126,11 +129,8 @@ def note_zeros(buffer, length, offset, zeros):
     """Add the all-zero blocks of BUFFER[:LENGTH], at OFFSET in the layer
     (blocks aligned in the layer), to ZEROS, a list of [start, end] merged
     as it grows."""
-    block = len(ZERO_BLOCK)
-    for start in range(0, length, block):
-        size = min(block, length - start)
-        # startswith compares in place: no copy of the block.
-        if buffer.startswith(ZERO_BLOCK if size == block else bytes(size), start):
+    for start, size, all_zero in blocks(buffer, length):
+        if all_zero:
             if zeros and zeros[-1][1] == offset + start:
                 zeros[-1][1] += size
             else:

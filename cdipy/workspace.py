@@ -242,14 +242,25 @@ def guard(read_fd, path):
         if not chunk:
             break
         messages += chunk
-    lines = messages.splitlines()
-    if b"done" in lines:
+    orphans = orders(messages)
+    if orphans is None:
         return
-    pids = [int(line.split()[1]) for line in lines if line.startswith(b"pid ")]
     try:
-        stop_orphans(pids)
+        stop_orphans(orphans)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def orders(messages):
+    """What the guardian is to do, from MESSAGES, all nbdkit wrote to it
+    before the pipe closed: None if nbdkit said "done" (the import ended,
+    nbdkit cleaned up itself), else the PIDs of the programs to stop before
+    removing the workspace."""
+    lines = messages.splitlines()
+    if b"done" in lines:
+        return None
+    return [int(fields[1]) for fields in (line.split() for line in lines)
+            if len(fields) == 2 and fields[0] == b"pid" and fields[1].isdigit()]
 
 
 def stop_orphans(pids):

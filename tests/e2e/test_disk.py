@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import nbdkit_error, podman, read_export, run_nbdkit, sha256
-from lab import directory, regular, tar_layer, whiteout
+from tars import directory, regular, tar_layer, whiteout
 
 
 def run_on_disk(image, command):

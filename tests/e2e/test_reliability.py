@@ -36,20 +36,8 @@ import nbd
 import pytest
 
 from conftest import read_export, run_nbdkit, serve
-from lab import (
-    CDI,
-    MIB,
-    check_passed,
-    directory,
-    podman,
-    processes_mentioning,
-    registry,
-    regular,
-    symlink,
-    tar_layer,
-    wait_for,
-    words_of,
-)
+from lab import CDI, MIB, check_passed, podman, processes_mentioning, registry, wait_for, words_of
+from tars import directory, regular, symlink, tar_layer
 
 PATIENCE = 30  # seconds anything promised may take
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CDI, NBDKIT
-from lab import Blob, directory, push_artifact, regular, tar_layer, wait_for, write_docker_archive
+from lab import Blob, push_artifact, wait_for, write_docker_archive
+from tars import directory, regular, tar_layer
 
 USER = "cdi-rootless-test"
 
@@ -138,7 +139,7 @@ def test_rootless_user_is_served_every_layer_in_place(home):
     assert tmpdir == "TMPDIR: "
     assert "copying the layer with podman save" not in result.stderr
     assert "running: podman unshare" in result.stderr
-    assert "cdipy.unshared" not in user_processes()
+    assert "cdipy.userns_helper" not in user_processes()
 
 
 def test_rootless_user_is_served_an_artifact_from_a_cache_of_its_own(home, lab):

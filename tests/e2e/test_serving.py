@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CDI, NBDKIT, podman, serve, sha256
-from lab import directory, regular, tar_layer
+from tars import directory, regular, tar_layer
 
 MIB = 1 << 20
 

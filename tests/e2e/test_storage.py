@@ -22,18 +22,8 @@ import nbd
 import pytest
 
 from conftest import nbdkit_error, read_export, run_nbdkit, serve
-from lab import (
-    MTIME,
-    Layer,
-    directory,
-    hardlink,
-    layer_tar,
-    podman,
-    regular,
-    sha256,
-    symlink,
-    whiteout,
-)
+from lab import podman, sha256
+from tars import MTIME, Layer, directory, hardlink, layer_tar, regular, symlink, whiteout
 
 
 def pseudo_random(size, seed):

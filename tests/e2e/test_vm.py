@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_nbdkit, serve
-from lab import Blob, directory, push_artifact, regular, sha256, tar_layer
+from lab import Blob, push_artifact, sha256
+from tars import directory, regular, tar_layer
 from vm import boot, make_boot_disk, token_line
 
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"

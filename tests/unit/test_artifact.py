@@ -8,12 +8,12 @@ import os
 
 import pytest
 
-from cdipy.artifact import usable_name
-from cdipy.blobs import gunzip_sparse
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
-from cdipy.layout import Layout, is_artifact, reference
+from cdipy.oci.blobs import gunzip_sparse
+from cdipy.oci.layout import Layout, is_artifact, reference
 from cdipy.podman import diagnose, summary
+from cdipy.sources.layout import usable_name
 
 MIB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -18,11 +18,12 @@ import pytest
 
 from cdipy import storage
 from cdipy.cache import PrivateCache
+from cdipy.disk import describe_contents
 from cdipy.errors import StorageUnavailable
 from cdipy.storage import StoragePlan, layer_chain, storage_layer, storage_plans, tar_split_entries
 from cdipy.verify import fingerprint
+from tars import directory, layer_tar, regular, symlink
 
-MTIME = 1700000000
 DIFF_ID = "sha256:" + "a" * 64
 DISK = bytes(range(256)) * 19 + b"tail"       # 4868 bytes: its last block is padded
 HOSTNAME = b"builder\n"
@@ -30,35 +31,9 @@ HOSTNAME = b"builder\n"
 
 # ------------------------------------------------------ making storage layers
 
-def regular(name, data):
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, MTIME
-    return info, data
-
-
-def directory(name):
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
-    return info, None
-
-
-def symlink(name, target):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, MTIME
-    return info, None
-
-
 LAYER_ENTRIES = [directory("etc"), regular("etc/hostname", HOSTNAME), regular("etc/empty", b""),
                  symlink("etc/localtime", "/usr/share/zoneinfo/UTC"),
                  directory("disk"), regular("disk/disk.img", DISK)]
-
-
-def make_tar(entries):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for info, data in entries:
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
 
 
 def segment(data):
@@ -111,7 +86,7 @@ def unpack(entries, diff_dir):
 @pytest.fixture
 def stored(tmp_path):
     """(the tar, its StoragePlan) of LAYER_ENTRIES unpacked in tmp_path."""
-    tar = make_tar(LAYER_ENTRIES)
+    tar = layer_tar(LAYER_ENTRIES)
     unpack(LAYER_ENTRIES, tmp_path / "diff")
     tar_split = write_tar_split(tmp_path / "layer.tar-split.gz", tar_split_lines(tar))
     return tar, StoragePlan(str(tmp_path / "diff"), tar_split, len(tar))
@@ -162,98 +137,73 @@ def test_tar_split_entries_come_in_stream_order():
     assert entries_of(text) == [(b"\0", None, 0), (None, b"a", 1)]
 
 
-def test_tar_split_bad_json_names_the_file():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b"not json\n")
-    assert str(raised.value).startswith("unreadable tar-split /s/l.tar-split.gz: "
-                                        "Expecting value: ")
+def gzip_damaged(text, damage):
+    """TEXT gzipped (100 times over), then DAMAGE(bytearray) done to it."""
+    compressed = bytearray(gzip.compress(text * 100))
+    damage(compressed)
+    return bytes(compressed)
 
 
-def test_tar_split_unknown_entry_type_names_the_file():
-    # Every other corrupt tar-split names the file; the copy path's log line
-    # ("cannot serve from podman's storage (...)") should say which one.
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 3, "payload": null}\n')
-    message = str(raised.value)
-    assert "/s/l.tar-split.gz" in message and "entry of type 3" in message
+def cut_short(compressed):
+    del compressed[-12:]
 
 
-def test_tar_split_entry_without_type_names_the_missing_key():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"payload": "AA=="}\n')
-    assert str(raised.value) == "unreadable tar-split /s/l.tar-split.gz: 'type'"
-
-
-def test_tar_split_file_without_name_names_the_missing_key():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 1, "size": 3}\n')
-    assert str(raised.value) == "unreadable tar-split /s/l.tar-split.gz: 'name'"
-
-
-def test_tar_split_entry_that_is_not_an_object_is_refused():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b"[2]\n")
-    assert str(raised.value).startswith("unreadable tar-split /s/l.tar-split.gz: ")
-
-
-def test_tar_split_payload_that_is_not_base64_is_refused():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 2, "payload": "no spaces!"}\n')
-    assert str(raised.value) == ("unreadable tar-split /s/l.tar-split.gz: "
-                                 "Only base64 data is allowed")
-
-
-def test_tar_split_name_raw_that_is_not_base64_is_refused():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 1, "name_raw": "%%%", "size": 1}\n')
-    assert str(raised.value) == ("unreadable tar-split /s/l.tar-split.gz: "
-                                 "Only base64 data is allowed")
-
-
-def test_tar_split_negative_size_is_refused():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 1, "name": "a", "size": -1}\n')
-    assert str(raised.value) == "unreadable tar-split /s/l.tar-split.gz: size -1"
-
-
-def test_tar_split_size_that_is_not_an_integer_is_refused():
-    with pytest.raises(StorageUnavailable) as raised:
-        entries_of(b'{"type": 1, "name": "a", "size": "12"}\n')
-    assert str(raised.value) == "unreadable tar-split /s/l.tar-split.gz: size '12'"
-
-
-def test_tar_split_gzip_cut_short_is_refused_not_eoferror():
-    compressed = gzip.compress(b'{"type": 2, "payload": "AA=="}\n' * 100)
-    with gzip.open(io.BytesIO(compressed[:-12]), "rb") as stream, \
-            pytest.raises(StorageUnavailable) as raised:
-        list(tar_split_entries(stream, "/s/l.tar-split.gz"))
-    assert str(raised.value) == ("unreadable tar-split /s/l.tar-split.gz: Compressed file "
-                                 "ended before the end-of-stream marker was reached")
-
-
-def test_tar_split_gzip_with_a_bad_checksum_is_refused():
-    compressed = bytearray(gzip.compress(b'{"type": 2, "payload": "AA=="}\n' * 100))
+def flip_checksum(compressed):
     compressed[-8] ^= 0xFF   # the CRC-32 of the trailer
-    with gzip.open(io.BytesIO(bytes(compressed)), "rb") as stream, \
-            pytest.raises(StorageUnavailable) as raised:
-        list(tar_split_entries(stream, "/s/l.tar-split.gz"))
-    assert str(raised.value).startswith("unreadable tar-split /s/l.tar-split.gz: CRC check failed")
 
 
-def test_tar_split_gzip_with_flipped_deflate_bytes_is_refused_not_zlib_error():
-    compressed = bytearray(gzip.compress(b'{"type": 2, "payload": "AA=="}\n' * 100))
+def flip_deflate_bytes(compressed):
     compressed[12:16] = b"\xff\xff\xff\xff"   # a reserved block type
-    with gzip.open(io.BytesIO(bytes(compressed)), "rb") as stream, \
-            pytest.raises(StorageUnavailable) as raised:
+
+
+SEGMENT = b'{"type": 2, "payload": "AA=="}\n'
+# Every way a tar-split can be corrupt: (what is wrong, the tar-split as
+# plain lines or as damaged gzip, the message, and whether it is the whole
+# message or its start).  Each must surface as StorageUnavailable naming the
+# file, never as another exception, so that the copy path takes over.
+TAR_SPLIT_ERRORS = [
+    ("bad json", b"not json\n", "Expecting value: ", "start"),
+    # Every corrupt tar-split names the file; the copy path's log line
+    # ("cannot serve from podman's storage (...)") says which one.
+    ("unknown entry type", b'{"type": 3, "payload": null}\n', "entry of type 3", "whole"),
+    ("entry without a type", b'{"payload": "AA=="}\n', "'type'", "whole"),
+    ("file without a name", b'{"type": 1, "size": 3}\n', "'name'", "whole"),
+    ("entry not an object", b"[2]\n", "", "start"),
+    ("payload not base64", b'{"type": 2, "payload": "no spaces!"}\n',
+     "Only base64 data is allowed", "whole"),
+    ("name_raw not base64", b'{"type": 1, "name_raw": "%%%", "size": 1}\n',
+     "Only base64 data is allowed", "whole"),
+    ("negative size", b'{"type": 1, "name": "a", "size": -1}\n', "size -1", "whole"),
+    ("size not an integer", b'{"type": 1, "name": "a", "size": "12"}\n', "size '12'", "whole"),
+    ("gzip cut short", gzip_damaged(SEGMENT, cut_short),
+     "Compressed file ended before the end-of-stream marker was reached", "whole"),
+    ("gzip with a bad checksum", gzip_damaged(SEGMENT, flip_checksum), "CRC check failed",
+     "start"),
+    ("gzip with flipped deflate bytes", gzip_damaged(SEGMENT, flip_deflate_bytes),
+     "Error -3 ", "start"),
+]
+
+
+@pytest.mark.parametrize("data, message, how", [row[1:] for row in TAR_SPLIT_ERRORS],
+                         ids=[row[0] for row in TAR_SPLIT_ERRORS])
+def test_a_corrupt_tar_split_is_refused_naming_the_file(data, message, how):
+    with contextlib.ExitStack() as opened, pytest.raises(StorageUnavailable) as raised:
+        stream = io.BytesIO(data)
+        if data.startswith(b"\x1f\x8b"):
+            stream = opened.enter_context(gzip.open(stream, "rb"))
         list(tar_split_entries(stream, "/s/l.tar-split.gz"))
-    assert str(raised.value).startswith("unreadable tar-split /s/l.tar-split.gz: Error -3 ")
+    expected = f"unreadable tar-split /s/l.tar-split.gz: {message}"
+    if how == "whole":
+        assert str(raised.value) == expected
+    else:
+        assert str(raised.value).startswith(expected)
 
 
 def test_tar_split_every_single_byte_flip_is_refused_or_harmless():
     # A flip in the gzip header's time or OS bytes changes nothing; any
     # other is caught by gzip, zlib or the checksum, and must surface as
     # StorageUnavailable so that the copy path takes over.
-    lines = tar_split_lines(make_tar([regular("a", b"x" * 600), directory("d")]))
+    lines = tar_split_lines(layer_tar([regular("a", b"x" * 600), directory("d")]))
     text = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
     compressed = gzip.compress(text, mtime=0)
     expected = entries_of(text)
@@ -274,7 +224,7 @@ def test_tar_split_every_single_byte_flip_is_refused_or_harmless():
 def test_storage_layer_rebuilds_the_original_tar_exactly(stored):
     tar, plan = stored
     with contextlib.closing(storage_layer(2, DIFF_ID, plan)) as layer:
-        assert (layer.index, layer.diff_id, layer.how) == (2, DIFF_ID, "storage")
+        assert (layer.index, layer.diff_id, layer.served_from) == (2, DIFF_ID, "storage")
         assert layer.size == len(tar)
         assert read_all(layer) == tar
 
@@ -292,14 +242,14 @@ def test_storage_layer_lists_the_members_with_kind_size_and_data_offset(stored):
             ("disk/", "directory", 0, offsets["disk"]),
             ("disk/disk.img", "file", len(DISK), offsets["disk/disk.img"]),
         ]
-        assert layer.describe_contents() == "disk/disk.img (raw, 4.8 KiB)"
+        assert describe_contents(layer) == "disk/disk.img (raw, 4.8 KiB)"
 
 
 def test_storage_layer_serves_files_from_the_diff_directory(stored, tmp_path):
     _, plan = stored
     (tmp_path / "diff" / "disk" / "disk.img").write_bytes(DISK.upper())  # same size
     with contextlib.closing(storage_layer(0, DIFF_ID, plan)) as layer:
-        disk = layer.disks()[0]
+        [disk] = [member for member in layer.members if member.is_disk()]
         data = bytearray(disk.size)
         layer.read(memoryview(data), disk.offset)
         assert bytes(data) == DISK.upper()
@@ -460,7 +410,7 @@ def many(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "LAZY_OPEN_FILES", 8)
     entries = [directory("many")] + [regular(f"many/{index}", os.urandom(700 + index))
                                      for index in range(40)]
-    tar = make_tar(entries)
+    tar = layer_tar(entries)
     unpack(entries, tmp_path / "diff")
     tar_split = write_tar_split(tmp_path / "many.tar-split.gz", tar_split_lines(tar))
     return tar, StoragePlan(str(tmp_path / "diff"), tar_split, len(tar))
@@ -536,7 +486,7 @@ def test_big_layer_map_is_not_taken_for_a_rewritten_tar_split(many, tmp_path):
 def test_storage_layer_with_a_path_twice_is_unavailable(tmp_path):
     # Storage keeps the last "a" only: the first would be served its bytes.
     entries = [regular("a", b"first"), regular("a", b"later")]
-    tar = make_tar(entries)
+    tar = layer_tar(entries)
     (tmp_path / "diff").mkdir()
     (tmp_path / "diff" / "a").write_bytes(b"later")
     plan = StoragePlan(str(tmp_path / "diff"),

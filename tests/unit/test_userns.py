@@ -9,15 +9,15 @@ import threading
 
 import pytest
 
-from cdipy import unshared
+from cdipy import userns_helper
 from cdipy.userns import NamespaceOpener
 
 
 @pytest.fixture
 def opener():
-    """A NamespaceOpener talking to unshared.serve in a thread."""
+    """A NamespaceOpener talking to userns_helper.serve in a thread."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    helper = threading.Thread(target=unshared.serve, args=(theirs,), daemon=True)
+    helper = threading.Thread(target=userns_helper.serve, args=(theirs,), daemon=True)
     helper.start()
     namespace = NamespaceOpener("img")
     namespace.socket = ours

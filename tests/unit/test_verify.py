@@ -10,7 +10,7 @@ import pytest
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
 from cdipy.layer import DATA, HOLE, ZERO, FileSegment, Layer, split_zeros
-from cdipy.verify import CheckRecords, check_and_remember, check_digest, note_zeros, remembered
+from cdipy.verify import CheckRecords, check_and_remember, check_digest, note_zeros, recall_check
 
 BLOCK = 64 << 10
 HEADER = b"h" * 512
@@ -78,7 +78,7 @@ def test_a_layer_that_passed_is_remembered_with_its_zeros(disk_layer, tmp_path):
     records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     disk_layer.zeros = ()
-    assert remembered(disk_layer, records)
+    assert recall_check(disk_layer, records)
     assert disk_layer.zeros == [(2 * BLOCK, 3 * BLOCK)]
     assert oct(os.stat(tmp_path / "checked").st_mode & 0o777) == "0o700"
 
@@ -87,7 +87,7 @@ def test_a_file_touched_since_the_check_is_not_remembered(disk_layer, tmp_path):
     records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
     check_and_remember(disk_layer, "img", records)
     os.utime(tmp_path / "disk.img", ns=(1, 1))
-    assert not remembered(disk_layer, records)
+    assert not recall_check(disk_layer, records)
 
 
 def test_a_record_others_may_write_is_ignored(disk_layer, tmp_path):
@@ -95,7 +95,7 @@ def test_a_record_others_may_write_is_ignored(disk_layer, tmp_path):
     check_and_remember(disk_layer, "img", records)
     (path,) = (tmp_path / "checked").iterdir()
     os.chmod(path, 0o666)
-    assert not remembered(disk_layer, records)
+    assert not recall_check(disk_layer, records)
 
 
 def test_a_record_of_another_layer_is_ignored(disk_layer, tmp_path):
@@ -105,7 +105,7 @@ def test_a_record_of_another_layer_is_ignored(disk_layer, tmp_path):
     record = json.loads(path.read_text())
     record["diff_id"] = "sha256:" + "1" * 64
     path.write_text(json.dumps(record))
-    assert not remembered(disk_layer, records)
+    assert not recall_check(disk_layer, records)
 
 
 def test_a_diff_id_that_is_not_a_sha256_is_never_a_file_name(tmp_path):
@@ -118,4 +118,4 @@ def test_a_diff_id_that_is_not_a_sha256_is_never_a_file_name(tmp_path):
 def test_no_cache_directory_remembers_nothing(disk_layer):
     records = CheckRecords(PrivateCache(None))
     check_and_remember(disk_layer, "img", records)
-    assert not remembered(disk_layer, records)
+    assert not recall_check(disk_layer, records)

@@ -19,9 +19,9 @@ import os
 import re
 import stat
 
-from .cache import make_private, only_ours
-from .errors import CdiError
-from .parameters import local_reference
+from ..cache import make_private, only_ours, remove_leftovers
+from ..errors import CdiError
+from ..parameters import local_reference
 
 log = logging.getLogger("cdipy")
 
@@ -39,8 +39,9 @@ IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
 class OciLayout:
     """The blobs of the OCI layout at PATH, for image IMAGE_NAME; CACHE is
     the cache directory (None: none), where gzip blobs are unpacked."""
-    # How its blobs are named in messages, and what to do if one is damaged.
+    # How its blobs are named in messages, and where they are served from.
     blob_words = "the cached blob"
+    served_from = "cache"
 
     def __init__(self, path, image_name, cache):
         self.path = path
@@ -84,6 +85,7 @@ class ArtifactStore(OciLayout):
     pull and podman artifact add fill: an OCI layout whose blobs are served
     in place.  Read only: a damaged blob is podman's to replace."""
     blob_words = "the blob in podman's artifact store"
+    served_from = "artifact store"
 
     def __init__(self, graph_root, image_name, cache):
         super().__init__(os.path.join(graph_root, "artifacts"), image_name, cache)
@@ -122,17 +124,10 @@ class Layout(OciLayout):
             except BlockingIOError:
                 log.debug(f"waiting for another nbdkit's copy into {self.path}")
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            self.remove_partial_blobs()
+            remove_leftovers(self.path, PARTIAL_BLOB, "a copy cut short")
             yield self
         finally:
             os.close(fd)
-
-    def remove_partial_blobs(self):
-        for name in os.listdir(self.path):
-            if name.startswith(PARTIAL_BLOB):
-                log.debug(f"removing {name}, left in the cache by a copy cut short")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.path, name))
 
     def destination(self, name):
         """skopeo's name for NAME's place in the layout."""

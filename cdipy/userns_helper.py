@@ -1,5 +1,5 @@
-"""The helper of userns.py, run as "podman unshare python3 -m cdipy.unshared
-FD": for each request on the socket FD (the lengths of a directory and of
+"""The helper of userns.py, run as "podman unshare python3 -m
+cdipy.userns_helper FD": for each request on the socket FD (the lengths of a directory and of
 a file's path beneath it, then both), open the file following no symlink
 and send back its descriptor, or the errno.  Exits when the socket closes."""
 

@@ -18,12 +18,13 @@ import stat
 import tempfile
 import zlib
 
-from .cache import PrivateCache, make_private
-from .errors import CdiError
-from .layer import FileSegment, Layer
-from .progress import Progress, describe_size
-from .save import SparseWriter, scan_members
-from .verify import check_digest, fingerprint, remembered
+from ..cache import PrivateCache, make_private, remove_leftovers
+from ..errors import CdiError
+from ..layer import FileSegment, Layer
+from ..progress import Progress, describe_size
+from ..save import scan_members
+from ..sparse import SparseWriter
+from ..verify import check_digest, fingerprint, recall_check
 
 log = logging.getLogger("cdipy")
 
@@ -134,7 +135,7 @@ class Blobs:
             os.close(fd)
             raise BlobMismatch(f"{self.layout.image_name}: {self.layout.blob_words} {digest} "
                                f"has {status.st_size} bytes, the manifest says {size}", digest)
-        layer = Layer(index, digest, "cache")
+        layer = Layer(index, digest, "cache" if origin == "unpacked" else self.layout.served_from)
         layer.origin = origin
         layer.add_file(FileSegment(status.st_size, fd=fd))
         return layer
@@ -143,9 +144,10 @@ class Blobs:
         """Make sure LAYER hashes to its digest: it was checked before and is
         unchanged since, or was just written and checked (by skopeo, or
         unpacked here), or hash it now."""
-        if not self.verify or remembered(layer, self.records):
+        if not self.verify or recall_check(layer, self.records):
             return
         if layer.diff_id in self.fresh:
+            layer.verified = True
             self.records.store(layer.diff_id, fingerprint(layer), [])
             return
         log.debug(f"checking {what}: not checked before, or changed since")
@@ -173,11 +175,7 @@ class Blobs:
                            f"{self.unpacked.directory}: {error.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            for name in os.listdir(self.unpacked.directory):
-                if name.startswith(PARTIAL):
-                    log.debug(f"removing {name}, left in the cache by an unpacking cut short")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self.unpacked.directory, name))
+            remove_leftovers(self.unpacked.directory, PARTIAL, "an unpacking cut short")
             yield
         finally:
             os.close(fd)

@@ -1,0 +1,108 @@
+"""Getting an artifact or an archive into an OCI layout: podman's artifact
+store (podman >= 5.4), where podman artifact pull puts artifacts, or the
+cache's, where skopeo copies what podman cannot pull (artifacts on podman
+4, multi-arch artifacts) or should not import (archives)."""
+
+import dataclasses
+import json
+import logging
+
+from ..errors import CdiError
+from .layout import ArtifactStore
+
+log = logging.getLogger("cdipy")
+
+
+@dataclasses.dataclass
+class Fetched:
+    """IMAGE_NAME in LAYOUT (the cache's held locked, or podman's artifact
+    store) as the MANIFEST there; FETCH, if the pull policy allows, copies
+    it again (for a damaged blob) and returns the manifest; FRESH, the
+    digests of the blobs just written (and checked as they were)."""
+    image_name: str
+    layout: object
+    manifest: dict
+    fetch: object = None
+    fresh: set = dataclasses.field(default_factory=set)
+
+    def fetch_again(self):
+        before = set(self.layout.blobs())
+        self.manifest = self.fetch()
+        self.fresh |= set(self.layout.blobs()) - before
+
+
+def fetched(layout, name, fetch):
+    """NAME copied by FETCH into LAYOUT: a Fetched."""
+    result = Fetched(name, layout, {}, fetch)
+    result.fetch_again()
+    return result
+
+
+# ------------------------------------------------ podman's artifact store
+
+def stored_artifact(podman, settings, local):
+    """The artifact LOCAL in podman's artifact store, as a Fetched whose
+    blobs are read in place; None if it is not there, or podman has no
+    artifact store."""
+    status, output = podman.run(["artifact", "inspect", "--", local],
+                                "look up in the artifact store", ok_statuses=(0, 125))
+    if status != 0:
+        return None  # podman 4 has no "podman artifact"; podman 5: not there
+    try:
+        manifest = json.loads(output)["Manifest"]
+    except (ValueError, KeyError, TypeError):
+        raise CdiError(f"{settings.name}: look up in the artifact store: podman printed "
+                       f"unexpected output: {output[:200]!r}") from None
+    store = ArtifactStore(podman.graph_root(), settings.name, settings.cache_directory())
+    log.debug(f"using the artifact {settings.name} from podman's artifact store {store.path}")
+    return Fetched(settings.name, store, manifest)
+
+
+def pull_artifact(podman, settings, local):
+    """Pull the artifact LOCAL into podman's artifact store; its Fetched,
+    whose new blobs podman checked as it wrote them; None where podman has
+    no artifact store (podman 4)."""
+    status, _ = podman.run(["artifact", "ls"], "look for the artifact store",
+                           ok_statuses=(0, 125))
+    if status != 0:
+        return None
+    store = ArtifactStore(podman.graph_root(), settings.name, settings.cache_directory())
+    before = set(store.blobs())
+    log.debug(f"{settings.name} is an artifact: pulling it with podman artifact pull")
+    podman.run(["artifact", "pull", "--quiet", *settings.registry_options(platform=False),
+                "--", local], "pull the artifact")
+    pulled = stored_artifact(podman, settings, local)
+    if pulled is None:
+        raise CdiError(f"{settings.name}: pull the artifact: podman's artifact store does "
+                       "not hold it after podman artifact pull")
+    pulled.fresh = set(store.blobs()) - before
+    return pulled
+
+
+# ------------------------------------------------------ skopeo, the cache
+
+def inspect_remote(skopeo, settings, source):
+    """The manifest (or index) of SOURCE, a docker:// name; None if skopeo
+    cannot tell (podman's pull then says why, as for any image)."""
+    try:
+        _, output = skopeo.run(["inspect", "--raw", *settings.registry_options(platform=False),
+                                "--", source], "inspect")
+        return json.loads(output)
+    except (CdiError, ValueError) as error:
+        log.debug(f"cannot read the manifest of {source} with skopeo: {error}")
+        return None
+
+
+def copy(skopeo, settings, layout, source):
+    """Copy SOURCE into LAYOUT (locked); return its manifest there.  Blobs
+    the layout holds already are not fetched again; the ones skopeo
+    writes, it has checked."""
+    skopeo.run([*settings.platform_options(), "copy", "--quiet",
+                "--dest-oci-accept-uncompressed-layers",
+                *(settings.registry_options("src-", platform=False)
+                  if source.startswith("docker://") else []),
+                "--", source, layout.destination(settings.name)], "copy with skopeo")
+    found = layout.manifest(settings.name)
+    if found is None:
+        raise CdiError(f"{settings.name}: copy with skopeo: no manifest in {layout.path}")
+    return found[1]

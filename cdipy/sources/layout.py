@@ -1,0 +1,143 @@
+"""An OCI layout as a source: the blobs of an artifact, or the layers of an
+archive's image, in the cache's layout or in podman's artifact store.
+
+An artifact's blobs are files: an ORAS disk (its name in the title
+annotation, whatever its media type says), or the disks of a KubeVirt VM
+export (VEP 256), as they are or gzipped.  An archive holds an image,
+whose layers are served as tars, like podman's.  Everything is built, and
+checked, when the source is made (under the layout's lock): a blob that
+fails its check is fetched again, once, where the pull policy allows.
+"""
+
+import logging
+import re
+
+from ..disk import Choice, describe_file
+from ..errors import CdiError
+from ..layer import Member
+from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.layout import IMAGE_CONFIG_TYPES
+from ..progress import describe_size
+from . import Entry, Source
+
+log = logging.getLogger("cdipy")
+
+TITLE = "org.opencontainers.image.title"
+KUBEVIRT_DISK = "application/vnd.kubevirt.disk."
+GZIPPED_DISK = "application/vnd.kubevirt.disk.raw+gzip"
+# How many times a blob that fails its check is fetched again.
+REFETCHES = 1
+
+
+class LayoutSource(Source):
+    """What FETCHED (an oci.fetch.Fetched) holds, checked unless
+    settings.verify is false, the checks remembered in RECORDS."""
+
+    def __init__(self, fetched, settings, records):
+        super().__init__(settings.name, [], f"{settings.name} in {fetched.layout.path}")
+        self.layers = []
+        blobs = Blobs(fetched.layout, records, settings.verify != "false")
+        for attempt in range(REFETCHES + 1):
+            blobs.fresh = fetched.fresh
+            try:
+                self.add_all(fetched, blobs)
+                return
+            except BlobMismatch as error:
+                self.close()
+                if fetched.fetch is None or attempt == REFETCHES:
+                    advice = ("pull=never forbids fetching it again: pass pull=missing"
+                              if settings.pull == "never"
+                              else fetched.layout.advice_on_damage())
+                    raise CdiError(f"{error}; {advice}") from None
+                log.debug(f"{error}: fetching it again")
+                fetched.layout.remove_blob(error.digest)
+                fetched.fetch_again()
+            except BaseException:
+                self.close()
+                raise
+
+    def add_all(self, fetched, blobs):
+        self.layers, self.entries = [], []
+        self.media_types, self.titles = [], []  # of an artifact's blobs
+        config = fetched.manifest.get("config") or {}
+        descriptors = fetched.manifest.get("layers") or []
+        if config.get("mediaType") in IMAGE_CONFIG_TYPES:
+            self.add_image_layers(fetched, blobs, descriptors)
+        else:
+            self.whole, self.part = "artifact", "blob"
+            self.add_blobs(blobs, descriptors)
+
+    def add_image_layers(self, fetched, blobs, descriptors):
+        """The layers of an image from an archive."""
+        image_config = fetched.layout.json_blob(fetched.manifest["config"]["digest"])
+        diff_ids = (image_config.get("rootfs") or {}).get("diff_ids") or []
+        if len(diff_ids) != len(descriptors):
+            raise CdiError(f"{self.image_name}: the image has {len(descriptors)} layers "
+                           f"but its config lists {len(diff_ids)} diffIDs")
+        self.entries = [Entry(index, diff_id) for index, diff_id in enumerate(diff_ids)]
+        for index, (descriptor, diff_id) in enumerate(zip(descriptors, diff_ids)):
+            layer = blobs.image_layer(index, descriptor, diff_id)
+            layer.description = self.describe_layer(layer)
+            self.layers.append(layer)
+
+    def add_blobs(self, blobs, descriptors):
+        """One entry per blob, also named by its title."""
+        count, titles = len(descriptors), set()
+        for index, descriptor in enumerate(descriptors):
+            media_type = descriptor.get("mediaType", "")
+            title = (descriptor.get("annotations") or {}).get(TITLE)
+            if media_type == GZIPPED_DISK:
+                layer = blobs.unpacked_layer(index, descriptor)
+                how = f"gzip, unpacked in the cache to {describe_size(layer.size)}"
+            else:
+                layer = blobs.blob_layer(index, descriptor)
+                how = describe_size(layer.size)
+            layer.description = (f"blob {index} of {count}: {title or '(no title)'}, "
+                                 f"{media_type}, {descriptor['digest']}, {how}: "
+                                 f"{describe_file(layer)}")
+            self.layers.append(layer)
+            self.media_types.append(media_type)
+            self.titles.append(title)
+            names = (title,) if title and usable_name(title) and title not in titles else ()
+            titles.update(names)
+            self.entries.append(Entry(index, descriptor["digest"], names))
+
+    def build(self, index, tools=None):
+        return self.layers[index]
+
+    def choose_disk(self, layers):
+        """An image's: in its merged filesystem; an artifact's: its one disk
+        blob, else its one blob."""
+        if self.whole == "image":
+            return super().choose_disk(layers)
+        disks = [index for index, media_type in enumerate(self.media_types)
+                 if media_type.startswith(KUBEVIRT_DISK)] or list(range(len(self.layers)))
+        if not disks:
+            raise CdiError(f"{self.image_name}: the artifact has no blobs")
+        if len(disks) > 1:
+            names = ", ".join(self.entries[index].names[0] if self.entries[index].names
+                              else str(index) for index in disks)
+            raise CdiError(f"{self.image_name}: the artifact holds {len(disks)} disks: "
+                           f"name one as the export: {names}")
+        index = disks[0]
+        why = f"the artifact's only {'disk' if len(disks) < len(self.layers) else 'blob'}"
+        return Choice(index, Member(self.titles[index] or "(no title)", "file",
+                                    self.layers[index].size, 0), why)
+
+    def describe_disk(self, window):
+        if self.whole == "image":
+            return super().describe_disk(window)
+        return self.layers[window.index].description
+
+    def close(self):
+        """Close every layer built (closing one twice is harmless)."""
+        for layer in self.layers:
+            layer.close()
+        self.layers = []
+
+
+def usable_name(title):
+    """Whether TITLE can name an export: not a number, a digest or "disk",
+    which name exports already, and printable."""
+    return (title.isprintable() and title != "disk" and 0 < len(title.encode()) <= 4096
+            and not re.fullmatch(r"-?[0-9]+|sha256:.*", title))
