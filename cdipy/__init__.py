@@ -30,6 +30,7 @@ the order data flows through them:
   exports       the table of exports nbdkit reads: by name, the default,
                 listing, open; each export pending, ready or failed
   progress      sizes for people, progress lines
+  errors        the two kinds of failure raised on purpose
 
 Messages go to the "cdipy" logger at DEBUG level; cdi.py forwards them to
 nbdkit.debug, so they show with nbdkit -v.

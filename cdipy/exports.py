@@ -108,7 +108,7 @@ class Exports:
         digest; None if there is none."""
         count = len(self.layers)
         if name == "":
-            name = self.default_name
+            name = self.default_name or ""  # none before start-up chose it
         if name == "disk":
             return self.disk
         if name in self.aliases:
