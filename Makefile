@@ -2,11 +2,13 @@
 
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
-# Everything the plugin and its tests use, on a minimal system too: file for
-# nbdinfo's "content" line; a kernel, busybox, syslinux and qemu to make and
-# boot a tiny VM disk (tests/e2e/vm.py).
-DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
+# Everything the plugin and its tests use, on a minimal system too: requests
+# for reading registries; file for nbdinfo's "content" line; cryptography
+# for the tests' token issuer; a kernel, busybox, syslinux and qemu to make
+# and boot a tiny VM disk (tests/e2e/vm.py).
+DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-requests \
 	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis \
+	python3-cryptography \
 	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
 	mtools dosfstools fdisk
 RUFF_VERSION = 0.17.6
@@ -15,7 +17,7 @@ RUFF = python3 -m ruff
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup packages ruff check check-other lint unit test demo install uninstall \
-	bench soak check-slow
+	bench bench-shaped soak check-slow
 
 # Install whatever is missing: Debian packages, then ruff from PyPI.
 setup: packages ruff
@@ -64,6 +66,13 @@ demo: setup
 # BENCH_RUNS (default 5).  See bench/README.md.
 bench: setup
 	@BENCH_SIZE="$(BENCH_SIZE)" BENCH_RUNS="$(BENCH_RUNS)" $(PYTHON) bench/bench.py
+
+# A VM disk served before it has arrived, over a shaped link, against its
+# download (as root: a network namespace of its own): BENCH_RUNS (default 3),
+# SHAPED_RATE (default 200mbit), SHAPED_RTT (default 0.010 s a request).
+bench-shaped: setup
+	@BENCH_RUNS="$(BENCH_RUNS)" SHAPED_RATE="$(SHAPED_RATE)" SHAPED_RTT="$(SHAPED_RTT)" \
+		$(SUDO) $(PYTHON) bench/shaped.py
 
 # Minutes of random reads on 16 connections, every byte checked, memory
 # watched: CDI_SOAK_SECONDS (default 300).

@@ -1,0 +1,120 @@
+"""Reaching a registry as podman would: which credentials, certificates and
+registries.conf entry apply, and how a name becomes the registry's API
+path.  Plain files in tmp_path; no network."""
+
+import base64
+import json
+
+import pytest
+
+from cdipy.oci.fetch import is_compressed, split_reference
+from cdipy.oci.registry import (
+    Unsupported,
+    certificates,
+    credentials,
+    key_of,
+    registry_config,
+    scopes,
+)
+
+
+def auth_file(tmp_path, config):
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def secret(user, password):
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_credentials_of_the_registry(tmp_path):
+    path = auth_file(tmp_path, {"auths": {"quay.io": {"auth": secret("me", "pw:with:colons")}}})
+    assert credentials("quay.io", "org/disk", path) == ("me", "pw:with:colons")
+
+
+def test_the_most_specific_entry_wins(tmp_path):
+    path = auth_file(tmp_path, {"auths": {"quay.io": {"auth": secret("any", "1")},
+                                          "quay.io/org": {"auth": secret("org", "2")}}})
+    assert credentials("quay.io", "org/disk", path) == ("org", "2")
+    assert credentials("quay.io", "other/disk", path) == ("any", "1")
+
+
+def test_a_docker_style_key_with_a_scheme_names_the_registry(tmp_path):
+    path = auth_file(tmp_path, {"auths": {"https://index.docker.io/v1/":
+                                          {"auth": secret("d", "3")}}})
+    assert credentials("index.docker.io", "library/x", path) == ("d", "3")
+
+
+def test_no_entry_is_anonymous(tmp_path):
+    assert credentials("ghcr.io", "org/disk", auth_file(tmp_path, {"auths": {}})) is None
+
+
+def test_a_credential_helper_cannot_be_honoured(tmp_path):
+    path = auth_file(tmp_path, {"auths": {}, "credHelpers": {"ecr.example": "ecr-login"}})
+    with pytest.raises(Unsupported, match="names a credential helper"):
+        credentials("ecr.example", "disk", path)
+
+
+def test_an_identity_token_cannot_be_honoured(tmp_path):
+    path = auth_file(tmp_path, {"auths": {"acr.example": {"identitytoken": "x"}}})
+    with pytest.raises(Unsupported, match="identity token"):
+        credentials("acr.example", "disk", path)
+
+
+def test_keys_and_scopes():
+    assert key_of("https://quay.io/") == "quay.io"
+    assert key_of("https://index.docker.io/v1/") == "index.docker.io"
+    assert scopes("h:5000", "a/b/c") == ["h:5000/a/b/c", "h:5000/a/b", "h:5000/a", "h:5000"]
+
+
+def test_certificates_of_a_cert_dir(tmp_path):
+    for name in ("ca.crt", "client.cert", "client.key", "other.cert"):
+        (tmp_path / name).write_text("x")
+    assert certificates("h", str(tmp_path)) == (
+        [str(tmp_path / "ca.crt")], (str(tmp_path / "client.cert"), str(tmp_path / "client.key")))
+
+
+def test_registries_conf_insecure_mirror_and_blocked(tmp_path, monkeypatch):
+    conf = tmp_path / "registries.conf"
+    conf.write_text('unqualified-search-registries = []\n'
+                    '[[registry]]\nlocation = "h:5000"\ninsecure = true\n'
+                    '[[registry]]\nprefix = "quay.io/mirrored"\nlocation = "quay.io/mirrored"\n'
+                    '[[registry.mirror]]\nlocation = "mirror.example/quay"\n'
+                    '[[registry]]\nlocation = "blocked.example"\nblocked = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    assert registry_config("h:5000", "a/b")["insecure"] is True
+    assert registry_config("quay.io", "mirrored/disk")["mirrors"]
+    assert registry_config("quay.io", "other/disk") == {}
+    assert registry_config("blocked.example", "x")["blocked"] is True
+
+
+def test_a_damaged_registries_conf_cannot_be_honoured(tmp_path, monkeypatch):
+    conf = tmp_path / "registries.conf"
+    conf.write_text("[[registry]\n")
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    with pytest.raises(Unsupported, match="cannot read"):
+        registry_config("h", "x")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("quay.io/org/disk:1", ("quay.io", "org/disk", "1")),
+    ("h:5000/a/b/c", ("h:5000", "a/b/c", "latest")),
+    ("ghcr.io/o/d@sha256:" + "1" * 64, ("ghcr.io", "o/d", "sha256:" + "1" * 64)),
+    ("docker.io/cirros:0.6", ("registry-1.docker.io", "library/cirros", "0.6")),
+    ("docker.io/kubevirt/vm:1", ("registry-1.docker.io", "kubevirt/vm", "1")),
+])
+def test_split_reference(name, expected):
+    assert split_reference(name) == expected
+
+
+@pytest.mark.parametrize("media_type, compressed", [
+    ("application/vnd.oci.image.layer.v1.tar", False),
+    ("application/vnd.kubevirt.disk.qcow2", False),
+    ("application/vnd.oci.image.layer.v1.tar+gzip", True),
+    ("application/vnd.oci.image.layer.v1.tar+zstd", True),
+    ("application/vnd.kubevirt.disk.raw+gzip", True),
+    ("application/vnd.docker.image.rootfs.diff.tar.gzip", True),
+])
+def test_compressed_media_types(media_type, compressed):
+    assert is_compressed(media_type) is compressed
