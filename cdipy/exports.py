@@ -99,6 +99,7 @@ class Exports:
                     except Exception as error:  # one layer's failure stops no other
                         log.debug(f"layer {export.index}: {error}")
         threading.Thread(target=run, name="open-layers", daemon=True).start()
+        self.source.start_background()
 
     # ------------------------------------------------------------ serving
 
@@ -136,7 +137,7 @@ class Exports:
                 layer = export.layer
                 if not export.check_started:
                     export.check_started = True
-                    if self.verifying and not layer.verified:
+                    if self.verifying and not (layer.verified or layer.checked_when_whole):
                         export.check_thread = start_check(layer, self.settings.name,
                                                           self.records)
         return layer
@@ -174,8 +175,8 @@ class Exports:
         for export in [self.disk, *self.layers]:
             with export.lock:
                 if export.layer is not None and export.layer.sources:
-                    export.layer.fail("the server is stopping")  # ends its check
                     if export.check_thread is not None:
+                        export.layer.fail("the server is stopping")  # ends its check
                         export.check_thread.join()
                     export.layer.close()
         self.source.close()

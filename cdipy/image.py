@@ -12,7 +12,15 @@ import os
 import re
 
 from .errors import CdiError
-from .oci.fetch import Fetched, copy, fetched, inspect_remote, pull_artifact, stored_artifact
+from .oci.fetch import (
+    Fetched,
+    copy,
+    fetched,
+    inspect_remote,
+    pull_artifact,
+    remote_artifact,
+    stored_artifact,
+)
 from .oci.layout import Layout, is_artifact
 from .parameters import local_reference, registry_host, split_transport
 
@@ -72,11 +80,16 @@ def find_local(podman, skopeo, settings, held, local):
 
 
 def pull(podman, skopeo, settings, held, local):
-    """Fetch the image: an artifact with podman artifact pull where podman
-    can, else with skopeo into the cache; an image with podman pull."""
+    """Fetch the image: an artifact of uncompressed blobs read from its
+    registry as it is read; another artifact with podman artifact pull where
+    podman can, else with skopeo into the cache; an image with podman pull."""
     name = settings.name
     remote = f"docker://{local}"
     if local is not None and registry_host(name) is not None:
+        if settings.cache_directory() is not None:
+            lazy = remote_artifact(settings, local, layout_of(settings))
+            if lazy is not None:
+                return lazy
         manifest = inspect_remote(skopeo, settings, remote)
         if manifest is not None and is_artifact(manifest):
             # podman artifact pull takes no platform: an index goes to skopeo.

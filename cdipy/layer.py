@@ -60,9 +60,14 @@ DATA, HOLE, ZERO = "data", "hole", "zero"
 
 class Layer:
     """The bytes of layer INDEX, whose digest is DIFF_ID, from SERVED_FROM
-    (for messages: "storage", "copy", "cache" or "artifact store").
-    OPENER, if given, opens its files on demand (see storage.LazyFiles);
-    otherwise every file is open."""
+    (for messages: "storage", "copy", "cache", "artifact store" or
+    "registry").  OPENER, if given, opens its files on demand (see
+    storage.LazyFiles); otherwise every file is open."""
+    # A layer whose bytes arrive as they are read: a Window onto it reads
+    # through it, not from descriptors of its own.
+    reads_through_windows = False
+    # A layer that checks its digest itself, once all its bytes are here.
+    checked_when_whole = False
 
     def __init__(self, index, diff_id, served_from, opener=None):
         self.index = index
@@ -220,6 +225,11 @@ class Window(Layer):
     def __init__(self, parent, member, why):
         super().__init__(parent.index, parent.diff_id, parent.served_from)
         self.parent, self.member, self.why = parent, member, why
+        self.through = parent if parent.reads_through_windows else None
+        if self.through:
+            self.size = member.size
+            parent.windows.append(self)
+            return
         try:
             for source, within, piece in parent.segments(member.offset, member.size):
                 if type(source) is not FileSegment:
@@ -235,6 +245,24 @@ class Window(Layer):
         parent.windows.append(self)
         self.failure = self.failure or parent.failure
         self.zeros = self.zeros_within(parent.zeros)
+
+    def read(self, view, offset):
+        if self.through is None:
+            return super().read(view, offset)
+        if self.failure:
+            raise OSError(errno.EIO, self.failure)
+        return self.through.read(view, offset + self.member.offset)
+
+    def extents(self, offset, count, first_only=False):
+        if self.through is None:
+            return super().extents(offset, count, first_only)
+        start = self.member.offset
+        return [(position - start, length, kind) for position, length, kind
+                in self.through.extents(offset + start, count, first_only)]
+
+    def prefetch(self, offset, count):
+        if self.through is None:
+            super().prefetch(offset, count)
 
     def zeros_within(self, zeros):
         """The parts of ZEROS, ranges of the parent layer, inside this

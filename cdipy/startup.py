@@ -9,9 +9,10 @@ import time
 from .cache import PrivateCache
 from .exports import Exports
 from .image import find_image
-from .oci.fetch import Fetched
+from .oci.fetch import Fetched, Remote
 from .podman import Podman, Skopeo
 from .sources.layout import LayoutSource
+from .sources.registry import RegistrySource
 from .sources.saved import SavedSource
 from .sources.storage import StorageSource
 from .storage import raise_open_file_limit
@@ -52,6 +53,8 @@ def prepare(settings):
 
 def choose_source(found, settings, podman, records, maps):
     """The source of what FOUND (find_image's answer) holds."""
+    if isinstance(found, Remote):
+        return RegistrySource(found, settings, records)
     if isinstance(found, Fetched):
         return LayoutSource(found, settings, records)
     copies = SavedSource(found, settings)

@@ -1,14 +1,17 @@
-"""Getting an artifact or an archive into an OCI layout: podman's artifact
-store (podman >= 5.4), where podman artifact pull puts artifacts, or the
-cache's, where skopeo copies what podman cannot pull (artifacts on podman
-4, multi-arch artifacts) or should not import (archives)."""
+"""Getting an artifact or an archive: read from its registry as it is read
+(uncompressed blobs, see chunks.py), or whole into an OCI layout: podman's
+artifact store (podman >= 5.4), where podman artifact pull puts artifacts,
+or the cache's, where skopeo copies what podman cannot pull (artifacts on
+podman 4, multi-arch artifacts) or should not import (archives)."""
 
 import dataclasses
 import json
 import logging
+import re
 
 from ..errors import CdiError
-from .layout import ArtifactStore
+from .layout import ArtifactStore, is_artifact
+from .registry import Registry, Unsupported
 
 log = logging.getLogger("cdipy")
 
@@ -106,3 +109,65 @@ def copy(skopeo, settings, layout, source):
     if found is None:
         raise CdiError(f"{settings.name}: copy with skopeo: no manifest in {layout.path}")
     return found[1]
+
+
+# ------------------------------------------- the registry, as it is read
+
+@dataclasses.dataclass
+class Remote:
+    """Artifact IMAGE_NAME in the registry (REGISTRY, an oci.registry
+    Registry) as MANIFEST, whose bytes DATA have DIGEST: to be read as it
+    is read, kept in the cache's LAYOUT."""
+    image_name: str
+    registry: object
+    manifest: dict
+    data: bytes
+    digest: str
+    layout: object
+
+
+def remote_artifact(settings, local, layout):
+    """The artifact LOCAL, read from its registry as clients read it: a
+    Remote; None where that cannot be (an image, a multi-arch index, a
+    compressed blob, verify=before, a setting the client cannot honour),
+    said with -v, so that the whole fetch takes over."""
+    if settings.verify == "before":
+        return None  # it waits for the whole blob: the whole fetch does that
+    host, repository, reference = split_reference(local)
+    try:
+        registry = Registry(host, repository, settings.name, settings)
+        data, _, digest = registry.manifest(reference)
+        manifest = json.loads(data)
+    except Unsupported as reason:
+        log.debug(f"{settings.name}: {reason}: fetching it whole instead")
+        return None
+    except (CdiError, ValueError) as error:
+        log.debug(f"cannot read the manifest of {local} from {host}: {error}")
+        return None
+    if not isinstance(manifest, dict) or "manifests" in manifest or not is_artifact(manifest):
+        return None
+    compressed = [layer.get("mediaType") for layer in manifest.get("layers") or []
+                  if is_compressed(layer.get("mediaType") or "")]
+    if compressed:
+        log.debug(f"{settings.name} has compressed blobs ({compressed[0]}): fetching it whole")
+        return None
+    log.debug(f"{settings.name}: manifest {digest}: served from {host} as it is read")
+    return Remote(settings.name, registry, manifest, data, digest, layout)
+
+
+def is_compressed(media_type):
+    return bool(re.search(r"[+.](gzip|zstd)$", media_type))
+
+
+def split_reference(local):
+    """(registry host, repository, tag or digest) of LOCAL, a name with a
+    registry, as the registry's API knows them."""
+    host, _, rest = local.partition("/")
+    if "@" in rest:
+        repository, _, reference = rest.partition("@")
+    else:
+        repository, _, reference = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
+    if host == "docker.io":  # Docker Hub's API is elsewhere, its images in library/
+        host = "registry-1.docker.io"
+        repository = repository if "/" in repository else f"library/{repository}"
+    return host, repository, reference

@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import stat
+import tempfile
+import time
 
 from ..cache import make_private, only_ours, remove_leftovers
 from ..errors import CdiError
@@ -32,6 +34,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
+REF_NAME = "org.opencontainers.image.ref.name"
 IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
                       "application/vnd.docker.container.image.v1+json")
 
@@ -134,25 +137,76 @@ class Layout(OciLayout):
         return f"oci:{self.path}:{reference(name, self.platform)}"
 
     def manifest(self, name):
-        """(digest, manifest) of NAME as last copied, or None."""
-        try:
-            with open(os.path.join(self.path, "index.json"), "rb") as file:
-                index = json.load(file)
-        except FileNotFoundError:
-            return None
-        except ValueError as error:
-            raise CdiError(f"{self.image_name}: the cache's {self.path}/index.json is "
-                           f"not JSON ({error}): remove it") from None
+        """(digest, manifest) of NAME as last copied, or None (under the
+        lock)."""
         wanted = reference(name, self.platform)
-        for entry in index.get("manifests", []):
+        for entry in self.index().get("manifests", []):
             if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") \
                     == wanted:
                 return entry["digest"], self.json_blob(entry["digest"])
         return None
 
+    def index(self):
+        """index.json; one that is damaged (a crash or a full disk while it
+        was written) is set aside, and the layout starts anew (under the lock)."""
+        path = os.path.join(self.path, "index.json")
+        try:
+            with open(path, "rb") as file:
+                index = json.load(file)
+            if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+                raise ValueError("not an OCI index")
+            return index
+        except FileNotFoundError:
+            return {}
+        except (ValueError, OSError) as error:
+            aside = f"{path}.damaged-{int(time.time())}"
+            log.debug(f"the cache's {path} is damaged ({error}): set aside as {aside}; "
+                      "what it named is fetched again")
+            with contextlib.suppress(OSError):
+                os.replace(path, aside)
+            return {}
+
+    def keep_blob(self, digest, path):
+        """Name the file at PATH blob DIGEST (under the lock): a hard link,
+        so that whoever serves the file goes on serving it."""
+        os.makedirs(os.path.dirname(self.blob_path(digest)), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.link(path, self.blob_path(digest))
+
+    def write_blob(self, data):
+        """Keep DATA as a blob (under the lock); its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if not os.path.exists(self.blob_path(digest)):
+            write_whole(self.blob_path(digest), data)
+        return digest
+
+    def name_manifest(self, name, descriptor):
+        """Make index.json name DESCRIPTOR (a manifest's, in the layout) as
+        NAME (under the lock), as skopeo would."""
+        wanted = reference(name, self.platform)
+        index = self.index() or {"schemaVersion": 2, "manifests": []}
+        index["manifests"] = [entry for entry in index.get("manifests", [])
+                              if (entry.get("annotations") or {}).get(REF_NAME) != wanted]
+        index["manifests"].append({**descriptor, "annotations": {REF_NAME: wanted}})
+        write_whole(os.path.join(self.path, "oci-layout"), b'{"imageLayoutVersion": "1.0.0"}')
+        write_whole(os.path.join(self.path, "index.json"), json.dumps(index).encode())
+
     def remove_blob(self, digest):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.blob_path(digest))
+
+
+def write_whole(path, data):
+    """Make PATH hold DATA, written under a temporary name then renamed."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".new-")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def reference(name, platform=None):

@@ -8,6 +8,8 @@ source, in one place.
   saved    an image's layers copied from "podman save" (the copy path)
   layout   the blobs of an artifact, or the layers of an archive's image,
            in an OCI layout: the cache's, or podman's artifact store
+  registry an artifact's blobs read from the registry as clients read
+           them, kept in the cache as they arrive
 
 Each offers what Source below does.  The table calls build,
 build_in_place and read_members of an entry under that entry's export's
@@ -80,6 +82,10 @@ class Source:
         """The description of the disk export, WINDOW."""
         return (f"{window.member.name} of layer {window.index} ({window.diff_id}), "
                 f"{SERVED_FROM[window.served_from]}: {describe_file(window)}")
+
+    def start_background(self):
+        """Start what the source does in the background, once nbdkit has
+        forked (threads do not survive a fork)."""
 
     def close(self):
         """Close what the source holds that no export does."""

@@ -29,13 +29,64 @@ GZIPPED_DISK = "application/vnd.kubevirt.disk.raw+gzip"
 REFETCHES = 1
 
 
-class LayoutSource(Source):
+class BlobSource(Source):
+    """An artifact's blobs, as layers: what an artifact's sources share."""
+    whole, part = "artifact", "blob"
+
+    def __init__(self, image_name, what):
+        super().__init__(image_name, [], what)
+        self.layers, self.media_types, self.titles = [], [], []
+
+    def add_blob(self, descriptor, count, layer, how):
+        """Blob DESCRIPTOR of COUNT as LAYER, an entry also named by its
+        title (if it can name an export); HOW it is served, in words."""
+        index = len(self.layers)
+        media_type = descriptor.get("mediaType", "")
+        title = (descriptor.get("annotations") or {}).get(TITLE)
+        layer.description = (f"blob {index} of {count}: {title or '(no title)'}, "
+                             f"{media_type}, {descriptor['digest']}, {how}: "
+                             f"{describe_file(layer)}")
+        taken = {name for entry in self.entries for name in entry.names}
+        names = (title,) if title and usable_name(title) and title not in taken else ()
+        self.layers.append(layer)
+        self.media_types.append(media_type)
+        self.titles.append(title)
+        self.entries.append(Entry(index, descriptor["digest"], names))
+
+    def build(self, index, tools=None):
+        return self.layers[index]
+
+    def choose_disk(self, layers):
+        """The artifact's one disk blob, else its one blob."""
+        disks = [index for index, media_type in enumerate(self.media_types)
+                 if media_type.startswith(KUBEVIRT_DISK)] or list(range(len(self.layers)))
+        if not disks:
+            raise CdiError(f"{self.image_name}: the artifact has no blobs")
+        if len(disks) > 1:
+            names = ", ".join(self.entries[index].names[0] if self.entries[index].names
+                              else str(index) for index in disks)
+            raise CdiError(f"{self.image_name}: the artifact holds {len(disks)} disks: "
+                           f"name one as the export: {names}")
+        index = disks[0]
+        why = f"the artifact's only {'disk' if len(disks) < len(self.layers) else 'blob'}"
+        return Choice(index, Member(self.titles[index] or "(no title)", "file",
+                                    self.layers[index].size, 0), why)
+
+    def describe_disk(self, window):
+        return self.layers[window.index].description
+
+    def close(self):
+        """Close every layer built (closing one twice is harmless)."""
+        for layer in self.layers:
+            layer.close()
+
+
+class LayoutSource(BlobSource):
     """What FETCHED (an oci.fetch.Fetched) holds, checked unless
     settings.verify is false, the checks remembered in RECORDS."""
 
     def __init__(self, fetched, settings, records):
-        super().__init__(settings.name, [], f"{settings.name} in {fetched.layout.path}")
-        self.layers = []
+        super().__init__(settings.name, f"{settings.name} in {fetched.layout.path}")
         blobs = Blobs(fetched.layout, records, settings.verify != "false")
         for attempt in range(REFETCHES + 1):
             blobs.fresh = fetched.fresh
@@ -57,15 +108,21 @@ class LayoutSource(Source):
                 raise
 
     def add_all(self, fetched, blobs):
-        self.layers, self.entries = [], []
-        self.media_types, self.titles = [], []  # of an artifact's blobs
+        self.layers, self.entries, self.media_types, self.titles = [], [], [], []
         config = fetched.manifest.get("config") or {}
         descriptors = fetched.manifest.get("layers") or []
         if config.get("mediaType") in IMAGE_CONFIG_TYPES:
+            self.whole, self.part = "image", "layer"
             self.add_image_layers(fetched, blobs, descriptors)
         else:
-            self.whole, self.part = "artifact", "blob"
-            self.add_blobs(blobs, descriptors)
+            for descriptor in descriptors:
+                if descriptor.get("mediaType") == GZIPPED_DISK:
+                    layer = blobs.unpacked_layer(len(self.layers), descriptor)
+                    how = f"gzip, unpacked in the cache to {describe_size(layer.size)}"
+                else:
+                    layer = blobs.blob_layer(len(self.layers), descriptor)
+                    how = describe_size(layer.size)
+                self.add_blob(descriptor, len(descriptors), layer, how)
 
     def add_image_layers(self, fetched, blobs, descriptors):
         """The layers of an image from an archive."""
@@ -80,60 +137,16 @@ class LayoutSource(Source):
             layer.description = self.describe_layer(layer)
             self.layers.append(layer)
 
-    def add_blobs(self, blobs, descriptors):
-        """One entry per blob, also named by its title."""
-        count, titles = len(descriptors), set()
-        for index, descriptor in enumerate(descriptors):
-            media_type = descriptor.get("mediaType", "")
-            title = (descriptor.get("annotations") or {}).get(TITLE)
-            if media_type == GZIPPED_DISK:
-                layer = blobs.unpacked_layer(index, descriptor)
-                how = f"gzip, unpacked in the cache to {describe_size(layer.size)}"
-            else:
-                layer = blobs.blob_layer(index, descriptor)
-                how = describe_size(layer.size)
-            layer.description = (f"blob {index} of {count}: {title or '(no title)'}, "
-                                 f"{media_type}, {descriptor['digest']}, {how}: "
-                                 f"{describe_file(layer)}")
-            self.layers.append(layer)
-            self.media_types.append(media_type)
-            self.titles.append(title)
-            names = (title,) if title and usable_name(title) and title not in titles else ()
-            titles.update(names)
-            self.entries.append(Entry(index, descriptor["digest"], names))
-
-    def build(self, index, tools=None):
-        return self.layers[index]
-
     def choose_disk(self, layers):
-        """An image's: in its merged filesystem; an artifact's: its one disk
-        blob, else its one blob."""
+        """An image's: in its merged filesystem; an artifact's: its blob."""
         if self.whole == "image":
-            return super().choose_disk(layers)
-        disks = [index for index, media_type in enumerate(self.media_types)
-                 if media_type.startswith(KUBEVIRT_DISK)] or list(range(len(self.layers)))
-        if not disks:
-            raise CdiError(f"{self.image_name}: the artifact has no blobs")
-        if len(disks) > 1:
-            names = ", ".join(self.entries[index].names[0] if self.entries[index].names
-                              else str(index) for index in disks)
-            raise CdiError(f"{self.image_name}: the artifact holds {len(disks)} disks: "
-                           f"name one as the export: {names}")
-        index = disks[0]
-        why = f"the artifact's only {'disk' if len(disks) < len(self.layers) else 'blob'}"
-        return Choice(index, Member(self.titles[index] or "(no title)", "file",
-                                    self.layers[index].size, 0), why)
+            return Source.choose_disk(self, layers)
+        return super().choose_disk(layers)
 
     def describe_disk(self, window):
         if self.whole == "image":
-            return super().describe_disk(window)
-        return self.layers[window.index].description
-
-    def close(self):
-        """Close every layer built (closing one twice is harmless)."""
-        for layer in self.layers:
-            layer.close()
-        self.layers = []
+            return Source.describe_disk(self, window)
+        return super().describe_disk(window)
 
 
 def usable_name(title):

@@ -363,6 +363,18 @@ def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def export_digest(uri):
+    """The "sha256:" digest of every byte of the NBD export at URI, read
+    with nbdcopy."""
+    digest = hashlib.sha256()
+    with subprocess.Popen(["nbdcopy", uri, "-"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE) as copy:
+        for block in iter(lambda: copy.stdout.read(4 * MIB), b""):
+            digest.update(block)
+    assert copy.returncode == 0, f"nbdcopy {uri}: exit status {copy.returncode}"
+    return "sha256:" + digest.hexdigest()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -378,9 +390,10 @@ class Registry:
 
 
 @contextlib.contextmanager
-def registry(workdir, name, auth=False):
+def registry(workdir, name, auth=False, token=None):
     """A Distribution registry on 127.0.0.1 with its data in WORKDIR/NAME,
-    requiring REGISTRY_USER's password with AUTH; yields a Registry."""
+    requiring REGISTRY_USER's password with AUTH, or tokens from TOKEN (an
+    httplab.TokenIssuer); yields a Registry."""
     address = f"127.0.0.1:{free_port()}"
     root = Path(workdir) / name
     root.mkdir()
@@ -390,6 +403,8 @@ def registry(workdir, name, auth=False):
     if auth:
         (root / "htpasswd").write_text(f"{REGISTRY_USER}:{REGISTRY_PASSWORD_HASH}\n")
         config.append(f"auth: {{htpasswd: {{realm: cdi-test, path: {root}/htpasswd}}}}")
+    if token:
+        config.append(token.registry_config())
     (root / "config.yml").write_text("\n".join(config) + "\n")
     with open(root / "log", "wb") as log:
         process = subprocess.Popen(

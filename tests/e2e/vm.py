@@ -49,8 +49,11 @@ def kernel():
     return kernels[-1]
 
 
-def make_boot_disk(path, token):
-    """Write at PATH a raw disk that boots and prints token_line(TOKEN)."""
+def make_boot_disk(path, token, behind=0, size=None):
+    """Write at PATH a raw disk that boots and prints token_line(TOKEN);
+    with BEHIND, its partition (the boot files) sits behind that many bytes
+    of random data; SIZE, if given, is the disk's size (zeros at its end)."""
+    start = PARTITION_START + -(-behind // MIB) * MIB
     work = Path(tempfile.mkdtemp(prefix="boot-disk-", dir=Path(path).parent))
     try:
         initrd = work / "initrd"
@@ -70,7 +73,7 @@ def make_boot_disk(path, token):
         shutil.copy(kernel(), work / "vmlinuz")
 
         partition = work / "partition"
-        run("mkfs.fat", "-C", "-h", str(PARTITION_START // 512), "-n", "CDIBOOT",
+        run("mkfs.fat", "-C", "-h", str(start // 512), "-n", "CDIBOOT",
             str(partition), str(PARTITION_SIZE // 1024))
         run("mcopy", "-i", str(partition), *(str(work / name) for name in
                                             ("vmlinuz", "initrd.gz", "syslinux.cfg")), "::")
@@ -79,10 +82,14 @@ def make_boot_disk(path, token):
         with open(path, "wb") as disk:
             disk.truncate(PARTITION_START)
             disk.seek(PARTITION_START)
+            for _ in range(0, start - PARTITION_START, MIB):
+                disk.write(os.urandom(MIB))
             with open(partition, "rb") as source:
                 shutil.copyfileobj(source, disk)
+            if size is not None:
+                disk.truncate(size)
         subprocess.run(["sfdisk", "--quiet", str(path)], check=True, capture_output=True,
-                       input=f"start={PARTITION_START // 512}, type=c, bootable\n".encode())
+                       input=f"start={start // 512}, type=c, bootable\n".encode())
         with open(SYSLINUX_MBR, "rb") as mbr, open(path, "r+b") as disk:
             disk.write(mbr.read(440))  # the boot code, before the partition table
     finally:

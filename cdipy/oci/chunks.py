@@ -1,0 +1,355 @@
+"""A blob served while it arrives: read from the registry a chunk at a time,
+as clients ask for it and, behind them, in order until it is whole; kept
+in the cache as it comes, so that a restart resumes where it stopped.
+
+CACHE/partial/sha256-HEX holds the blob's bytes (sparse: what has not
+arrived is a hole) and sha256-HEX.chunks one byte per chunk, set once that
+chunk is written and synced, never before: a process killed at any point
+leaves a record that tells only the truth, and a blob no one names whole.
+Several nbdkit processes may fetch one blob at once: each writes whole
+chunks, the same bytes, and reads the record before fetching.  Once every
+chunk is held the blob is hashed against its digest; if it matches, it
+becomes a blob of the cache's layout (the warm path), if not every read
+fails from then on and the partial files are removed.
+"""
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+
+from ..cache import make_private
+from ..errors import CdiError
+from ..layer import DATA, FileSegment, Layer, merge_runs
+from ..progress import describe_size
+from ..verify import note_zeros
+from .registry import RegistryError
+
+log = logging.getLogger("cdipy")
+
+# Bytes fetched by one request: a 4 KiB read costs one chunk; a boot reads
+# a few MiB in small pieces, so a chunk should hold many of them.
+CHUNK = 2 << 20
+# Chunks fetched at once for clients (a copy keeps them all busy)...
+IN_FLIGHT = 4
+# ...and ahead of a client reading in order.
+READ_AHEAD = 2
+# A chunk that cannot be fetched is tried again, waiting longer each time,
+# for this long in all; then the read fails (EIO), never with zeros.
+RETRY_SECONDS = 30.0
+FIRST_RETRY = 0.25
+# The fill fetches only once clients have read nothing for this long: a
+# booting VM, or a copy, has the link to itself.
+FILL_IDLE = 1.0
+# Priorities: lower first.
+CLIENT, AHEAD = 0, 1
+
+
+class PartialBlob:
+    """Blob DIGEST of SIZE bytes, in DIRECTORY (the cache's partial/) for
+    IMAGE_NAME: its bytes (fd) and which chunks it holds (held)."""
+
+    def __init__(self, directory, digest, size, image_name):
+        self.digest, self.size, self.image_name = digest, size, image_name
+        self.count = -(-size // CHUNK)
+        name = digest.replace(":", "-")
+        self.path = os.path.join(directory, name)
+        self.record_path = self.path + ".chunks"
+        try:
+            make_private(directory)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              0o600)
+            self.record_fd = os.open(self.record_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise CdiError(f"{image_name}: cannot keep {digest} in {directory}: "
+                           f"{error.strerror}") from None
+        with self.locked(fcntl.LOCK_EX):
+            self.held = bytearray(os.pread(self.record_fd, self.count + 1, 0))
+            if len(self.held) != self.count or set(self.held) - {0, 1} \
+                    or os.fstat(self.fd).st_size > size:
+                if any(self.held) or os.fstat(self.fd).st_size:
+                    log.debug(f"the record of {digest} in {directory} is damaged: "
+                              "fetching the blob anew")
+                self.held = bytearray(self.count)
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.record_fd, bytes(self.held), 0)
+                os.ftruncate(self.record_fd, self.count)
+            os.ftruncate(self.fd, size)
+        log.debug(f"{digest}: {sum(self.held)} of {self.count} chunks of "
+                  f"{describe_size(CHUNK)} held already")
+
+    @contextlib.contextmanager
+    def locked(self, how):
+        """The record locked: shared by writers of chunks, exclusive to
+        whoever makes it anew or names the blob whole."""
+        fcntl.flock(self.record_fd, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.record_fd, fcntl.LOCK_UN)
+
+    def holds(self, chunk):
+        """Whether CHUNK is here, written by us or another process."""
+        if not self.held[chunk]:
+            self.held[chunk] = os.pread(self.record_fd, 1, chunk) == b"\1"
+        return self.held[chunk]
+
+    def span(self, chunk):
+        return chunk * CHUNK, min((chunk + 1) * CHUNK, self.size)
+
+    def store(self, chunk, data):
+        """Write CHUNK's DATA, then mark it held; a full disk is a CdiError."""
+        start, _ = self.span(chunk)
+        try:
+            with self.locked(fcntl.LOCK_SH):
+                if os.fstat(self.record_fd).st_nlink == 0:
+                    return  # another process named the blob whole meanwhile
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(self.fd, view, start)
+                    view, start = view[written:], start + written
+                os.fdatasync(self.fd)
+                os.pwrite(self.record_fd, b"\1", chunk)
+        except OSError as error:
+            raise CdiError(f"{self.image_name}: cannot keep {self.digest} in the cache "
+                           f"({os.path.dirname(self.path)}): {error.strerror}") from None
+        self.held[chunk] = 1
+
+    def missing(self):
+        return [chunk for chunk in range(self.count) if not self.holds(chunk)]
+
+    def remove(self):
+        for path in (self.path, self.record_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def close(self):
+        if self.record_fd is not None:  # self.fd is the layer's, which closes it
+            os.close(self.record_fd)
+            self.record_fd = None
+
+
+class RemoteBlob(Layer):
+    """Layer INDEX: PARTIAL's blob, read from REGISTRY as clients read it
+    (and, once started, in order behind them).  WHOLE(layer, zeros) is
+    called, once, when every chunk is here and the blob matches its digest."""
+    reads_through_windows = True  # a window must ask for the chunks too
+    checked_when_whole = True
+
+    def __init__(self, index, registry, partial, whole):
+        super().__init__(index, partial.digest, "registry")
+        self.registry, self.partial, self.whole = registry, partial, whole
+        self.add_file(FileSegment(partial.size, fd=partial.fd))
+        self.origin = "blob"  # its check record is a cached blob's, once it is one
+        self.condition = threading.Condition()
+        self.queue = []                # (priority, order, chunk) for the workers
+        self.order = itertools.count()
+        self.in_flight = set()
+        self.failed = {}               # chunk -> why its last fetch failed
+        self.threads = []
+        self.stopping = False
+        self.finished = False          # hashed, once whole
+        self.last_read = None          # the last chunk a client read, for read-ahead
+        self.last_read_time = time.monotonic()
+
+    # ------------------------------------------------------------ serving
+
+    def read(self, view, offset):
+        if self.failure:
+            raise OSError(errno.EIO, self.failure)
+        self.fetch(offset, len(view))
+        super().read(view, offset)
+
+    def extents(self, offset, count, first_only=False):
+        """What has arrived as its file says; what has not, as data (it is
+        never called zero before it is known)."""
+        if self.failure:
+            raise OSError(errno.EIO, self.failure)
+        runs, end = [], offset + count
+        while offset < end and not (first_only and runs):
+            chunk = offset // CHUNK
+            held = self.partial.holds(chunk)
+            stop = offset
+            while stop < end and self.partial.holds(stop // CHUNK) == held:
+                stop = min((stop // CHUNK + 1) * CHUNK, end)
+            runs += (super().extents(offset, stop - offset, first_only) if held
+                     else [(offset, stop - offset, DATA)])
+            offset = stop
+        return runs[:1] if first_only else merge_runs(runs)
+
+    def fetch(self, offset, count):
+        """Make sure the chunks of the range are here: fetched by the workers
+        once they run, by this thread before (start-up)."""
+        first, last = offset // CHUNK, (offset + max(count, 1) - 1) // CHUNK
+        wanted = [chunk for chunk in range(first, last + 1) if not self.partial.holds(chunk)]
+        sequential = self.last_read is not None and first in (self.last_read, self.last_read + 1)
+        self.last_read, self.last_read_time = last, time.monotonic()
+        if not wanted:
+            return
+        if not self.threads:
+            for chunk in wanted:
+                self.fetch_now(chunk)
+            return
+        with self.condition:
+            for chunk in wanted:
+                self.enqueue(chunk, CLIENT)
+            if sequential:
+                for chunk in range(last + 1, min(last + 1 + READ_AHEAD, self.partial.count)):
+                    self.enqueue(chunk, AHEAD)
+            self.condition.notify_all()
+            while True:
+                missing = [chunk for chunk in wanted if not self.partial.holds(chunk)]
+                if not missing or self.failure:
+                    break
+                failed = [chunk for chunk in missing if chunk in self.failed]
+                if failed:
+                    raise OSError(errno.EIO, self.failed[failed[0]])
+                self.condition.wait()
+        if self.failure:
+            raise OSError(errno.EIO, self.failure)
+
+    def enqueue(self, chunk, priority):
+        if chunk not in self.in_flight and not self.partial.holds(chunk):
+            self.failed.pop(chunk, None)
+            heapq.heappush(self.queue, (priority, next(self.order), chunk))
+
+    def fetch_now(self, chunk):
+        """Fetch CHUNK, retried for RETRY_SECONDS; OSError (EIO) if it
+        cannot be."""
+        try:
+            self.partial.store(chunk, self.download(chunk))
+        except CdiError as error:
+            raise OSError(errno.EIO, str(error)) from None
+
+    def download(self, chunk):
+        start, end = self.partial.span(chunk)
+        deadline, pause = time.monotonic() + RETRY_SECONDS, FIRST_RETRY
+        while True:
+            try:
+                return self.registry.blob_range(self.diff_id, start, end)
+            except RegistryError as error:
+                if not error.transient or time.monotonic() + pause > deadline or self.stopping:
+                    raise
+                log.debug(f"{error}: trying again in {pause:.2f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
+
+    # ------------------------------------------------------ in the background
+
+    def start(self):
+        """Start the workers, and the fill behind them (after nbdkit forked:
+        threads do not survive a fork)."""
+        if self.threads or self.failure:
+            return
+        for number in range(IN_FLIGHT):
+            thread = threading.Thread(target=self.work, name=f"fetch-{self.index}-{number}",
+                                      daemon=True)
+            self.threads.append(thread)
+        fill = threading.Thread(target=self.fill, name=f"fill-{self.index}", daemon=True)
+        self.threads.append(fill)
+        for thread in self.threads:
+            thread.start()
+
+    def work(self):
+        while True:
+            with self.condition:
+                while not self.queue and not self.stopping:
+                    self.condition.wait()
+                if self.stopping:
+                    return
+                _, _, chunk = heapq.heappop(self.queue)
+                if chunk in self.in_flight or self.partial.holds(chunk):
+                    continue
+                self.in_flight.add(chunk)
+            self.fetch_for_others(chunk)
+
+    def fetch_for_others(self, chunk):
+        try:
+            self.fetch_now(chunk)
+        except OSError as error:
+            with self.condition:
+                self.failed[chunk] = error.strerror
+        finally:
+            with self.condition:
+                self.in_flight.discard(chunk)
+                self.condition.notify_all()
+        if 0 not in self.partial.held:
+            self.finish()
+
+    def fill(self):
+        """Fetch what no client asked for, in order, a chunk at a time and
+        only while clients read nothing; then check the whole."""
+        with contextlib.suppress(OSError):  # not allowed: keep the priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        for chunk in self.partial.missing():
+            with self.condition:
+                while not self.stopping and (
+                        self.queue or self.in_flight
+                        or time.monotonic() - self.last_read_time < FILL_IDLE):
+                    self.condition.wait(FILL_IDLE / 4)
+                if self.stopping or self.failure:
+                    return
+                if self.partial.holds(chunk) or chunk in self.in_flight:
+                    continue
+                self.in_flight.add(chunk)
+            self.fetch_for_others(chunk)
+            if chunk in self.failed:
+                log.debug(f"the fill of {self.diff_id} stops: {self.failed[chunk]}")
+                return
+        self.finish()
+
+    def finish(self):
+        """Once every chunk is here: hash the blob; hand it to WHOLE, or
+        fail every read.  Once."""
+        with self.condition:
+            if self.finished or self.failure or self.partial.missing():
+                return
+            self.finished = True
+        digest, zeros = hashlib.sha256(), []
+        buffer = bytearray(1 << 20)
+        with self.partial.locked(fcntl.LOCK_EX):
+            try:
+                for offset in range(0, self.size, len(buffer)):
+                    view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
+                    Layer.read(self, view, offset)
+                    digest.update(view)
+                    note_zeros(buffer, len(view), offset, zeros)
+            except OSError as error:
+                # Nothing is named whole: the next start checks it again.
+                log.debug(f"cannot check {self.diff_id} in the cache: {error.strerror}")
+                return
+            if "sha256:" + digest.hexdigest() != self.diff_id:
+                self.fail(f"{self.registry.image_name}: verify: blob {self.diff_id} from "
+                          f"{self.registry.host} hashes to sha256:{digest.hexdigest()}; "
+                          "refusing to serve it")
+                log.debug(self.failure)
+                self.partial.remove()
+                return
+            self.learn_zeros([tuple(zero) for zero in zeros])
+            self.verified = True
+            log.debug(f"{self.diff_id} is whole and matches its digest")
+            self.whole(self, self.zeros)
+            self.partial.remove()
+
+    def close(self):
+        """Stop the workers; a blob whole by now is checked and kept first."""
+        if not self.sources:
+            return  # closed already
+        with self.condition:
+            self.stopping = True
+            self.condition.notify_all()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=RETRY_SECONDS + 5)
+        if not self.failure and not self.finished and not self.partial.missing():
+            with contextlib.suppress(CdiError, OSError):
+                self.finish()
+        super().close()
+        self.partial.close()

@@ -1,0 +1,101 @@
+"""The registry as a source: an artifact's uncompressed blobs, served while
+they arrive (oci/chunks.py), ready once the manifest is read.  A blob the
+cache's layout holds whole already is served from there; one that arrives
+whole and matches its digest joins the layout, and once every blob has,
+the manifest does too: the next start is the warm path (sources/layout.py),
+with no network."""
+
+import logging
+import os
+
+from ..errors import CdiError
+from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.chunks import PartialBlob, RemoteBlob
+from ..progress import describe_size
+from ..verify import fingerprint
+from .layout import BlobSource
+
+log = logging.getLogger("cdipy")
+
+
+class RegistrySource(BlobSource):
+    """The blobs of REMOTE (an oci.fetch.Remote), their checks remembered
+    in RECORDS."""
+
+    def __init__(self, remote, settings, records):
+        super().__init__(settings.name, f"{settings.name} at {remote.registry.host}")
+        self.remote, self.records = remote, records
+        layout = remote.layout
+        with layout.locked():
+            pass  # the cache made, and refused unless it is ours alone
+        partial = os.path.join(layout.cache, "partial")
+        blobs = Blobs(layout, records, settings.verify != "false")
+        descriptors = remote.manifest.get("layers") or []
+        try:
+            for descriptor in descriptors:
+                digest, size = descriptor["digest"], descriptor.get("size")
+                if not isinstance(size, int) or size < 0:
+                    raise CdiError(f"{settings.name}: the manifest gives blob {digest} no size")
+                layout.blob_path(digest)  # refuses a digest that could name another file
+                layer = self.cached(blobs, descriptor)
+                if layer is not None:
+                    how = f"{describe_size(size)}, from the cache"
+                else:
+                    layer = RemoteBlob(len(self.layers), remote.registry,
+                                       PartialBlob(partial, digest, size, settings.name),
+                                       self.blob_whole)
+                    how = f"{describe_size(size)}, from {remote.registry.host} as it is read"
+                self.add_blob(descriptor, len(descriptors), layer, how)
+        except BaseException:
+            self.close()
+            raise
+
+    def cached(self, blobs, descriptor):
+        """The blob, checked, if the cache's layout holds it whole; else None."""
+        if not os.path.exists(self.remote.layout.blob_path(descriptor["digest"])):
+            return None
+        try:
+            return blobs.blob_layer(len(self.layers), descriptor)
+        except BlobMismatch as error:
+            log.debug(f"{error}: reading it from the registry again")
+            self.remote.layout.remove_blob(descriptor["digest"])
+            return None
+
+    def start_background(self):
+        for layer in self.layers:
+            if isinstance(layer, RemoteBlob):
+                layer.start()
+
+    def blob_whole(self, layer, zeros):
+        """LAYER arrived whole and matches its digest: a blob of the layout;
+        with every blob there, the manifest too.  Losing this costs a fetch
+        next time, never correctness: a failure is a debug line."""
+        layout, remote = self.remote.layout, self.remote
+        try:
+            with layout.locked():
+                layout.keep_blob(layer.diff_id, layer.partial.path)
+                # Its names change its ctime: the record is of the file after.
+                layer.partial.remove()
+                self.records.store(layer.diff_id, fingerprint(layer), zeros)
+                descriptors = remote.manifest.get("layers") or []
+                if all(os.path.exists(layout.blob_path(descriptor["digest"]))
+                       for descriptor in descriptors):
+                    self.keep_manifest(layout)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
+
+    def keep_manifest(self, layout):
+        config = self.remote.manifest.get("config") or {}
+        if config.get("digest") and not os.path.exists(layout.blob_path(config["digest"])):
+            data = self.remote.registry.blob_range(config["digest"], 0, config["size"]) \
+                if config.get("size") else b""
+            if layout.write_blob(data) != config["digest"]:
+                raise CdiError(f"the config {config['digest']} does not match its digest")
+        if layout.write_blob(self.remote.data) != self.remote.digest:
+            raise CdiError(f"the manifest does not match its digest {self.remote.digest}")
+        layout.name_manifest(self.image_name, {
+            "mediaType": self.remote.manifest.get("mediaType",
+                                                   "application/vnd.oci.image.manifest.v1+json"),
+            "digest": self.remote.digest, "size": len(self.remote.data)})
+        log.debug(f"{self.image_name} is whole in the cache {layout.path}: the next start "
+                  "needs no network")

@@ -1,0 +1,219 @@
+"""HTTP pieces of the lab: a token issuer for a Distribution registry in
+token-auth mode, and a proxy in front of a registry that counts what it
+carries and, on demand, adds round trips, flips a byte or cuts a response
+short: faults a real registry cannot be made to show.
+
+The issuer is what Docker Hub, quay and ghcr run beside their registries:
+GET /token?service=...&scope=repository:NAME:pull, anonymous or with basic
+auth, answers a JWT (ES256, its certificate in the x5c header) that the
+registry checks against its rootcertbundle.
+"""
+
+import base64
+import datetime
+import http.client
+import http.server
+import json
+import os
+import socketserver
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+SERVICE = "cdi-test-registry"
+ISSUER = "cdi-test-issuer"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class TokenIssuer:
+    """Issues tokens for a registry, on 127.0.0.1: pull for anyone, push
+    and pull for USER with PASSWORD; each lives LIFETIME seconds.  Use as a
+    context manager; certificate is the file for the registry's
+    rootcertbundle, issued counts the tokens given."""
+
+    def __init__(self, directory, user, password, lifetime=300, anonymous=True):
+        self.user, self.password, self.lifetime = user, password, lifetime
+        self.anonymous = anonymous
+        self.issued = 0
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .sign(self.key, hashes.SHA256()))
+        self.certificate = Path(directory) / "token-issuer.pem"
+        self.certificate.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def __enter__(self):
+        issuer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                issuer.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, request):
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(request.path).query)
+        user = None
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            if (user, password) != (self.user, self.password):
+                return self.reply(request, 401, {"details": "bad password"})
+        elif not self.anonymous:
+            return self.reply(request, 401, {"details": "authentication required"})
+        access = []
+        for scope in query.get("scope", []):
+            kind, name, actions = scope.split(":")
+            wanted = actions.split(",")
+            allowed = wanted if user else [action for action in wanted if action == "pull"]
+            access.append({"type": kind, "name": name, "actions": allowed})
+        self.issued += 1
+        self.reply(request, 200, {"token": self.token(user or "", access),
+                                  "expires_in": self.lifetime})
+
+    def token(self, subject, access):
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "ES256",
+                  "x5c": [base64.b64encode(self.cert.public_bytes(
+                      serialization.Encoding.DER)).decode()]}
+        claims = {"iss": ISSUER, "sub": subject, "aud": SERVICE, "exp": now + self.lifetime,
+                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        signing_input = (b64url(json.dumps(header).encode()) + "."
+                         + b64url(json.dumps(claims).encode()))
+        r, s = decode_dss_signature(self.key.sign(signing_input.encode(),
+                                                  ec.ECDSA(hashes.SHA256())))
+        return signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+    @staticmethod
+    def reply(request, status, body):
+        data = json.dumps(body).encode()
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    def registry_config(self):
+        """The registry's auth section for this issuer."""
+        return (f"auth: {{token: {{realm: '{self.realm}', service: {SERVICE}, "
+                f"issuer: {ISSUER}, rootcertbundle: '{self.certificate}'}}}}")
+
+
+class Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of the registry at UPSTREAM
+    (host:port): what a client sends is passed on, what the registry
+    answers is passed back, counted in blob_bytes.  Set delay (seconds
+    added to each request), flip (True: one byte of the next blob range
+    is flipped), cut (True: the next blob range stops halfway) or
+    redirect (an address: blob requests are sent there with a 307)."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.blob_bytes = 0
+        self.blob_requests = 0
+        self.delay = 0.0
+        self.flip = self.cut = False
+        self.redirect = None
+        self.authorizations = []  # the Authorization header of each blob request
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802
+                proxy.forward(self)
+
+            def do_HEAD(self):  # noqa: N802
+                proxy.forward(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def forward(self, request):
+        if self.delay:
+            time.sleep(self.delay)
+        blob = "/blobs/" in request.path
+        with self.lock:
+            if blob:
+                self.blob_requests += 1
+                self.authorizations.append(request.headers.get("Authorization"))
+            flip, self.flip = self.flip and blob, self.flip and not blob
+            cut, self.cut = self.cut and blob, self.cut and not blob
+        if blob and self.redirect:
+            request.send_response(307)
+            request.send_header("Location", f"http://{self.redirect}{request.path}")
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
+        host, port = self.upstream.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            headers = {key: value for key, value in request.headers.items()
+                       if key.lower() not in ("host", "connection")}
+            connection.request(request.command, request.path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except OSError:
+            request.send_error(502)
+            return
+        finally:
+            connection.close()
+        if flip and body:
+            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) \
+                + body[len(body) // 2 + 1:]
+        request.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                request.send_header(key, value.replace(self.upstream, self.address))
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command == "GET":
+            sent = body[:len(body) // 2] if cut else body
+            request.wfile.write(sent)
+            if blob:
+                with self.lock:
+                    self.blob_bytes += len(sent)
+            if cut:
+                request.close_connection = True
+                request.connection.shutdown(2)

@@ -1,0 +1,152 @@
+"""A blob served as it arrives: the record of the chunks held, what a
+restart finds, reads that fetch what they need and no more, extents that
+never call what has not arrived zero, and the check once whole.
+
+The registry here is plain data: an object answering blob_range from
+bytes in memory (the end-to-end tests use the real registry)."""
+
+import errno
+import hashlib
+import os
+
+import pytest
+
+from cdipy.layer import DATA, Member, Window
+from cdipy.oci import chunks
+from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
+from cdipy.oci.registry import RegistryError
+
+SIZE = 5 * CHUNK + 1000
+
+
+class Bytes:
+    """A registry holding one blob, DATA; it counts what it is asked."""
+    host, image_name = "registry.example", "registry.example/disk:1"
+
+    def __init__(self, data, failures=0):
+        self.data, self.failures = data, failures
+        self.ranges = []
+
+    def blob_range(self, digest, start, end):
+        if self.failures:
+            self.failures -= 1
+            raise RegistryError("the connection was cut", transient=True)
+        self.ranges.append((start, end))
+        return self.data[start:end]
+
+
+@pytest.fixture
+def data():
+    return os.urandom(5 * CHUNK) + bytes(1000)
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def make(tmp_path, data):
+    """make(registry=None, digest=None) -> a RemoteBlob of DATA; each is closed after."""
+    made, wholes = [], []
+
+    def make_blob(registry=None, digest=None):
+        registry = registry or Bytes(data)
+        partial = PartialBlob(str(tmp_path / "partial"), digest or digest_of(data), SIZE,
+                              "img")
+        blob = RemoteBlob(0, registry, partial, lambda layer, zeros: wholes.append(zeros))
+        made.append(blob)
+        return blob
+
+    make_blob.wholes = wholes
+    yield make_blob
+    for blob in made:
+        blob.close()
+
+
+def read(layer, offset, length):
+    view = bytearray(length)
+    layer.read(memoryview(view), offset)
+    return bytes(view)
+
+
+def test_a_read_fetches_its_chunk_alone(make, data):
+    blob = make()
+    assert read(blob, 3 * CHUNK + 10, 4096) == data[3 * CHUNK + 10:3 * CHUNK + 4106]
+    assert blob.registry.ranges == [(3 * CHUNK, 4 * CHUNK)]
+
+
+def test_a_read_across_two_chunks_fetches_both(make, data):
+    blob = make()
+    assert read(blob, CHUNK - 10, 20) == data[CHUNK - 10:CHUNK + 10]
+    assert blob.registry.ranges == [(0, CHUNK), (CHUNK, 2 * CHUNK)]
+
+
+def test_the_last_chunk_is_short(make, data):
+    blob = make()
+    assert read(blob, SIZE - 100, 100) == data[-100:]
+    assert blob.registry.ranges == [(5 * CHUNK, SIZE)]
+
+
+def test_a_restart_finds_the_chunks_held(make, data):
+    read(make(), 0, 10)
+    again = make()
+    assert read(again, 5, 10) == data[5:15]
+    assert again.registry.ranges == []
+
+
+def test_a_damaged_record_starts_anew(make, tmp_path, data):
+    read(make(), 0, 10)
+    record = next((tmp_path / "partial").glob("*.chunks"))
+    record.write_bytes(b"\2" * 3)
+    again = make()
+    assert read(again, 5, 10) == data[5:15]
+    assert again.registry.ranges == [(0, CHUNK)]
+
+
+def test_what_has_not_arrived_is_data_never_zero(make):
+    blob = make()
+    assert blob.extents(0, SIZE) == [(0, SIZE, DATA)]
+    assert blob.registry.ranges == [], "extents fetched"
+
+
+def test_a_cut_connection_is_tried_again(make, data, monkeypatch):
+    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
+    blob = make(Bytes(data, failures=2))
+    assert read(blob, 0, 10) == data[:10]
+
+
+def test_a_registry_that_stays_away_fails_the_read_never_with_zeros(make, data, monkeypatch):
+    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
+    monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.05)
+    blob = make(Bytes(data, failures=10**6))
+    with pytest.raises(OSError) as raised:
+        read(blob, 0, 10)
+    assert raised.value.errno == errno.EIO
+    assert "the connection was cut" in raised.value.strerror
+
+
+def test_a_whole_blob_that_matches_its_digest_is_handed_on_with_its_zeros(make, data):
+    blob = make()
+    read(blob, 0, SIZE)
+    blob.finish()
+    assert blob.verified
+    assert make.wholes == [[(5 * CHUNK, SIZE)]]
+
+
+def test_a_whole_blob_that_does_not_match_fails_every_read(make, data, tmp_path):
+    blob = make(digest="sha256:" + "0" * 64)
+    read(blob, 0, SIZE)
+    blob.finish()
+    assert make.wholes == []
+    with pytest.raises(OSError, match="hashes to sha256:"):
+        read(blob, 0, 10)
+    with pytest.raises(OSError, match="hashes to sha256:"):
+        blob.extents(0, 10)
+    assert list((tmp_path / "partial").iterdir()) == [], "the partial blob stays"
+
+
+def test_a_window_reads_through_it(make, data):
+    blob = make()
+    window = Window(blob, Member("disk.img", "file", SIZE, 0), "the only blob")
+    assert read(window, CHUNK * 2, 8) == data[CHUNK * 2:CHUNK * 2 + 8]
+    assert blob.registry.ranges == [(2 * CHUNK, 3 * CHUNK)]
