@@ -1,0 +1,216 @@
+"""make bench-shaped: a VM disk served before it has arrived, over a link
+shaped like a real one, against the download of the same blob.
+
+It runs in a network namespace of its own (unshare --net, as root): the
+registry's traffic is shaped to SHAPED_RATE on its loopback (htb, a class
+for what the registry sends), and cdi.py reaches the registry through a
+proxy (tests/e2e/httplab.py) that adds SHAPED_RTT to each request.  The
+disks are bootable (tests/e2e/vm.py), their boot files behind their data:
+512 MiB with the partition at 441 MiB, 2 GiB at 1,985 MiB, pushed as ORAS
+artifacts of one raw blob.  Every cdi.py start is cold: a cache of its own.
+
+  BENCH_RUNS   rounds (default 3)
+  SHAPED_RATE  the link (default 200mbit)
+  SHAPED_RTT   seconds added to each request (default 0.010)
+"""
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbd
+
+HERE = Path(__file__).resolve().parent
+for directory in (HERE.parent / "tests", HERE.parent / "tests/e2e", HERE):
+    sys.path.insert(0, str(directory))
+from bench import Row, log  # noqa: E402
+from httplab import Proxy  # noqa: E402
+from lab import CDI, MIB, Blob, Lab, export_digest, push_artifact  # noqa: E402
+from vm import make_boot_disk, token_line  # noqa: E402
+
+CHUNK = 2 * MIB  # cdipy.oci.chunks.CHUNK
+ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
+DISKS = {"512 MiB": (512 * MIB, 440 * MIB), "2 GiB": (2048 * MIB, 1984 * MIB)}
+
+
+class Disk:
+    def __init__(self, name, size, path, token):
+        self.name, self.size, self.token = name, size, token
+        with open(path, "rb") as file:
+            digest = hashlib.sha256()
+            for block in iter(lambda: file.read(8 * MIB), b""):
+                digest.update(block)
+        self.digest = "sha256:" + digest.hexdigest()
+
+
+class Shaped:
+    def __init__(self, lab, runs, rtt):
+        self.lab, self.runs, self.rtt = lab, runs, rtt
+        self.rows = []
+
+    def run(self, rate):
+        self.disks = {label: self.make(label, size, behind)
+                      for label, (size, behind) in DISKS.items()}
+        shape(self.lab.registry.split(":")[1], rate)
+        with Proxy(self.lab.registry) as self.proxy:
+            self.proxy.delay = self.rtt
+            small, big = self.disks["512 MiB"], self.disks["2 GiB"]
+            self.rows = [
+                Row("cold boot (nbdkit start to the VM's first console line), 512 MiB disk, "
+                    "vs downloading its blob",
+                    lambda flip: (self.boot(small), self.download(small)),
+                    "s", "<= 0.4x", lambda ratio, _: ratio <= 0.4, speed=False),
+                Row("cold boot of the 2 GiB disk vs the 512 MiB one",
+                    lambda flip: (self.boot(big), self.boot(small)),
+                    "s", "<= 1.2x", lambda ratio, _: ratio <= 1.2, speed=False),
+                Row("cold qemu-img info of the disk export (nbdkit start to its answer), 2 GiB "
+                    "disk, vs downloading the 512 MiB blob", lambda flip: (
+                        self.info(big), self.download(small)),
+                    "s", "<= 1 s", lambda _, seconds: seconds <= 1.0, speed=False),
+                Row("cold full nbdcopy of the disk export (byte-exact), 512 MiB, vs "
+                    "downloading its blob", lambda flip: (self.copy(small), self.download(small)),
+                    "s", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
+                Row("blob bytes fetched for one random 4 KiB read, vs one chunk",
+                    lambda flip: ((self.one_read(big), None), (CHUNK, None)),
+                    "MiB", "1 chunk", lambda ratio, _: ratio <= 1.0, speed=False),
+                Row("blob bytes fetched for a cold full copy, vs the blob (512 MiB)",
+                    lambda flip: ((self.last_copy_bytes, None), (small.size, None)),
+                    "MiB", "<= 1.02x", lambda ratio, _: ratio <= 1.02, speed=False),
+                Row("peak RSS of nbdkit during a cold full copy (512 MiB), vs 64 MiB",
+                    lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
+                    "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
+            ]
+            for number in range(self.runs):
+                log(f"round {number + 1}/{self.runs}")
+                for row in self.rows:
+                    row.pairs.append(row.measure(number % 2 == 1))
+
+    def make(self, label, size, behind):
+        log(f"making the {label} disk and pushing it")
+        path = self.lab.workdir / f"boot-{size}.raw"
+        token = os.urandom(8).hex()
+        make_boot_disk(path, token, behind=behind, size=size)
+        name = f"bench/boot-{size}:1"
+        try:
+            push_artifact(self.lab.workdir, f"{self.lab.registry}/{name}",
+                          [Blob(ORAS_LAYER, path, "disk.img")])
+            return Disk(name, size, path, token)
+        finally:
+            path.unlink()
+
+    def cold(self, disk):
+        """A cold cdi.py serving DISK through the proxy, not yet ready."""
+        cache = tempfile.mkdtemp(prefix="cache-", dir=self.lab.workdir)
+        return self.lab.nbdkit(["python", CDI, f"name={self.proxy.address}/{disk.name}",
+                                f"cache={cache}", "tls-verify=false", "layer=disk"],
+                               ready=False)
+
+    def download(self, disk):
+        started = time.monotonic()
+        subprocess.run(["curl", "--silent", "--fail", "--output", "/dev/null",
+                        f"http://{self.lab.registry}/v2/{disk.name.split(':')[0]}/blobs/"
+                        f"{disk.digest}"], check=True)
+        return time.monotonic() - started, None
+
+    def boot(self, disk):
+        started = time.monotonic()
+        with self.cold(disk) as server:
+            server.wait_ready()
+            qemu = subprocess.Popen(
+                ["qemu-system-x86_64", "-machine", "accel=tcg", "-m", "256", "-nodefaults",
+                 "-display", "none", "-serial", "stdio", "-no-reboot", "-drive",
+                 f"file={server.uri()},format=raw,if=virtio,readonly=on"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            try:
+                for line in qemu.stdout:
+                    if token_line(disk.token).encode() in line:
+                        return time.monotonic() - started, None
+                raise AssertionError("the VM did not print its token")
+            finally:
+                qemu.kill()
+                qemu.wait()
+
+    def info(self, disk):
+        started = time.monotonic()
+        with self.cold(disk) as server:
+            server.wait_ready()
+            subprocess.run(["qemu-img", "info", server.uri()], check=True,
+                           stdout=subprocess.DEVNULL)
+            return time.monotonic() - started, None
+
+    def copy(self, disk):
+        started = time.monotonic()
+        before = self.proxy.blob_bytes
+        with self.cold(disk) as server:
+            server.wait_ready()
+            digest = export_digest(server.uri())
+            seconds = time.monotonic() - started
+            assert digest == disk.digest, "not byte-exact"
+            with open(f"/proc/{server.pid}/status") as status:
+                self.last_copy_rss = next(int(line.split()[1]) * 1024 for line in status
+                                          if line.startswith("VmHWM:"))
+        self.last_copy_bytes = self.proxy.blob_bytes - before
+        return seconds, None
+
+    def one_read(self, disk):
+        with self.cold(disk) as server:
+            server.wait_ready()
+            before = self.proxy.blob_bytes
+            handle = nbd.NBD()
+            handle.connect_unix(server.socket)
+            offset = random.randrange(CHUNK * 8, disk.size - 4096) & ~4095
+            handle.pread(4096, offset)
+            handle.shutdown()
+            return self.proxy.blob_bytes - before
+
+    def report(self, rate):
+        lines = [f"## cdi.py shaped bench: {rate}, {self.rtt * 1000:.0f} ms per request, "
+                 f"median of {self.runs} rounds", "",
+                 "| # | measurement | cdi.py | reference | ratio (min–max) | target | result |",
+                 "|---" * 7 + "|"]
+        for number, row in enumerate(self.rows, 8):
+            if row.pairs:
+                lines.append(f"| {number} | {row.title} | "
+                             + " | ".join(row.cells()[:5]) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def shape(port, rate):
+    """What the registry on PORT sends goes at RATE; all else unshaped."""
+    for command in (["tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb",
+                     "default", "20"],
+                    ["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:10",
+                     "htb", "rate", rate, "ceil", rate, "burst", "256k"],
+                    ["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:20",
+                     "htb", "rate", "40gbit"],
+                    ["tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip",
+                     "prio", "1", "u32", "match", "ip", "sport", port, "0xffff",
+                     "flowid", "1:10"]):
+        subprocess.run(command, check=True, capture_output=True)
+
+
+def main():
+    if os.geteuid() != 0:
+        raise SystemExit("make bench-shaped: run as root (a network namespace, tc)")
+    if sys.argv[1:] != ["--inside"]:
+        os.execvp("unshare", ["unshare", "--net", "--", sys.executable, __file__, "--inside"])
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    rate = os.environ.get("SHAPED_RATE") or "200mbit"
+    rtt = float(os.environ.get("SHAPED_RTT") or "0.010")
+    runs = int(os.environ.get("BENCH_RUNS") or "3")
+    with Lab("cdi-shaped-", parent="/var/tmp") as lab:
+        log(f"working in {lab.workdir}")
+        bench = Shaped(lab, runs, rtt)
+        try:
+            bench.run(rate)
+        finally:
+            sys.stdout.write(bench.report(rate))
+
+
+if __name__ == "__main__":
+    main()
