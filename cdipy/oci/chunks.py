@@ -39,7 +39,7 @@ CHUNK = 2 << 20
 # Chunks fetched at once for clients (a copy keeps them all busy)...
 IN_FLIGHT = 4
 # ...and ahead of a client reading in order.
-READ_AHEAD = 2
+READ_AHEAD = 4
 # A chunk that cannot be fetched is tried again, waiting longer each time,
 # for this long in all; then the read fails (EIO), never with zeros.
 RETRY_SECONDS = 30.0

@@ -13,6 +13,7 @@ import base64
 import datetime
 import http.client
 import http.server
+import ipaddress
 import json
 import os
 import socketserver
@@ -126,6 +127,50 @@ class TokenIssuer:
         """The registry's auth section for this issuer."""
         return (f"auth: {{token: {{realm: '{self.realm}', service: {SERVICE}, "
                 f"issuer: {ISSUER}, rootcertbundle: '{self.certificate}'}}}}")
+
+
+def certificates(directory, host="127.0.0.1"):
+    """A CA (DIRECTORY/certs.d/ca.crt, as podman's cert-dir holds it) and a
+    server certificate it signed for HOST; (cert-dir, (certificate, key))."""
+    def key_and_name(common_name):
+        return ec.generate_private_key(ec.SECP256R1()), x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, ca_name = key_and_name("cdi-test CA")
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key, name = key_and_name(host)
+    server = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
+              .public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1))
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName(
+                  [x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                  ca_key.public_key()), critical=False)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    cert_dir = Path(directory) / "certs.d"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    certificate, private = Path(directory) / "server.crt", Path(directory) / "server.key"
+    certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_dir, (certificate, private)
 
 
 class Proxy:

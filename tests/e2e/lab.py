@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -390,16 +391,18 @@ class Registry:
 
 
 @contextlib.contextmanager
-def registry(workdir, name, auth=False, token=None):
+def registry(workdir, name, auth=False, token=None, tls=None):
     """A Distribution registry on 127.0.0.1 with its data in WORKDIR/NAME,
     requiring REGISTRY_USER's password with AUTH, or tokens from TOKEN (an
-    httplab.TokenIssuer); yields a Registry."""
+    httplab.TokenIssuer); speaking HTTPS with TLS, (certificate, key)
+    files; yields a Registry."""
     address = f"127.0.0.1:{free_port()}"
     root = Path(workdir) / name
     root.mkdir()
     config = ["version: 0.1", "log: {level: error}",
               f"storage: {{filesystem: {{rootdirectory: {root}/data}}}}",
-              f"http: {{addr: '{address}'}}"]
+              f"http: {{addr: '{address}'"
+              + (f", tls: {{certificate: '{tls[0]}', key: '{tls[1]}'}}" if tls else "") + "}"]
     if auth:
         (root / "htpasswd").write_text(f"{REGISTRY_USER}:{REGISTRY_PASSWORD_HASH}\n")
         config.append(f"auth: {{htpasswd: {{realm: cdi-test, path: {root}/htpasswd}}}}")
@@ -411,7 +414,7 @@ def registry(workdir, name, auth=False, token=None):
             [*DIE_WITH_PARENT, "docker-registry", "serve", str(root / "config.yml")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        wait_for(lambda: answers(address) or process.poll() is not None, 30,
+        wait_for(lambda: answers(address, https=bool(tls)) or process.poll() is not None, 30,
                  "docker-registry did not answer within 30 s")
         assert process.poll() is None, \
             f"docker-registry exited at start: {(root / 'log').read_text()}"
@@ -420,10 +423,12 @@ def registry(workdir, name, auth=False, token=None):
         stop_process(process)
 
 
-def answers(address):
+def answers(address, https=False):
     """Whether the registry at ADDRESS answers its API (401: with a password)."""
     host, port = address.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=1)
+    connection = (http.client.HTTPSConnection(host, int(port), timeout=1,
+                                              context=ssl._create_unverified_context())
+                  if https else http.client.HTTPConnection(host, int(port), timeout=1))
     try:
         connection.request("GET", "/v2/")
         return connection.getresponse().status in (200, 401)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import nbdkit_error, run_nbdkit, serve, sha256
-from httplab import Proxy, TokenIssuer
+from httplab import Proxy, TokenIssuer, certificates
 from lab import (
     MIB,
     REGISTRY_PASSWORD,
@@ -34,6 +34,7 @@ from lab import (
     push_artifact,
     registry,
     wait_for,
+    write_oci_layout,
 )
 from vm import boot, make_boot_disk, token_line
 
@@ -185,6 +186,31 @@ def test_a_registry_behind_a_password_is_read_as_it_is_read(lab, cache):
     assert result.returncode == 0, result.stderr
     assert "sha256:" + result.stdout.split()[0] == sha256(data)
     assert "as it is read" in result.stderr
+
+
+def test_a_registry_speaking_tls_is_trusted_through_cert_dir(lab, cache):
+    directory = Path(tempfile.mkdtemp(prefix="tls-", dir=lab.workdir))
+    cert_dir, pair = certificates(directory)
+    data = os.urandom(3 * MIB)
+    (directory / "disk.img").write_bytes(data)
+    with registry(directory, "tls-registry", tls=pair) as running:
+        name = f"{running.address}/cdi-test/lazy-tls:1"
+        subprocess.run(["skopeo", "copy", "--quiet", f"--dest-cert-dir={cert_dir}",
+                        f"oci:{oci_layout(directory, data)}:latest", f"docker://{name}"],
+                       check=True, stdin=subprocess.DEVNULL)
+        refused = nbdkit_error(f"name={name}", f"cache={cache}", "layer=disk")
+        result = run_nbdkit(f"name={name}", f"cache={cache}", f"cert-dir={cert_dir}",
+                            "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
+    assert "certificate verify failed" in refused or "x509" in refused, refused
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    assert f"from {running.address} as it is read" in result.stderr
+
+
+def oci_layout(directory, data):
+    path = Path(directory) / "layout"
+    write_oci_layout(path, "latest", [Blob(ORAS_LAYER, data, "disk.img")])
+    return path
 
 
 @pytest.fixture(scope="module")
