@@ -26,14 +26,14 @@ from pathlib import Path
 import nbd
 
 HERE = Path(__file__).resolve().parent
-for directory in (HERE.parent / "tests", HERE.parent / "tests/e2e", HERE):
+for directory in (HERE.parent, HERE.parent / "tests", HERE.parent / "tests/e2e", HERE):
     sys.path.insert(0, str(directory))
 from bench import Row, log  # noqa: E402
+from cdipy.oci.chunks import CHUNK  # noqa: E402
 from httplab import Proxy  # noqa: E402
 from lab import CDI, MIB, Blob, Lab, export_digest, push_artifact  # noqa: E402
 from vm import make_boot_disk, token_line  # noqa: E402
 
-CHUNK = 2 * MIB  # cdipy.oci.chunks.CHUNK
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
 DISKS = {"512 MiB": (512 * MIB, 440 * MIB), "2 GiB": (2048 * MIB, 1984 * MIB)}
 

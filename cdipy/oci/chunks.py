@@ -25,11 +25,10 @@ import threading
 import time
 
 from ..cache import make_private
-from ..errors import CdiError
+from ..errors import CdiError, RegistryError
 from ..layer import DATA, FileSegment, Layer, merge_runs
 from ..progress import describe_size
 from ..verify import note_zeros
-from .registry import RegistryError
 
 log = logging.getLogger("cdipy")
 

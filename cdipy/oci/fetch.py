@@ -9,9 +9,8 @@ import json
 import logging
 import re
 
-from ..errors import CdiError
+from ..errors import CdiError, Unsupported
 from .layout import ArtifactStore, is_artifact
-from .registry import Registry, Unsupported
 
 log = logging.getLogger("cdipy")
 
@@ -133,6 +132,9 @@ def remote_artifact(settings, local, layout):
     said with -v, so that the whole fetch takes over."""
     if settings.verify == "before":
         return None  # it waits for the whole blob: the whole fetch does that
+    # Imported here: requests takes 0.1 s to import, which a start that
+    # reads no registry (a warm one) must not pay.
+    from .registry import Registry  # noqa: PLC0415
     host, repository, reference = split_reference(local)
     try:
         registry = Registry(host, repository, settings.name, settings)

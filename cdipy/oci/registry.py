@@ -31,7 +31,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from ..errors import CdiError
+from ..errors import RegistryError, Unsupported
 
 try:
     import tomllib  # Python 3.11
@@ -53,18 +53,6 @@ TIMEOUTS = (10, 30)
 # Tokens are renewed this long before the registry says they expire.
 TOKEN_MARGIN = 10
 MAX_MANIFEST = 4 << 20
-
-
-class Unsupported(Exception):
-    """A setting this client cannot honour: the whole fetch takes over."""
-
-
-class RegistryError(CdiError):
-    """The registry refused or failed a request; TRANSIENT if worth a retry."""
-
-    def __init__(self, message, transient=False):
-        super().__init__(message)
-        self.transient = transient
 
 
 class Registry:

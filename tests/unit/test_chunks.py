@@ -11,10 +11,10 @@ import os
 
 import pytest
 
+from cdipy.errors import RegistryError
 from cdipy.layer import DATA, Member, Window
 from cdipy.oci import chunks
 from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
-from cdipy.oci.registry import RegistryError
 
 SIZE = 5 * CHUNK + 1000
 

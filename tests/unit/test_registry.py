@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from cdipy.errors import Unsupported
 from cdipy.oci.fetch import is_compressed, split_reference
 from cdipy.oci.registry import (
-    Unsupported,
     certificates,
     credentials,
     key_of,
