@@ -25,6 +25,7 @@ import re
 import ssl
 import threading
 import time
+import urllib.request
 import warnings
 
 import requests
@@ -66,6 +67,8 @@ class Registry:
             raise Unsupported(f"registries.conf blocks {host}")
         if config.get("mirrors") or config.get("location", host) != host:
             raise Unsupported(f"registries.conf gives {host} a mirror or another location")
+        if urllib.request.getproxies() and not urllib.request.proxy_bypass(host.split(":")[0]):
+            raise Unsupported("the environment names an HTTP proxy")
         self.insecure = (not settings.tls_verify if settings.tls_verify is not None
                          else bool(config.get("insecure")))
         self.credentials = credentials(host, repository, settings.authfile)
@@ -94,7 +97,9 @@ class Registry:
     def blob_range(self, digest, start, end):
         """Bytes START to END (excluded) of blob DIGEST; RegistryError if the
         registry answers another range, or fewer bytes."""
-        response = self.get(f"blobs/{digest}", headers={"Range": f"bytes={start}-{end - 1}"},
+        # The bytes as stored: a compressed answer would be other bytes.
+        response = self.get(f"blobs/{digest}", headers={"Range": f"bytes={start}-{end - 1}",
+                                                        "Accept-Encoding": "identity"},
                             what=f"blob {digest} bytes {start}-{end - 1}", stream=True)
         with contextlib.closing(response):
             if response.status_code != 206:

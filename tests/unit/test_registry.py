@@ -10,12 +10,14 @@ import pytest
 from cdipy.errors import Unsupported
 from cdipy.oci.fetch import is_compressed, split_reference
 from cdipy.oci.registry import (
+    Registry,
     certificates,
     credentials,
     key_of,
     registry_config,
     scopes,
 )
+from cdipy.parameters import Settings
 
 
 def auth_file(tmp_path, config):
@@ -118,3 +120,15 @@ def test_split_reference(name, expected):
 ])
 def test_compressed_media_types(media_type, compressed):
     assert is_compressed(media_type) is compressed
+
+
+def test_an_http_proxy_in_the_environment_cannot_be_honoured(tmp_path, monkeypatch):
+    conf = tmp_path / "registries.conf"
+    conf.write_text("")
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    settings = Settings(name="x", authfile=auth_file(tmp_path, {"auths": {}}))
+    with pytest.raises(Unsupported, match="the environment names an HTTP proxy"):
+        Registry("quay.io", "org/disk", "quay.io/org/disk:1", settings)
+    assert Registry("127.0.0.1:5000", "a/b", "127.0.0.1:5000/a/b:1", settings).scheme == "https"
