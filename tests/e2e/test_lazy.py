@@ -412,3 +412,18 @@ def test_pull_never_does_not_serve_a_partial_blob(lab, blob, proxy, cache):
     message = nbdkit_error(*params(proxy, name, cache, "pull=never"))
     assert "image not found in local storage nor in the cache (pull=never)" in message
 
+
+
+def test_pull_always_reads_the_manifest_again_and_serves_a_whole_blob_from_the_cache(
+        lab, blob, proxy, cache):
+    name, data = blob
+    with serve(lab, *params(proxy, name, cache), verbose=True) as server:
+        wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
+    fetched = proxy.blob_bytes
+    result = run_nbdkit(*params(proxy, name, cache, "pull=always", "layer=disk"), verbose=True,
+                        run='nbdcopy "$uri" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    assert f"{proxy.address}/{name}: manifest sha256:" in result.stderr
+    assert ", 32.0 MiB, from the cache: raw" in result.stderr
+    assert proxy.blob_bytes == fetched, "a whole cached blob was fetched again"

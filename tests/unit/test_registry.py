@@ -132,3 +132,22 @@ def test_an_http_proxy_in_the_environment_cannot_be_honoured(tmp_path, monkeypat
     with pytest.raises(Unsupported, match="the environment names an HTTP proxy"):
         Registry("quay.io", "org/disk", "quay.io/org/disk:1", settings)
     assert Registry("127.0.0.1:5000", "a/b", "127.0.0.1:5000/a/b:1", settings).scheme == "https"
+
+
+def test_without_authfile_podmans_own_auth_files_are_read_in_its_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    docker = tmp_path / ".docker" / "config.json"
+    docker.parent.mkdir()
+    docker.write_text(json.dumps({"auths": {"quay.io": {"auth": secret("docker", "1")}}}))
+    assert credentials("quay.io", "org/disk") == ("docker", "1")
+    podman = tmp_path / "run" / "containers" / "auth.json"
+    podman.parent.mkdir(parents=True)
+    podman.write_text(json.dumps({"auths": {"quay.io": {"auth": secret("podman", "2")}}}))
+    assert credentials("quay.io", "org/disk") == ("podman", "2")
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"auths": {"quay.io": {"auth": secret("chosen", "3")}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(chosen))
+    assert credentials("quay.io", "org/disk") == ("chosen", "3")
