@@ -218,9 +218,10 @@ class Layer:
 class Window(Layer):
     """A layer of the bytes of MEMBER, one file of layer PARENT, alone (a
     file, not a tar): the disk export.  It reads from descriptors of its
-    own, so that closing either closes nothing of the other; a failed check
-    of the parent fails it, and the zeros the parent learns are its too.
-    WHY says, for its description, why this file."""
+    own, so that closing either closes nothing of the other (but through
+    a parent whose bytes arrive as they are read: reads_through_windows);
+    a failed check of the parent fails it, and the zeros the parent learns
+    are its too.  WHY says, for its description, why this file."""
 
     def __init__(self, parent, member, why):
         super().__init__(parent.index, parent.diff_id, parent.served_from)

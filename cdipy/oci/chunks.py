@@ -25,9 +25,10 @@ import threading
 import time
 
 from ..cache import make_private
-from ..errors import CdiError, RegistryError
+from ..errors import CdiError, RegistryError, Unsupported
 from ..layer import DATA, FileSegment, Layer, merge_runs
 from ..progress import describe_size
+from ..sparse import write_exactly
 from ..verify import note_zeros
 
 log = logging.getLogger("cdipy")
@@ -52,47 +53,56 @@ CLIENT, AHEAD = 0, 1
 
 class PartialBlob:
     """Blob DIGEST of SIZE bytes, in DIRECTORY (the cache's partial/) for
-    IMAGE_NAME: its bytes (fd) and which chunks it holds (held)."""
+    IMAGE_NAME: its bytes (fd) and which chunks it holds (held).
+
+    sha256-HEX.lock, never removed, is what processes lock: shared while
+    one writes a chunk, exclusive while one opens the files, makes them
+    anew, or checks the blob and names it whole (then removes them).  Each
+    lock is taken on a descriptor of its own, so that threads of one
+    process exclude each other as processes do."""
 
     def __init__(self, directory, digest, size, image_name):
         self.digest, self.size, self.image_name = digest, size, image_name
         self.count = -(-size // CHUNK)
-        name = digest.replace(":", "-")
-        self.path = os.path.join(directory, name)
-        self.record_path = self.path + ".chunks"
+        self.path = os.path.join(directory, digest.replace(":", "-"))
+        self.record_path, self.lock_path = self.path + ".chunks", self.path + ".lock"
+        self.fd = self.record_fd = None
         try:
             make_private(directory)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              0o600)
-            self.record_fd = os.open(self.record_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o600)
+            with self.locked(fcntl.LOCK_EX):
+                self.fd = open_private(self.path)
+                self.record_fd = open_private(self.record_path)
+                self.held = self.read_record(directory)
         except OSError as error:
+            self.close_files()
             raise CdiError(f"{image_name}: cannot keep {digest} in {directory}: "
                            f"{error.strerror}") from None
-        with self.locked(fcntl.LOCK_EX):
-            self.held = bytearray(os.pread(self.record_fd, self.count + 1, 0))
-            if len(self.held) != self.count or set(self.held) - {0, 1} \
-                    or os.fstat(self.fd).st_size > size:
-                if any(self.held) or os.fstat(self.fd).st_size:
-                    log.debug(f"the record of {digest} in {directory} is damaged: "
-                              "fetching the blob anew")
-                self.held = bytearray(self.count)
-                os.ftruncate(self.fd, 0)
-                os.pwrite(self.record_fd, bytes(self.held), 0)
-                os.ftruncate(self.record_fd, self.count)
-            os.ftruncate(self.fd, size)
         log.debug(f"{digest}: {sum(self.held)} of {self.count} chunks of "
                   f"{describe_size(CHUNK)} held already")
 
+    def read_record(self, directory):
+        """The chunks held, from the record; a damaged one is made anew."""
+        held = bytearray(os.pread(self.record_fd, self.count + 1, 0))
+        if len(held) != self.count or set(held) - {0, 1} or os.fstat(self.fd).st_size > self.size:
+            if any(held) or os.fstat(self.fd).st_size:
+                log.debug(f"the record of {self.digest} in {directory} is damaged: "
+                          "fetching the blob anew")
+            held = bytearray(self.count)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.record_fd, bytes(held), 0)
+            os.ftruncate(self.record_fd, self.count)
+        if os.fstat(self.fd).st_size != self.size:  # a new file (truncating changes ctime)
+            os.ftruncate(self.fd, self.size)
+        return held
+
     @contextlib.contextmanager
     def locked(self, how):
-        """The record locked: shared by writers of chunks, exclusive to
-        whoever makes it anew or names the blob whole."""
-        fcntl.flock(self.record_fd, how)
+        fd = open_private(self.lock_path)
         try:
+            fcntl.flock(fd, how)
             yield
         finally:
-            fcntl.flock(self.record_fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def holds(self, chunk):
         """Whether CHUNK is here, written by us or another process."""
@@ -109,11 +119,11 @@ class PartialBlob:
         try:
             with self.locked(fcntl.LOCK_SH):
                 if os.fstat(self.record_fd).st_nlink == 0:
-                    return  # another process named the blob whole meanwhile
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(self.fd, view, start)
-                    view, start = view[written:], start + written
+                    # Another process checked the blob and named it whole:
+                    # these are its bytes, every chunk of them.
+                    self.held[:] = bytes([1]) * self.count
+                    return
+                write_exactly(self.fd, data, start)
                 os.fdatasync(self.fd)
                 os.pwrite(self.record_fd, b"\1", chunk)
         except OSError as error:
@@ -125,14 +135,28 @@ class PartialBlob:
         return [chunk for chunk in range(self.count) if not self.holds(chunk)]
 
     def remove(self):
-        for path in (self.path, self.record_path):
+        """Remove the files' names, if they are still ours (under the
+        exclusive lock)."""
+        for path, fd in ((self.path, self.fd), (self.record_path, self.record_fd)):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+
+    def close_files(self):
+        """Close the record; the data's descriptor too, unless a layer took it."""
+        for fd in (self.fd, self.record_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.record_fd = None
 
     def close(self):
         if self.record_fd is not None:  # self.fd is the layer's, which closes it
             os.close(self.record_fd)
             self.record_fd = None
+
+
+def open_private(path):
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 class RemoteBlob(Layer):
@@ -226,6 +250,9 @@ class RemoteBlob(Layer):
             self.partial.store(chunk, self.download(chunk))
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
+        except Exception as error:  # a bug must not look like zeros or a hang
+            raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.diff_id}: "
+                                     f"{error!r}") from error
 
     def download(self, chunk):
         start, end = self.partial.span(chunk)
@@ -237,6 +264,8 @@ class RemoteBlob(Layer):
                 if not error.transient or time.monotonic() + pause > deadline or self.stopping:
                     raise
                 log.debug(f"{error}: trying again in {pause:.2f} s")
+            except Unsupported as error:  # the registry ignored Range
+                raise CdiError(f"{self.registry.image_name}: {error}") from None
             time.sleep(pause)
             pause = min(pause * 2, 8.0)
 
@@ -272,9 +301,9 @@ class RemoteBlob(Layer):
     def fetch_for_others(self, chunk):
         try:
             self.fetch_now(chunk)
-        except OSError as error:
+        except Exception as error:  # whatever it is, the waiting client must hear of it
             with self.condition:
-                self.failed[chunk] = error.strerror
+                self.failed[chunk] = getattr(error, "strerror", None) or str(error)
         finally:
             with self.condition:
                 self.in_flight.discard(chunk)
@@ -313,9 +342,12 @@ class RemoteBlob(Layer):
             self.finished = True
         digest, zeros = hashlib.sha256(), []
         buffer = bytearray(1 << 20)
+        # No chunk is written meanwhile, by this process or another.
         with self.partial.locked(fcntl.LOCK_EX):
             try:
                 for offset in range(0, self.size, len(buffer)):
+                    if self.stopping:
+                        return  # the next start checks it again
                     view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
                     Layer.read(self, view, offset)
                     digest.update(view)
@@ -331,11 +363,10 @@ class RemoteBlob(Layer):
                 log.debug(self.failure)
                 self.partial.remove()
                 return
-            self.learn_zeros([tuple(zero) for zero in zeros])
-            self.verified = True
-            log.debug(f"{self.diff_id} is whole and matches its digest")
-            self.whole(self, self.zeros)
-            self.partial.remove()
+        self.learn_zeros([tuple(zero) for zero in zeros])
+        self.verified = True
+        log.debug(f"{self.diff_id} is whole and matches its digest")
+        self.whole(self, self.zeros)
 
     def close(self):
         """Stop the workers; a blob whole by now is checked and kept first."""
@@ -347,6 +378,9 @@ class RemoteBlob(Layer):
         for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=RETRY_SECONDS + 5)
+        if any(thread.is_alive() for thread in self.threads):
+            log.debug(f"{self.diff_id}: a fetch still runs: its files stay open")
+            return
         if not self.failure and not self.finished and not self.partial.missing():
             with contextlib.suppress(CdiError, OSError):
                 self.finish()

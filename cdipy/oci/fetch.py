@@ -7,9 +7,10 @@ podman 4, multi-arch artifacts) or should not import (archives)."""
 import dataclasses
 import json
 import logging
+import os
 import re
 
-from ..errors import CdiError, Unsupported
+from ..errors import CdiError, RegistryError, Unsupported
 from .layout import ArtifactStore, is_artifact
 
 log = logging.getLogger("cdipy")
@@ -137,24 +138,54 @@ def remote_artifact(settings, local, layout):
     from .registry import Registry  # noqa: PLC0415
     host, repository, reference = split_reference(local)
     try:
-        registry = Registry(host, repository, settings.name, settings)
+        registry = Registry(host, repository, settings.name, settings, api_host(host))
         data, _, digest = registry.manifest(reference)
         manifest = json.loads(data)
+        if not lazily_servable(manifest, settings.name):
+            return None
+        probe_ranges(registry, manifest, layout)
     except Unsupported as reason:
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
         return None
     except (CdiError, ValueError) as error:
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")
         return None
-    if not isinstance(manifest, dict) or "manifests" in manifest or not is_artifact(manifest):
-        return None
-    compressed = [layer.get("mediaType") for layer in manifest.get("layers") or []
-                  if is_compressed(layer.get("mediaType") or "")]
-    if compressed:
-        log.debug(f"{settings.name} has compressed blobs ({compressed[0]}): fetching it whole")
-        return None
     log.debug(f"{settings.name}: manifest {digest}: served from {host} as it is read")
     return Remote(settings.name, registry, manifest, data, digest, layout)
+
+
+def probe_ranges(registry, manifest, layout):
+    """Unsupported if the registry ignores Range (it says so now, not at
+    every read); what it cannot tell yet, the reads will try again."""
+    for layer in manifest["layers"]:
+        if layer["size"] and not os.path.exists(layout.blob_path(layer["digest"])):
+            try:
+                registry.blob_range(layer["digest"], 0, 1)
+            except RegistryError as error:
+                if not error.transient:
+                    raise
+            return
+
+
+def lazily_servable(manifest, image_name):
+    """Whether MANIFEST is an artifact whose blobs can be read as they are
+    read: a manifest (not an index), each layer a descriptor with a digest
+    and a size, none compressed."""
+    if not isinstance(manifest, dict) or "manifests" in manifest \
+            or not isinstance(manifest.get("config") or {}, dict) or not is_artifact(manifest):
+        return False
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(
+            isinstance(layer, dict) and isinstance(layer.get("digest"), str)
+            and isinstance(layer.get("size"), int) and layer["size"] >= 0
+            and isinstance(layer.get("mediaType", ""), str) for layer in layers):
+        return False  # skopeo, or podman, says what is wrong with it
+    compressed = [layer.get("mediaType") for layer in layers
+                  if is_compressed(layer.get("mediaType") or "")]
+    if compressed:
+        log.debug(f"{image_name} has compressed blobs ({compressed[0]}): fetching it whole")
+        return False
+    return True
 
 
 def is_compressed(media_type):
@@ -163,13 +194,17 @@ def is_compressed(media_type):
 
 def split_reference(local):
     """(registry host, repository, tag or digest) of LOCAL, a name with a
-    registry, as the registry's API knows them."""
+    registry, the repository as the registry's API knows it."""
     host, _, rest = local.partition("/")
     if "@" in rest:
         repository, _, reference = rest.partition("@")
     else:
         repository, _, reference = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
-    if host == "docker.io":  # Docker Hub's API is elsewhere, its images in library/
-        host = "registry-1.docker.io"
-        repository = repository if "/" in repository else f"library/{repository}"
+    if host == "docker.io" and "/" not in repository:  # Docker Hub's images in library/
+        repository = f"library/{repository}"
     return host, repository, reference
+
+
+def api_host(host):
+    """Where the API of registry HOST is: Docker Hub's is elsewhere."""
+    return "registry-1.docker.io" if host == "docker.io" else host

@@ -168,10 +168,14 @@ class Layout(OciLayout):
 
     def keep_blob(self, digest, path):
         """Name the file at PATH blob DIGEST (under the lock): a hard link,
-        so that whoever serves the file goes on serving it."""
+        so that whoever serves the file goes on serving it.  Whether it was
+        linked (False: the layout holds the blob already, or PATH is gone)."""
         os.makedirs(os.path.dirname(self.blob_path(digest)), mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(path, self.blob_path(digest))
+        except (FileExistsError, FileNotFoundError):
+            return False
+        return True
 
     def write_blob(self, data):
         """Keep DATA as a blob (under the lock); its digest."""
@@ -225,7 +229,8 @@ def is_artifact(manifest):
     media_type = manifest.get("mediaType")
     if media_type in INDEX_TYPES or "manifests" in manifest:
         return any(entry.get("artifactType") for entry in manifest.get("manifests", []))
-    config_type = (manifest.get("config") or {}).get("mediaType")
+    config = manifest.get("config") or {}
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
     if config_type is None:  # a schema 1 image has no config
         return bool(manifest.get("artifactType"))
     return config_type not in IMAGE_CONFIG_TYPES

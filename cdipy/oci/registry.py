@@ -29,10 +29,12 @@ import urllib.request
 import warnings
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
 from ..errors import RegistryError, Unsupported
+from .layout import INDEX_TYPES, MANIFEST_TYPES
 
 try:
     import tomllib  # Python 3.11
@@ -44,11 +46,7 @@ except ImportError:  # before: Debian's python3-tomli, if it is there
 
 log = logging.getLogger("cdipy")
 
-MANIFEST_TYPES = ", ".join((
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json"))
+ACCEPTED = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 # Seconds to wait to connect, and for each read of a response.
 TIMEOUTS = (10, 30)
 # Tokens are renewed this long before the registry says they expire.
@@ -57,11 +55,14 @@ MAX_MANIFEST = 4 << 20
 
 
 class Registry:
-    """Repository REPOSITORY of registry HOST (host[:port]), for image
-    IMAGE_NAME, as SETTINGS (parameters.Settings) say to reach it."""
+    """Repository REPOSITORY of registry HOST (host[:port], as the image's
+    name says it: registries.conf and auth files name it so), for image
+    IMAGE_NAME, as SETTINGS (parameters.Settings) say to reach it.  Its API
+    is at API_HOST (Docker Hub's is elsewhere), HOST if not given."""
 
-    def __init__(self, host, repository, image_name, settings):
+    def __init__(self, host, repository, image_name, settings, api_host=None):
         self.host, self.repository, self.image_name = host, repository, image_name
+        self.api_host = api_host or host
         config = registry_config(host, repository)
         if config.get("blocked"):
             raise Unsupported(f"registries.conf blocks {host}")
@@ -74,6 +75,7 @@ class Registry:
         self.credentials = credentials(host, repository, settings.authfile)
         self.certificates = certificates(host, settings.cert_dir)
         self.scheme = "https"
+        self.scheme_known = False    # once a request succeeded, never changed
         self.lock = threading.Lock()
         self.authorization = None    # the header value that last worked
         self.token_expires = None    # monotonic time, for a Bearer token
@@ -84,7 +86,7 @@ class Registry:
     def manifest(self, reference):
         """(bytes, media type, digest) of manifest REFERENCE (a tag or digest),
         checked against the digest when REFERENCE is one."""
-        response = self.get(f"manifests/{reference}", headers={"Accept": MANIFEST_TYPES},
+        response = self.get(f"manifests/{reference}", headers={"Accept": ACCEPTED},
                             what=f"manifest {reference}")
         data = response.content
         if len(data) > MAX_MANIFEST:
@@ -103,8 +105,8 @@ class Registry:
                             what=f"blob {digest} bytes {start}-{end - 1}", stream=True)
         with contextlib.closing(response):
             if response.status_code != 206:
-                raise RegistryError(f"{self.image_name}: the registry answered a range of blob "
-                                    f"{digest} with HTTP {response.status_code}, not 206")
+                raise Unsupported(f"{self.api_host} answered a range of blob {digest} with "
+                                  f"HTTP {response.status_code}, not 206")
             got = re.fullmatch(r"bytes ([0-9]+)-([0-9]+)/.*",
                                response.headers.get("Content-Range", ""))
             if not got or (int(got.group(1)), int(got.group(2)) + 1) != (start, end):
@@ -113,7 +115,7 @@ class Registry:
                                     f"{start}-{end - 1} of {digest}")
             try:
                 data = response.raw.read(end - start + 1, decode_content=False)
-            except (requests.RequestException, OSError) as error:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
                 raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
                                     transient=True) from None
         if len(data) != end - start:
@@ -124,8 +126,8 @@ class Registry:
     def get(self, path, headers, what, stream=False):
         """GET /v2/REPOSITORY/PATH, authorized (asking for a token, or
         renewing it, once, on 401)."""
-        url = f"{self.scheme}://{self.host}/v2/{self.repository}/{path}"
         for attempt in range(2):
+            url = f"{self.scheme}://{self.api_host}/v2/{self.repository}/{path}"
             sent = dict(headers)
             if self.authorization and not self.token_expired():
                 sent["Authorization"] = self.authorization
@@ -144,18 +146,24 @@ class Registry:
                             transient=response.status_code >= 500 or response.status_code == 429)
 
     def request(self, url, headers, what, stream=False):
+        # An insecure registry may speak plain HTTP: found at its first
+        # request, as podman does, and never changed after one succeeded.
+        may_try_http = self.insecure and not self.scheme_known and url.startswith("https:")
         try:
-            return self.session().get(url, headers=headers, timeout=TIMEOUTS, stream=stream)
+            response = self.session().get(url, headers=headers, timeout=TIMEOUTS,
+                                          stream=stream)
         except requests.exceptions.SSLError as error:
-            if not self.insecure or not url.startswith("https:"):
-                raise RegistryError(f"{self.image_name}: {what}: TLS with {self.host}: "
+            if not may_try_http:
+                raise RegistryError(f"{self.image_name}: {what}: TLS with {self.api_host}: "
                                     f"{error}") from None
         except requests.RequestException as error:
-            if not (self.insecure and url.startswith("https:")):
-                raise RegistryError(f"{self.image_name}: {what}: {self.host}: {error}",
+            if not may_try_http:
+                raise RegistryError(f"{self.image_name}: {what}: {self.api_host}: {error}",
                                     transient=True) from None
-        # An insecure registry may speak plain HTTP: try that, as podman does.
-        log.debug(f"{self.host} does not answer HTTPS: trying HTTP")
+        else:
+            self.scheme_known = True
+            return response
+        log.debug(f"{self.api_host} does not answer HTTPS: trying HTTP")
         self.scheme = "http"
         return self.request("http" + url[len("https"):], headers, what, stream)
 
@@ -239,6 +247,10 @@ class Registry:
         return f"Bearer {token}", time.monotonic() + max(lifetime - TOKEN_MARGIN, 1)
 
 
+# Docker Hub's credentials, as docker and older podman name them.
+DOCKER_HUB_KEYS = ["index.docker.io", "registry-1.docker.io"]
+
+
 class ContextAdapter(HTTPAdapter):
     """HTTPS with an ssl.SSLContext of our own: certs.d's CAs, a client
     certificate."""
@@ -266,8 +278,9 @@ def credentials(host, repository, authfile=None):
             continue
         except (OSError, ValueError) as error:
             raise Unsupported(f"cannot read {path}: {error}") from None
-        auths = {key_of(key): value for key, value in (config.get("auths") or {}).items()}
-        for key in scopes(host, repository):
+        auths = {key_of(key): value for key, value in (config.get("auths") or {}).items()
+                 if isinstance(value, dict)}
+        for key in scopes(host, repository) + (DOCKER_HUB_KEYS if host == "docker.io" else []):
             entry = auths.get(key)
             if entry and entry.get("identitytoken"):
                 raise Unsupported(f"{path} has an identity token for {key}")
@@ -331,11 +344,16 @@ def registry_config(host, repository):
             continue
         except (OSError, ValueError) as error:
             raise Unsupported(f"cannot read {path}: {error}") from None
-        insecure = ((config.get("registries") or {}).get("insecure") or {}).get("registries") or []
+        version1 = config.get("registries") or {}
+        if host in ((version1.get("block") or {}).get("registries") or []):
+            raise Unsupported(f"{path} blocks {host}")
+        insecure = (version1.get("insecure") or {}).get("registries") or []
         if host in insecure and best_length < len(host):
             best, best_length = {"insecure": True}, len(host)
         for entry in config.get("registry") or []:
             prefix = entry.get("prefix") or entry.get("location") or ""
+            if prefix.startswith("*.") and host.split(":")[0].endswith(prefix[1:]):
+                raise Unsupported(f"{path} has a wildcard entry for {host} ({prefix})")
             reference = f"{host}/{repository}"
             if (reference == prefix or reference.startswith(prefix.rstrip("/") + "/")
                     or host == prefix) and len(prefix) > best_length:

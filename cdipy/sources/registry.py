@@ -5,6 +5,7 @@ whole and matches its digest joins the layout, and once every blob has,
 the manifest does too: the next start is the warm path (sources/layout.py),
 with no network."""
 
+import fcntl
 import logging
 import os
 
@@ -72,25 +73,34 @@ class RegistrySource(BlobSource):
         next time, never correctness: a failure is a debug line."""
         layout, remote = self.remote.layout, self.remote
         try:
+            config = self.config_data()  # not under a lock: it comes from the network
             with layout.locked():
-                layout.keep_blob(layer.diff_id, layer.partial.path)
-                # Its names change its ctime: the record is of the file after.
+                linked = layout.keep_blob(layer.diff_id, layer.partial.path)
+            with layer.partial.locked(fcntl.LOCK_EX):
                 layer.partial.remove()
+            if linked:  # else another nbdkit kept it, and its record
+                # Its names changed its ctime: the record is of the file after.
                 self.records.store(layer.diff_id, fingerprint(layer), zeros)
-                descriptors = remote.manifest.get("layers") or []
+            with layout.locked():
                 if all(os.path.exists(layout.blob_path(descriptor["digest"]))
-                       for descriptor in descriptors):
-                    self.keep_manifest(layout)
+                       for descriptor in remote.manifest.get("layers") or []):
+                    self.keep_manifest(layout, config)
         except (CdiError, OSError) as error:
             log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
 
-    def keep_manifest(self, layout):
+    def config_data(self):
+        """The bytes of the manifest's config, unless the layout has them."""
         config = self.remote.manifest.get("config") or {}
-        if config.get("digest") and not os.path.exists(layout.blob_path(config["digest"])):
-            data = self.remote.registry.blob_range(config["digest"], 0, config["size"]) \
-                if config.get("size") else b""
-            if layout.write_blob(data) != config["digest"]:
-                raise CdiError(f"the config {config['digest']} does not match its digest")
+        if not config.get("digest") or os.path.exists(
+                self.remote.layout.blob_path(config["digest"])):
+            return None
+        return (self.remote.registry.blob_range(config["digest"], 0, config["size"])
+                if config.get("size") else b"")
+
+    def keep_manifest(self, layout, config_data):
+        config = self.remote.manifest.get("config") or {}
+        if config_data is not None and layout.write_blob(config_data) != config["digest"]:
+            raise CdiError(f"the config {config['digest']} does not match its digest")
         if layout.write_blob(self.remote.data) != self.remote.digest:
             raise CdiError(f"the manifest does not match its digest {self.remote.digest}")
         layout.name_manifest(self.image_name, {

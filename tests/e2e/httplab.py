@@ -129,6 +129,17 @@ class TokenIssuer:
                 f"issuer: {ISSUER}, rootcertbundle: '{self.certificate}'}}}}")
 
 
+def send_on(connection, request):
+    """REQUEST's method, path and headers, sent on CONNECTION header by
+    header: a client may send one several times (skopeo's Accept)."""
+    connection.putrequest(request.command, request.path, skip_host=True,
+                          skip_accept_encoding=True)
+    for key, value in request.headers.items():
+        if key.lower() != "connection":
+            connection.putheader(key, value)
+    connection.endheaders()
+
+
 def certificates(directory, host="127.0.0.1"):
     """A CA (DIRECTORY/certs.d/ca.crt, as podman's cert-dir holds it) and a
     server certificate it signed for HOST; (cert-dir, (certificate, key))."""
@@ -234,9 +245,7 @@ class Proxy:
         host, port = self.upstream.split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
-            headers = {key: value for key, value in request.headers.items()
-                       if key.lower() not in ("host", "connection")}
-            connection.request(request.command, request.path, headers=headers)
+            send_on(connection, request)
             response = connection.getresponse()
             body = response.read()
         except OSError:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cdipy.errors import Unsupported
-from cdipy.oci.fetch import is_compressed, split_reference
+from cdipy.oci.fetch import api_host, is_compressed, lazily_servable, split_reference
 from cdipy.oci.registry import (
     Registry,
     certificates,
@@ -103,11 +103,42 @@ def test_a_damaged_registries_conf_cannot_be_honoured(tmp_path, monkeypatch):
     ("quay.io/org/disk:1", ("quay.io", "org/disk", "1")),
     ("h:5000/a/b/c", ("h:5000", "a/b/c", "latest")),
     ("ghcr.io/o/d@sha256:" + "1" * 64, ("ghcr.io", "o/d", "sha256:" + "1" * 64)),
-    ("docker.io/cirros:0.6", ("registry-1.docker.io", "library/cirros", "0.6")),
-    ("docker.io/kubevirt/vm:1", ("registry-1.docker.io", "kubevirt/vm", "1")),
+    ("docker.io/cirros:0.6", ("docker.io", "library/cirros", "0.6")),
+    ("docker.io/kubevirt/vm:1", ("docker.io", "kubevirt/vm", "1")),
 ])
 def test_split_reference(name, expected):
     assert split_reference(name) == expected
+
+
+def test_docker_hubs_api_is_elsewhere_but_its_name_is_docker_io():
+    # registries.conf and auth files name docker.io; only the URL changes.
+    assert (api_host("docker.io"), api_host("quay.io")) == ("registry-1.docker.io", "quay.io")
+
+
+def test_docker_hub_credentials_under_docker_keys(tmp_path):
+    path = auth_file(tmp_path, {"auths": {"https://index.docker.io/v1/":
+                                          {"auth": secret("hub", "4")}}})
+    assert credentials("docker.io", "library/cirros", path) == ("hub", "4")
+
+
+EMPTY = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:" + "4" * 64,
+         "size": 2}
+
+
+@pytest.mark.parametrize("manifest, servable", [
+    ({"config": EMPTY, "layers": [{"mediaType": "a/b", "digest": "sha256:1", "size": 3}]}, True),
+    ({"config": EMPTY, "layers": [{"mediaType": "a/b+gzip", "digest": "sha256:1",
+                                   "size": 3}]}, False),
+    ({"config": EMPTY, "layers": [{"digest": "sha256:1"}]}, False),
+    ({"config": EMPTY, "layers": ["sha256:1"]}, False),
+    ({"config": "not a descriptor", "layers": []}, False),
+    ({"manifests": [{"artifactType": "x"}]}, False),
+    ([1, 2], False),
+    ({"config": {"mediaType": "application/vnd.oci.image.config.v1+json"}, "layers": []},
+     False),
+])
+def test_what_can_be_read_as_it_is_read(manifest, servable):
+    assert lazily_servable(manifest, "img") is servable
 
 
 @pytest.mark.parametrize("media_type, compressed", [
