@@ -7,7 +7,9 @@ for what the registry sends), and cdi.py reaches the registry through a
 proxy (tests/e2e/httplab.py) that adds SHAPED_RTT to each request.  The
 disks are bootable (tests/e2e/vm.py), their boot files behind their data:
 512 MiB with the partition at 441 MiB, 2 GiB at 1,985 MiB, pushed as ORAS
-artifacts of one raw blob.  Every cdi.py start is cold: a cache of its own.
+artifacts of one raw blob; the 512 MiB one also as a containerdisk (FROM
+scratch, disk/disk.img its only file, the gzip layer podman pushes).
+Every cdi.py start is cold: a cache of its own.
 
   BENCH_RUNS   rounds (default 3)
   SHAPED_RATE  the link (default 200mbit)
@@ -15,11 +17,14 @@ artifacts of one raw blob.  Every cdi.py start is cold: a cache of its own.
 """
 
 import hashlib
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +36,7 @@ for directory in (HERE.parent, HERE.parent / "tests", HERE.parent / "tests/e2e",
 from bench import Row, log  # noqa: E402
 from cdipy.oci.chunks import CHUNK  # noqa: E402
 from httplab import Proxy  # noqa: E402
-from lab import CDI, MIB, Blob, Lab, export_digest, push_artifact  # noqa: E402
+from lab import CDI, MIB, Blob, Lab, export_digest, podman, push_artifact  # noqa: E402
 from vm import make_boot_disk, token_line  # noqa: E402
 
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -39,13 +44,19 @@ DISKS = {"512 MiB": (512 * MIB, 440 * MIB), "2 GiB": (2048 * MIB, 1984 * MIB)}
 
 
 class Disk:
-    def __init__(self, name, size, path, token):
+    """What NAME in the registry holds: a blob of SIZE bytes (DIGEST: of the
+    file at PATH, unless given), a disk whose VM prints TOKEN."""
+
+    def __init__(self, name, size, path, token, digest=None):
         self.name, self.size, self.path, self.token = name, size, path, token
+        self.disk_digest = self.digest = digest
+        if digest is not None:
+            return
         with open(path, "rb") as file:
             digest = hashlib.sha256()
             for block in iter(lambda: file.read(8 * MIB), b""):
                 digest.update(block)
-        self.digest = "sha256:" + digest.hexdigest()
+        self.disk_digest = self.digest = "sha256:" + digest.hexdigest()
 
 
 class Shaped:
@@ -56,6 +67,7 @@ class Shaped:
     def run(self, rate):
         self.disks = {label: self.make(label, size, behind)
                       for label, (size, behind) in DISKS.items()}
+        self.image = self.make_containerdisk(self.disks["512 MiB"])
         shape(self.lab.registry.split(":")[1], rate)
         with Proxy(self.lab.registry) as self.proxy:
             self.proxy.delay = self.rtt
@@ -88,6 +100,21 @@ class Shaped:
                 Row("peak RSS of nbdkit during a cold full copy (512 MiB), vs 64 MiB",
                     lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
                     "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
+                Row("containerdisk (gzip layer, 512 MiB disk): cold qemu-img info of the disk "
+                    "export (nbdkit start to its answer) vs downloading the layer",
+                    lambda flip: (self.info(self.image), self.download(self.image)),
+                    "s", "<= 0.3x", lambda ratio, _: ratio <= 0.3, speed=False),
+                Row("containerdisk: cold full nbdcopy of the disk export (byte-exact) vs "
+                    "downloading the layer",
+                    lambda flip: (self.copy(self.image), self.download(self.image)),
+                    "s", "<= 1.05x", lambda ratio, _: ratio <= 1.05, speed=False),
+                Row("containerdisk: peak disk space taken during the cold full copy, vs the "
+                    "disk once", lambda flip: ((self.last_copy_space, None),
+                                               (self.image.disk_size, None)),
+                    "MiB", "<= 1x", lambda ratio, _: ratio <= 1.0, speed=False),
+                Row("containerdisk: peak RSS of nbdkit during the cold full copy, vs 64 MiB",
+                    lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
+                    "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
             ]
             for number in range(self.runs):
                 log(f"round {number + 1}/{self.runs}")
@@ -103,6 +130,24 @@ class Shaped:
         push_artifact(self.lab.workdir, f"{self.lab.registry}/{name}",
                       [Blob(ORAS_LAYER, path, "disk.img")])
         return Disk(name, size, path, token)
+
+    def make_containerdisk(self, disk):
+        """An image FROM scratch holding DISK's file as disk/disk.img, pushed
+        by podman (one gzip layer): a Disk of its layer's blob."""
+        log("making a containerdisk of the 512 MiB disk and pushing it")
+        tag = "localhost/bench/containerdisk:1"
+        self.lab.build(tag, [{"disk/disk.img": lambda path: shutil.copyfile(disk.path, path)}])
+        name = "bench/containerdisk:1"
+        podman("push", "--quiet", tag, f"docker://{self.lab.registry}/{name}")
+        podman("rmi", "--force", tag)
+        manifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false",
+             f"docker://{self.lab.registry}/{name}"],
+            check=True, capture_output=True, text=True).stdout)
+        layer = manifest["layers"][0]
+        image = Disk(name, layer["size"], disk.path, disk.token, digest=layer["digest"])
+        image.disk_size, image.disk_digest = disk.size, disk.digest
+        return image
 
     def cold(self, disk):
         """A cold cdi.py serving DISK through the proxy, not yet ready."""
@@ -155,15 +200,17 @@ class Shaped:
     def copy(self, disk):
         started = time.monotonic()
         before = self.proxy.blob_bytes
-        with self.cold(disk) as server:
+        free = FreeSpace(self.lab.workdir)
+        with self.cold(disk) as server, free:
             server.wait_ready()
             digest = export_digest(server.uri())
             seconds = time.monotonic() - started
-            assert digest == disk.digest, "not byte-exact"
+            assert digest == disk.disk_digest, "not byte-exact"
             with open(f"/proc/{server.pid}/status") as status:
                 self.last_copy_rss = next(int(line.split()[1]) * 1024 for line in status
                                           if line.startswith("VmHWM:"))
         self.last_copy_bytes = self.proxy.blob_bytes - before
+        self.last_copy_space = free.least_taken
         return seconds, None
 
     def one_read(self, disk):
@@ -187,6 +234,32 @@ class Shaped:
                 lines.append(f"| {number} | {row.title} | "
                              + " | ".join(row.cells()[:5]) + " |")
         return "\n".join(lines) + "\n"
+
+
+class FreeSpace:
+    """While entered, the most space taken on the filesystem of DIRECTORY
+    since (sampled every 0.1 s): least_taken, in bytes."""
+
+    def __init__(self, directory):
+        self.directory, self.least_taken = directory, 0
+
+    def free(self):
+        status = os.statvfs(self.directory)
+        return status.f_bavail * status.f_frsize
+
+    def __enter__(self):
+        self.before, self.done = self.free(), threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.done.wait(0.1):
+            self.least_taken = max(self.least_taken, self.before - self.free())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def shape(port, rate):

@@ -221,7 +221,8 @@ class DiskExport(Export):
         self.error = None   # why there is no one disk, once known
 
     def open(self):
-        """The Window; its bytes are its layer's, whose check covers them."""
+        """The Window; its bytes are its layer's, whose check covers them
+        (opening it starts the check, unless the layer checks itself)."""
         if self.layer is None or not self.check_started:
             with self.lock:
                 try:
@@ -230,7 +231,8 @@ class DiskExport(Export):
                     if self.error:
                         raise NoSuchExport(self.error) from None
                     raise
-            self.table.open(str(self.layer.index))
+            if not self.layer.parent.checked_when_whole:
+                self.table.open(str(self.layer.index))
             self.check_started = True
         return self.layer
 
@@ -262,15 +264,23 @@ class DiskExport(Export):
         table, source = self.table, self.table.source
         with source.session(tools) as session:
             try:
-                choice = source.choose_disk(self.members_of_layers(session))
+                arriving = source.arriving_disk()
+            except OSError as error:  # not arrived: another try may tell
+                raise CdiError(f"{table.settings.name}: cannot find the VM disk: "
+                               f"{error.strerror}") from None
+            try:
+                choice, parent = arriving if arriving else (
+                    source.choose_disk(self.members_of_layers(session)), None)
             except CdiError as error:
                 self.error = str(error)
                 raise
             export = table.layers[choice.index]
             with export.lock:
-                table.build(export, session)
+                if parent is None:
+                    table.build(export, session)
+                    parent = export.layer
                 try:
-                    window = Window(export.layer, choice.member, choice.why)
+                    window = Window(parent, choice.member, choice.why)
                 except OSError as error:
                     raise CdiError(f"{table.settings.name}: cannot open {choice.member.name} "
                                    f"of {source.part} {export.index}: "

@@ -1,9 +1,11 @@
-"""Finding the image, by the pull policy: in podman's local storage or
-pulled by podman.  An OCI artifact: in podman's artifact store (podman >=
-5.4), pulled there by podman; where podman has no artifact store (podman
-4), or for a multi-arch artifact, in the cache's layout, copied there by
-skopeo.  An archive (which podman would import into the user's storage):
-in the cache's layout, copied there by skopeo."""
+"""Finding the image, by the pull policy: in podman's local storage, in
+the cache (streamed there from its registry, see sources/stream.py), or
+pulled by podman (pull-into=podman, or what cdi.py cannot stream).  An
+OCI artifact: in podman's artifact store (podman >= 5.4), pulled there by
+podman; where podman has no artifact store (podman 4), or for a
+multi-arch artifact, in the cache's layout, copied there by skopeo.  An
+archive (which podman would import into the user's storage): in the
+cache's layout, copied there by skopeo."""
 
 import contextlib
 import json
@@ -16,9 +18,9 @@ from .oci.fetch import (
     Fetched,
     copy,
     fetched,
+    from_registry,
     inspect_remote,
     pull_artifact,
-    remote_artifact,
     stored_artifact,
 )
 from .oci.layout import Layout, is_artifact
@@ -81,15 +83,17 @@ def find_local(podman, skopeo, settings, held, local):
 
 def pull(podman, skopeo, settings, held, local):
     """Fetch the image: an artifact of uncompressed blobs read from its
-    registry as it is read; another artifact with podman artifact pull where
-    podman can, else with skopeo into the cache; an image with podman pull."""
+    registry as it is read, an image of gzip layers streamed into the cache
+    (pull-into=cache); another artifact with podman artifact pull where
+    podman can, else with skopeo into the cache; another image with podman
+    pull."""
     name = settings.name
     remote = f"docker://{local}"
     if local is not None and registry_host(name) is not None:
         if settings.cache_directory() is not None:
-            lazy = remote_artifact(settings, local, layout_of(settings))
-            if lazy is not None:
-                return lazy
+            read = from_registry(settings, local, layout_of(settings))
+            if read is not None:
+                return read
         manifest = inspect_remote(skopeo, settings, remote)
         if manifest is not None and is_artifact(manifest):
             # podman artifact pull takes no platform: an index goes to skopeo.

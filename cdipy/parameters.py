@@ -28,7 +28,12 @@ PARAMETERS = {
     "cache": "DIR where artifacts and archives are copied, and layers that passed "
              "their check are remembered (default $XDG_CACHE_HOME/cdi-py, else "
              "~/.cache/cdi-py)",
+    "pull-into": "cache|podman where an image pulled from a registry goes (default cache: "
+                 "its gzip layers streamed into the cache and served as they arrive, "
+                 "podman's storage untouched; podman: podman pull, then served from "
+                 "podman's storage)",
 }
+PULL_INTO = ("cache", "podman")
 PULL_POLICIES = ("missing", "always", "never")
 # Image transports podman understands; other "word:" prefixes are registry ports.
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir",
@@ -49,6 +54,7 @@ class Settings:
     verify: str = "true"               # "true", "before" or "false"
     copy: bool = False
     cache: Optional[str] = None        # None: the default, from the environment
+    pull_into: str = "cache"
 
     def set(self, key, value):
         """Parse and keep KEY=VALUE; every error names the key."""
@@ -171,10 +177,13 @@ def parse_bool(key, value):
         raise CdiError(f"{key}={value!r}: expected true or false") from None
 
 
-def parse_pull(key, value):
-    if value not in PULL_POLICIES:
-        raise CdiError(f"{key}={value!r}: expected one of " + ", ".join(PULL_POLICIES))
-    return value
+def one_of(choices):
+    """A parser of a value that must be one of CHOICES."""
+    def parse(key, value):
+        if value not in choices:
+            raise CdiError(f"{key}={value!r}: expected one of " + ", ".join(choices))
+        return value
+    return parse
 
 
 def parse_path(key, value):
@@ -202,7 +211,7 @@ def parse_verify(key, value):
 PARSERS = {
     "name": parse_image_name,
     "layer": parse_layer,
-    "pull": parse_pull,
+    "pull": one_of(PULL_POLICIES),
     "tls-verify": parse_bool,
     "authfile": parse_path,
     "cert-dir": parse_path,
@@ -210,4 +219,5 @@ PARSERS = {
     "verify": parse_verify,
     "copy": parse_bool,
     "cache": parse_path,
+    "pull-into": one_of(PULL_INTO),
 }

@@ -9,12 +9,13 @@ import time
 from .cache import PrivateCache
 from .exports import Exports
 from .image import find_image
-from .oci.fetch import Fetched, Remote
+from .oci.fetch import Fetched, Remote, RemoteImage
 from .podman import Podman, Skopeo
 from .sources.layout import LayoutSource
 from .sources.registry import RegistrySource
 from .sources.saved import SavedSource
 from .sources.storage import StorageSource
+from .sources.stream import StreamSource
 from .storage import raise_open_file_limit
 from .verify import CheckRecords
 from .workspace import Workspace
@@ -53,6 +54,8 @@ def prepare(settings):
 
 def choose_source(found, settings, podman, records, maps):
     """The source of what FOUND (find_image's answer) holds."""
+    if isinstance(found, RemoteImage):
+        return StreamSource(found, settings, records)
     if isinstance(found, Remote):
         return RegistrySource(found, settings, records)
     if isinstance(found, Fetched):

@@ -90,9 +90,13 @@ class Blobs:
 
     def image_layer(self, index, descriptor, diff_id):
         """Layer INDEX of an image from an archive: a tar, perhaps gzipped,
-        which must hash to DIFF_ID; with its tar members."""
-        with self.open_blob(descriptor["digest"]) as file:
-            magic = file.read(4)
+        which must hash to DIFF_ID; with its tar members.  Of a gzip layer
+        streamed from its registry, the cache keeps the unpacked copy alone."""
+        if os.path.exists(self.layout.blob_path(descriptor["digest"])):
+            with self.open_blob(descriptor["digest"]) as file:
+                magic = file.read(4)
+        else:
+            magic = GZIP_MAGIC  # the unpacked copy, else BlobMismatch: fetch it
         if magic[:2] == GZIP_MAGIC:
             layer = self.unpacked_layer(index, descriptor, expected=diff_id)
         elif magic == ZSTD_MAGIC:

@@ -5,15 +5,22 @@ or the cache's, where skopeo copies what podman cannot pull (artifacts on
 podman 4, multi-arch artifacts) or should not import (archives)."""
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
 
 from ..errors import CdiError, RegistryError, Unsupported
-from .layout import ArtifactStore, is_artifact
+from .layout import IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
 log = logging.getLogger("cdipy")
+
+GZIP_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
+                    "application/vnd.docker.image.rootfs.diff.tar.gzip")
+# os.uname().machine, as OCI platforms name it.
+MACHINE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm",
+                         "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
 @dataclasses.dataclass
@@ -126,11 +133,22 @@ class Remote:
     layout: object
 
 
-def remote_artifact(settings, local, layout):
-    """The artifact LOCAL, read from its registry as clients read it: a
-    Remote; None where that cannot be (an image, a multi-arch index, a
-    compressed blob, verify=before, a setting the client cannot honour),
-    said with -v, so that the whole fetch takes over."""
+@dataclasses.dataclass
+class RemoteImage(Remote):
+    """An image in its registry, as Remote says, with its CONFIG (parsed,
+    its bytes CONFIG_DATA): its gzip layers to be streamed into the
+    cache's LAYOUT."""
+    config: dict
+    config_data: bytes
+
+
+def from_registry(settings, local, layout):
+    """LOCAL, read from its registry by cdi.py itself: an artifact of
+    uncompressed blobs read as clients read it (a Remote), or with
+    pull-into=cache an image of gzip layers streamed in (a RemoteImage);
+    None where that cannot be (a compressed artifact, another layer
+    compression, verify=before, a setting the client cannot honour), said
+    with -v, so that podman or skopeo takes over."""
     if settings.verify == "before":
         return None  # it waits for the whole blob: the whole fetch does that
     # Imported here: requests takes 0.1 s to import, which a start that
@@ -139,19 +157,92 @@ def remote_artifact(settings, local, layout):
     host, repository, reference = split_reference(local)
     try:
         registry = Registry(host, repository, settings.name, settings, api_host(host))
-        data, _, digest = registry.manifest(reference)
-        manifest = json.loads(data)
-        if not lazily_servable(manifest, settings.name):
-            return None
-        probe_ranges(registry, manifest, layout)
+        data, digest, manifest = read_manifest(registry, reference)
+        if settings.pull_into == "cache" and is_image_index(manifest):
+            entry = platform_entry(manifest, settings.platform)
+            if entry is None:
+                log.debug(f"{settings.name}: no one manifest for this platform in its index")
+                return None
+            data, digest, manifest = read_manifest(registry, entry)
+        if lazily_servable(manifest, settings.name):
+            probe_ranges(registry, manifest, layout)
+            log.debug(f"{settings.name}: manifest {digest}: served from {host} as it is read")
+            return Remote(settings.name, registry, manifest, data, digest, layout)
+        if settings.pull_into == "cache" and streamable(manifest, settings.name):
+            config_data, config = image_config(registry, manifest, settings.name)
+            log.debug(f"{settings.name}: manifest {digest}: streamed from {host} into the "
+                      "cache")
+            return RemoteImage(settings.name, registry, manifest, data, digest, layout,
+                               config, config_data)
     except Unsupported as reason:
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
-        return None
     except (CdiError, ValueError) as error:
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")
-        return None
-    log.debug(f"{settings.name}: manifest {digest}: served from {host} as it is read")
-    return Remote(settings.name, registry, manifest, data, digest, layout)
+    return None
+
+
+def read_manifest(registry, reference):
+    """(bytes, digest, parsed) of manifest REFERENCE."""
+    data, _, digest = registry.manifest(reference)
+    return data, digest, json.loads(data)
+
+
+def is_image_index(manifest):
+    return isinstance(manifest, dict) and isinstance(manifest.get("manifests"), list) \
+        and not is_artifact(manifest)
+
+
+def platform_entry(index, platform):
+    """The digest of INDEX's one manifest for PLATFORM (OS/ARCH[/VARIANT]),
+    by default this machine's, as podman would choose it; None if not one."""
+    wanted = (platform or f"linux/{MACHINE_ARCHITECTURES.get(os.uname().machine, '')}"
+              ).split("/")
+    found = [entry.get("digest") for entry in index["manifests"]
+             if isinstance(entry, dict) and isinstance(entry.get("platform"), dict)
+             and [entry["platform"].get("os"), entry["platform"].get("architecture"),
+                  entry["platform"].get("variant")][:len(wanted)] == wanted]
+    return found[0] if len(found) == 1 and isinstance(found[0], str) else None
+
+
+def streamable(manifest, image_name):
+    """Whether MANIFEST is an image whose layers can be streamed: each a
+    descriptor with a digest and a size, gzip."""
+    if not isinstance(manifest, dict) or is_artifact(manifest) \
+            or not isinstance(manifest.get("config"), dict) \
+            or manifest["config"].get("mediaType") not in IMAGE_CONFIG_TYPES \
+            or not isinstance(manifest["config"].get("digest"), str) \
+            or not isinstance(manifest["config"].get("size"), int):
+        return False
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not all(
+            isinstance(layer, dict) and isinstance(layer.get("digest"), str)
+            and isinstance(layer.get("size"), int) and layer["size"] >= 0
+            for layer in layers):
+        return False
+    other = [layer.get("mediaType") for layer in layers
+             if layer.get("mediaType") not in GZIP_LAYER_TYPES]
+    if other:
+        log.debug(f"{image_name} has a layer that is not gzip ({other[0]}): podman pulls it")
+        return False
+    return True
+
+
+def image_config(registry, manifest, image_name):
+    """(bytes, parsed) of MANIFEST's config, checked against its digest and
+    listing a diffID per layer."""
+    descriptor = manifest["config"]
+    data = registry.blob_range(descriptor["digest"], 0, descriptor["size"]) \
+        if descriptor["size"] else b""
+    if "sha256:" + hashlib.sha256(data).hexdigest() != descriptor["digest"]:
+        raise CdiError(f"{image_name}: the config does not match its digest "
+                       f"{descriptor['digest']}")
+    config = json.loads(data)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest["layers"]) \
+            or not all(isinstance(diff_id, str) for diff_id in diff_ids):
+        raise CdiError(f"{image_name}: the image has {len(manifest['layers'])} layers but "
+                       "its config does not list as many diffIDs")
+    return data, config
 
 
 def probe_ranges(registry, manifest, layout):

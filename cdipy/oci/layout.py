@@ -181,6 +181,7 @@ class Layout(OciLayout):
         """Keep DATA as a blob (under the lock); its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not os.path.exists(self.blob_path(digest)):
+            os.makedirs(os.path.dirname(self.blob_path(digest)), mode=0o700, exist_ok=True)
             write_whole(self.blob_path(digest), data)
         return digest
 

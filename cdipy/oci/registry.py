@@ -123,6 +123,30 @@ class Registry:
                                 f"{end - start} of blob {digest}", transient=True)
         return data
 
+    def blob_pieces(self, digest, start, piece):
+        """Yield blob DIGEST from byte START to its end, PIECE bytes at a
+        time (the last may be short), as stored; RegistryError (transient)
+        if the answer breaks off."""
+        headers = {"Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        response = self.get(f"blobs/{digest}", headers=headers,
+                            what=f"blob {digest} from byte {start}", stream=True)
+        with contextlib.closing(response):
+            if start and response.status_code != 206:
+                raise RegistryError(f"{self.image_name}: {self.api_host} answered a range of "
+                                    f"blob {digest} with HTTP {response.status_code}, not 206")
+            while True:
+                try:
+                    data = response.raw.read(piece, decode_content=False)
+                except (requests.RequestException, urllib3.exceptions.HTTPError,
+                        OSError) as error:
+                    raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
+                                        transient=True) from None
+                if not data:
+                    return
+                yield data
+
     def get(self, path, headers, what, stream=False):
         """GET /v2/REPOSITORY/PATH, authorized (asking for a token, or
         renewing it, once, on 401)."""

@@ -10,6 +10,8 @@ source, in one place.
            in an OCI layout: the cache's, or podman's artifact store
   registry an artifact's blobs read from the registry as clients read
            them, kept in the cache as they arrive
+  stream   an image's gzip layers streamed from the registry into the
+           cache, served as they arrive
 
 Each offers what Source below does.  The table calls build,
 build_in_place and read_members of an entry under that entry's export's
@@ -25,7 +27,8 @@ from ..progress import describe_size
 
 # Where a layer's bytes are served from, in words, by Layer.served_from.
 SERVED_FROM = {"storage": "in place from podman's storage", "copy": "from its copy",
-               "cache": "from the cache", "artifact store": "in place from podman's artifact store"}
+               "cache": "from the cache", "artifact store": "in place from podman's artifact store",
+               "registry": "from its registry as it arrives"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,12 @@ class Source:
         return choose_disk(layers, self.image_name)
 
     pending_disk = "the VM disk file, found when first opened"
+
+    def arriving_disk(self):
+        """(Choice, the Layer its Window reads) of a source whose layers
+        are still arriving, once the disk can be told; None: choose it
+        from every entry's members (choose_disk)."""
+        return None
 
     def describe_disk(self, window):
         """The description of the disk export, WINDOW."""

@@ -84,7 +84,7 @@ class RegistrySource(BlobSource):
             with layout.locked():
                 if all(os.path.exists(layout.blob_path(descriptor["digest"]))
                        for descriptor in remote.manifest.get("layers") or []):
-                    self.keep_manifest(layout, config)
+                    keep_manifest(remote, layout, config)
         except (CdiError, OSError) as error:
             log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
 
@@ -97,15 +97,18 @@ class RegistrySource(BlobSource):
         return (self.remote.registry.blob_range(config["digest"], 0, config["size"])
                 if config.get("size") else b"")
 
-    def keep_manifest(self, layout, config_data):
-        config = self.remote.manifest.get("config") or {}
-        if config_data is not None and layout.write_blob(config_data) != config["digest"]:
-            raise CdiError(f"the config {config['digest']} does not match its digest")
-        if layout.write_blob(self.remote.data) != self.remote.digest:
-            raise CdiError(f"the manifest does not match its digest {self.remote.digest}")
-        layout.name_manifest(self.image_name, {
-            "mediaType": self.remote.manifest.get("mediaType",
-                                                   "application/vnd.oci.image.manifest.v1+json"),
-            "digest": self.remote.digest, "size": len(self.remote.data)})
-        log.debug(f"{self.image_name} is whole in the cache {layout.path}: the next start "
-                  "needs no network")
+def keep_manifest(remote, layout, config_data):
+    """Name REMOTE's manifest (an oci.fetch.Remote's) in LAYOUT, locked, with
+    its config (CONFIG_DATA, None if the layout has it): the next start
+    finds it there."""
+    config = remote.manifest.get("config") or {}
+    if config_data is not None and layout.write_blob(config_data) != config["digest"]:
+        raise CdiError(f"the config {config['digest']} does not match its digest")
+    if layout.write_blob(remote.data) != remote.digest:
+        raise CdiError(f"the manifest does not match its digest {remote.digest}")
+    layout.name_manifest(remote.image_name, {
+        "mediaType": remote.manifest.get("mediaType",
+                                         "application/vnd.oci.image.manifest.v1+json"),
+        "digest": remote.digest, "size": len(remote.data)})
+    log.debug(f"{remote.image_name} is whole in the cache {layout.path}: the next start "
+              "needs no network")

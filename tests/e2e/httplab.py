@@ -189,8 +189,11 @@ class Proxy:
     (host:port): what a client sends is passed on, what the registry
     answers is passed back, counted in blob_bytes.  Set delay (seconds
     added to each request), flip (True: one byte of the next blob range
-    is flipped), cut (True: the next blob range stops halfway) or
-    redirect (an address: blob requests are sent there with a 307)."""
+    is flipped), cut (True: the next blob range stops halfway),
+    redirect (an address: blob requests are sent there with a 307) or
+    rate (bytes a second: blobs are sent no faster); with aim set (a
+    digest), flip and cut wait for a request of that blob.  stop() is the
+    registry gone: answers being sent break off, new ones are refused."""
 
     def __init__(self, upstream):
         self.upstream = upstream
@@ -199,6 +202,8 @@ class Proxy:
         self.delay = 0.0
         self.flip = self.cut = False
         self.redirect = None
+        self.rate = self.aim = None
+        self.gone = False
         self.authorizations = []  # the Authorization header of each blob request
         self.lock = threading.Lock()
 
@@ -223,6 +228,11 @@ class Proxy:
         return self
 
     def __exit__(self, *exc):
+        if not self.gone:
+            self.stop()
+
+    def stop(self):
+        self.gone = True
         self.server.shutdown()
         self.server.server_close()
 
@@ -230,12 +240,13 @@ class Proxy:
         if self.delay:
             time.sleep(self.delay)
         blob = "/blobs/" in request.path
+        aimed = blob and (self.aim is None or request.path.endswith(f"/blobs/{self.aim}"))
         with self.lock:
             if blob:
                 self.blob_requests += 1
                 self.authorizations.append(request.headers.get("Authorization"))
-            flip, self.flip = self.flip and blob, self.flip and not blob
-            cut, self.cut = self.cut and blob, self.cut and not blob
+            flip, self.flip = self.flip and aimed, self.flip and not aimed
+            cut, self.cut = self.cut and aimed, self.cut and not aimed
         if blob and self.redirect:
             request.send_response(307)
             request.send_header("Location", f"http://{self.redirect}{request.path}")
@@ -262,12 +273,21 @@ class Proxy:
                 request.send_header(key, value.replace(self.upstream, self.address))
         request.send_header("Content-Length", str(len(body)))
         request.end_headers()
-        if request.command == "GET":
-            sent = body[:len(body) // 2] if cut else body
-            request.wfile.write(sent)
+        if request.command == "GET" and not self.send_body(request, body, blob, cut):
+            request.close_connection = True
+            request.connection.shutdown(2)
+
+    def send_body(self, request, body, blob, cut):
+        """Send BODY, half of it if CUT, counted if a BLOB's; whether whole."""
+        sent = body[:len(body) // 2] if cut else body
+        piece = 64 << 10 if blob and self.rate else len(sent) or 1
+        for start in range(0, len(sent), piece):
+            if self.gone:
+                return False
+            request.wfile.write(sent[start:start + piece])
             if blob:
                 with self.lock:
-                    self.blob_bytes += len(sent)
-            if cut:
-                request.close_connection = True
-                request.connection.shutdown(2)
+                    self.blob_bytes += len(sent[start:start + piece])
+            if blob and self.rate:
+                time.sleep(piece / self.rate)
+        return not cut

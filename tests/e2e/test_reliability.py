@@ -229,7 +229,7 @@ def test_registry_killed_mid_pull_is_reported_and_leaves_nothing(lab, crafted, p
         name = f"{line.address}/cdi-test/pulled:1"
         try:
             with serve(lab, f"name={name}", "pull=always", "tls-verify=false",
-                       ready=False) as nbdkit:
+                       "pull-into=podman", ready=False) as nbdkit:
                 wait_for(lambda: line.largest_response > 2 * MIB
                          or nbdkit.process.poll() is not None, PATIENCE,
                          lambda: f"the blob did not start flowing: {nbdkit.log()}")

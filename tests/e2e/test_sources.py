@@ -2,6 +2,8 @@
 multi-arch manifest lists, and the pull= policy."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -116,15 +118,34 @@ def test_pull_always_contacts_the_registry(shadowed):
     assert sha256(read_export(f"name={name}", "pull=always")) == remote.diff_ids[0]
 
 
-def test_pull_missing_pulls_an_absent_image(lab, three):
+@pytest.fixture
+def empty_cache(lab):
+    """cache= of a cache of its own: earlier tests streamed images into the lab's."""
+    cache = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
+    yield f"cache={cache}"
+    shutil.rmtree(cache)
+
+
+def test_pull_missing_pulls_an_absent_image(lab, three, empty_cache):
     name = f"{lab.registry}/cdi-test/three:1"
     podman("rmi", "--force", name, check=False)
-    assert sha256(read_export(f"name={name}", "pull=missing")) == three.diff_ids[0]
+    assert sha256(read_export(f"name={name}", "pull=missing", "pull-into=podman",
+                              empty_cache)) == three.diff_ids[0]
     podman("image", "exists", name)  # fails unless the pull stored it
 
 
-def test_pull_never_refuses_an_absent_image(lab, three):
+def test_pull_missing_streams_an_absent_image_into_the_cache(lab, three, empty_cache):
     name = f"{lab.registry}/cdi-test/three:1"
     podman("rmi", "--force", name, check=False)
-    stderr = nbdkit_error(f"name={name}", "pull=never")
+    for index in (0, -1):
+        assert sha256(read_export(f"name={name}", "pull=missing", empty_cache,
+                                  f"layer={index}")) == three.diff_ids[index]
+    assert name not in podman("images", "--format", "{{.Repository}}:{{.Tag}}"), \
+        "podman's storage holds it"
+
+
+def test_pull_never_refuses_an_absent_image(lab, three, empty_cache):
+    name = f"{lab.registry}/cdi-test/three:1"
+    podman("rmi", "--force", name, check=False)
+    stderr = nbdkit_error(f"name={name}", "pull=never", empty_cache)
     assert f"{name}: image not found in local storage nor in the cache (pull=never)" in stderr

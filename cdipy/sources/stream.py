@@ -1,0 +1,207 @@
+"""An image from its registry, its gzip layers streamed into the cache as
+they arrive (oci/stream.py), all side by side: the disk export is ready
+once the disk's tar header has arrived and the other layers, which decide
+whether it is the one, are whole; a layer export once its layer is whole.
+podman's storage is not touched.
+
+Each layer whole and checked becomes an unpacked copy in the cache (as a
+gzip blob of an archive does), and once all have, the image's config and
+manifest join the cache's layout: the next start is the warm path
+(sources/layout.py), with no network.  A layer the cache holds already is
+served from there.
+
+The disk is chosen as disk.py chooses it, from every entry of every layer
+but the one holding it, whose entries after the disk are still arriving:
+if one of them makes another choice (a second candidate), the disk export
+fails from then on, saying so, and the next start, with every entry
+known, says what disk.py says."""
+
+import logging
+import os
+import threading
+
+from ..cache import make_private
+from ..disk import choose_disk
+from ..errors import CdiError
+from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.stream import Stream, StreamedLayer
+from ..progress import describe_size
+from ..save import open_nameless_file
+from ..verify import fingerprint
+from . import Entry, Source
+from .registry import keep_manifest
+
+log = logging.getLogger("cdipy")
+
+
+class StreamSource(Source):
+    """The layers of REMOTE (an oci.fetch.RemoteImage), their checks
+    remembered in RECORDS."""
+
+    def __init__(self, remote, settings, records):
+        diff_ids = remote.config["rootfs"]["diff_ids"]
+        super().__init__(settings.name, [Entry(index, diff_id) for index, diff_id
+                                         in enumerate(diff_ids)],
+                         f"{settings.name} at {remote.registry.host}")
+        self.remote, self.records = remote, records
+        self.condition = threading.Condition()
+        self.blobs = Blobs(remote.layout, records, settings.verify != "false")
+        self.layers, self.streams = [], []
+        self.early = None  # the disk's Choice, made before its layer was listed whole
+        try:
+            make_private(self.blobs.unpacked.directory)
+            for index, (descriptor, diff_id) in enumerate(zip(remote.manifest["layers"],
+                                                              diff_ids)):
+                layer = self.cached(index, descriptor, diff_id)
+                if layer is None:
+                    layer = StreamedLayer(self.new_stream(index, descriptor, diff_id))
+                    self.streams.append(layer.stream)
+                self.layers.append(layer)
+        except OSError as error:
+            self.close()
+            raise CdiError(f"{settings.name}: cannot stream into {self.blobs.unpacked.directory}: "
+                           f"{error.strerror}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def cached(self, index, descriptor, diff_id):
+        """Layer INDEX from the cache, checked, if it holds it; else None."""
+        try:
+            layer = self.blobs.image_layer(index, descriptor, diff_id)
+        except BlobMismatch:
+            return None
+        layer.description = self.describe_layer(layer)
+        log.debug(f"layer {index}: from the cache")
+        return layer
+
+    def new_stream(self, index, descriptor, diff_id):
+        fd = open_nameless_file(self.blobs.unpacked.directory)
+        return Stream(index, self.remote.registry, descriptor, diff_id, fd,
+                      condition=self.condition, whole=self.stream_whole)
+
+    # ------------------------------------------------ what the table asks
+
+    def in_place(self, index):
+        layer = self.layers[index]
+        return not isinstance(layer, StreamedLayer) or layer.stream.done
+
+    def build(self, index, tools=None):
+        layer = self.layers[index]
+        if isinstance(layer, StreamedLayer) and layer.description is None:
+            try:
+                layer.wait_whole()
+            except OSError as error:
+                raise CdiError(error.strerror) from None
+            layer.description = self.describe_layer(layer)
+        return layer
+
+    def pending(self, index):
+        stream = self.layers[index].stream
+        return (f"layer {index} of {len(self.entries)}: {stream.diff_id}, arriving from "
+                f"{self.remote.registry.host}: {describe_size(stream.front)} so far")
+
+    def arriving_disk(self):
+        """(Choice, the Layer to make its Window onto), waiting (or taking
+        in, before nbdkit forks) until it is known; None if every layer was
+        in the cache.  OSError (EIO) if a layer it needs cannot arrive."""
+        if not self.streams:
+            return None
+        while True:
+            found = self.disk_if_known()
+            if found is not None:
+                return found
+            for stream in self.streams:  # side by side, a piece each
+                if not stream.listed:
+                    seen = stream.received
+                    stream.wait_for(0, until=lambda stream=stream, seen=seen:
+                                    stream.listed or stream.received > seen)
+
+    def disk_if_known(self):
+        """The disk as disk_arriving returns it, if it can be told now."""
+        with self.condition:
+            listings = [(index, list(layer.stream.members) if isinstance(layer, StreamedLayer)
+                         else layer.members) for index, layer in enumerate(self.layers)]
+            unlisted = [stream.index for stream in self.streams if not stream.listed]
+        if not unlisted:
+            choice = choose_disk(listings, self.image_name)
+            return choice, self.layers[choice.index]
+        if len(unlisted) > 1:
+            return None
+        try:
+            choice = choose_disk(listings, self.image_name)
+        except CdiError:
+            return None  # none yet, or two: the rest of the layer tells
+        if choice.index != unlisted[0]:
+            return None
+        self.early = choice
+        return choice, self.layers[choice.index]
+
+    def start_background(self):
+        for stream in self.streams:
+            stream.start()
+
+    def close(self):
+        for stream in self.streams:
+            stream.stop()
+        for layer in self.layers:
+            layer.close()
+        for stream in self.streams:
+            os.close(stream.fd)
+        self.streams, self.layers = [], []
+
+    # ---------------------------------------------------- once one is whole
+
+    def stream_whole(self, stream):
+        """STREAM arrived whole and matches its digests: an unpacked copy in
+        the cache; with every layer there, the manifest too.  Losing this
+        costs a stream next time, never correctness: a failure is a debug
+        line."""
+        self.check_early_choice(stream)
+        blobs, name = self.blobs, stream.digest.replace(":", "-")
+        path = os.path.join(blobs.unpacked.directory, name)
+        try:
+            with blobs.unpacking():
+                temporary = f".partial-{name}"
+                directory = os.open(blobs.unpacked.directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    # A name for the nameless file: linkat(AT_SYMLINK_FOLLOW),
+                    # which os.link uses only when given a directory fd.
+                    os.link(f"/proc/self/fd/{stream.fd}", temporary, dst_dir_fd=directory,
+                            follow_symlinks=True)
+                    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+                finally:
+                    os.close(directory)
+                blobs.unpacked.write(name + ".json",
+                                     f'{{"digest": "{stream.diff_id}"}}'.encode())
+                copy = blobs.open_layer(stream.index, stream.diff_id, path, "unpacked")
+                try:
+                    self.records.store(stream.diff_id, fingerprint(copy), [])
+                finally:
+                    copy.close()
+            if all(other.done for other in self.streams):
+                with self.remote.layout.locked():
+                    keep_manifest(self.remote, self.remote.layout, self.remote.config_data)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep layer {stream.index} in the cache: {error}")
+
+    def check_early_choice(self, stream):
+        """If the disk was chosen before STREAM's layer was listed whole,
+        make sure the whole listing makes the same choice."""
+        if self.early is None or self.early.index != stream.index:
+            return
+        listings = [(index, layer.stream.members if isinstance(layer, StreamedLayer)
+                     else layer.members) for index, layer in enumerate(self.layers)]
+        try:
+            choice = choose_disk(listings, self.image_name)
+            same = (choice.index, choice.member.name) == (self.early.index,
+                                                           self.early.member.name)
+            why = "" if same else (f"{self.image_name}: the VM disk is {choice.member.name} "
+                                   f"of layer {choice.index}, not the "
+                                   f"{self.early.member.name} served")
+        except CdiError as error:
+            why = f"{error} (learnt after {self.early.member.name} was served)"
+        if why:
+            log.debug(why)
+            for window in self.layers[stream.index].windows:
+                window.fail(why)

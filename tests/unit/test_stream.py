@@ -1,0 +1,182 @@
+"""A gzip layer served as it streams in: reads behind the front at once,
+reads ahead taking in only as far as they need, entries listed as their
+headers arrive, a broken-off answer resumed at the byte reached, extents
+that never call what has not arrived zero, and the checks once whole.
+
+The registry here is plain data: an object answering blob_pieces from
+bytes in memory (the end-to-end tests use the real registry)."""
+
+import errno
+import gzip
+import hashlib
+import os
+import threading
+
+import pytest
+
+from cdipy.errors import RegistryError
+from cdipy.layer import DATA, HOLE, Window
+from cdipy.oci import stream as streams
+from cdipy.oci.stream import PIECE, Stream, StreamedLayer
+from tars import directory, layer_tar, regular
+
+DISK = os.urandom(3 * PIECE) + bytes(2 * PIECE) + os.urandom(2 * PIECE)
+
+
+class Bytes:
+    """A registry holding one blob, DATA, sent PIECE bytes at a time; the
+    first answer breaks off after CUT bytes, if given; it counts what it
+    is asked."""
+    host, image_name = "registry.example", "registry.example/disk:1"
+
+    def __init__(self, data, cut=None, away=False):
+        self.data, self.cut, self.away = data, cut, away
+        self.starts = []
+
+    def blob_pieces(self, digest, start, piece):
+        if self.away:
+            raise RegistryError("the connection was refused", transient=True)
+        self.starts.append(start)
+        end = len(self.data)
+        if self.cut is not None:
+            end, self.cut = start + self.cut, None
+        for offset in range(start, end, piece):
+            yield self.data[offset:min(offset + piece, end)]
+        if end < len(self.data):
+            raise RegistryError("the connection was cut", transient=True)
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+TAR = layer_tar([directory("disk/"), regular("disk/disk.img", DISK)])
+BLOB = gzip.compress(TAR, compresslevel=1)
+
+
+@pytest.fixture
+def make(tmp_path):
+    """make(registry=None, blob=BLOB, diff_id=None) -> a StreamedLayer; each
+    stream's file closed after."""
+    made, wholes = [], []
+
+    def make_layer(registry=None, blob=BLOB, diff_id=None):
+        fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
+        stream = Stream(0, registry or Bytes(blob), {"digest": digest_of(blob),
+                                                     "size": len(blob)},
+                        diff_id or digest_of(TAR), fd, condition=threading.Condition(),
+                        whole=wholes.append)
+        made.append(stream)
+        return StreamedLayer(stream)
+
+    make_layer.wholes = wholes
+    yield make_layer
+    for stream in made:
+        stream.stop()
+        os.close(stream.fd)
+
+
+def read(layer, offset, length):
+    view = bytearray(length)
+    layer.read(memoryview(view), offset)
+    return bytes(view)
+
+
+def disk_window(layer):
+    """The disk's Window, once its header has arrived."""
+    stream = layer.stream
+    stream.wait_for(0, until=lambda: any(member.name == "disk/disk.img"
+                                         for member in stream.members))
+    member = next(member for member in stream.members if member.name == "disk/disk.img")
+    return Window(layer, member, "the only disk")
+
+
+def test_entries_are_listed_as_their_headers_arrive(make):
+    layer = make()
+    window = disk_window(layer)
+    assert layer.stream.received == PIECE, "more than one piece taken in for the header"
+    assert window.size == len(DISK)
+    assert not layer.stream.listed
+
+
+def test_a_read_ahead_of_the_front_takes_in_only_as_far_as_it_needs(make):
+    layer = make()
+    window = disk_window(layer)
+    assert read(window, 0, 4096) == DISK[:4096]
+    assert read(window, PIECE, 4096) == DISK[PIECE:PIECE + 4096]
+    assert layer.stream.front < len(TAR) and not layer.stream.done
+
+
+def test_the_whole_is_checked_and_named_once(make):
+    layer = make()
+    window = disk_window(layer)
+    assert read(window, len(DISK) - 1000, 1000) == DISK[-1000:]
+    layer.wait_whole()
+    assert layer.size == len(TAR) and layer.verified
+    assert make.wholes == [layer.stream]
+    assert [member.name for member in layer.members] == ["disk", "disk/disk.img"]
+    assert read(layer, 0, len(TAR)) == TAR
+
+
+def test_zeros_arrive_as_holes_and_the_rest_is_never_called_zero(make):
+    layer = make()
+    window = disk_window(layer)
+    start = window.member.offset
+    read(window, 3 * PIECE + 4096, 1)  # behind the front: some of the zeros
+    front = layer.stream.front
+    assert front < len(TAR)
+    runs = layer.extents(start + 3 * PIECE, len(TAR) - start - 3 * PIECE)
+    holes = [(offset, length) for offset, length, kind in runs if kind == HOLE]
+    assert len(holes) == 1 and start + 3 * PIECE <= holes[0][0] \
+        and holes[0][1] >= 2 * PIECE - (128 << 10), "the zeros that arrived"
+    last_start, last_length, last_kind = runs[-1]
+    assert last_kind == DATA and last_start <= front and last_start + last_length == len(TAR), \
+        "what has not arrived is data"
+
+
+def test_an_answer_cut_short_is_resumed_at_the_byte_reached(make):
+    registry = Bytes(BLOB, cut=len(BLOB) // 2 + 7)
+    layer = make(registry)
+    layer.wait_whole()
+    assert read(layer, 0, len(TAR)) == TAR
+    assert registry.starts == [0, len(BLOB) // 2 + 7]
+
+
+def test_a_wrong_diff_id_fails_every_read(make):
+    layer = make(diff_id=digest_of(b"another layer"))
+    window = disk_window(layer)
+    with pytest.raises(OSError) as raised:
+        layer.wait_whole()
+    assert raised.value.errno == errno.EIO
+    assert "the layer is sha256:" in raised.value.strerror
+    assert "refusing to serve it" in raised.value.strerror
+    with pytest.raises(OSError, match="refusing to serve it"):
+        read(window, 0, 4096)
+    assert make.wholes == []
+
+
+def test_a_blob_that_is_not_gzip_is_a_clear_error(make):
+    layer = make(blob=b"not gzip at all" * 100)
+    with pytest.raises(OSError, match="is not a valid gzip stream"):
+        layer.wait_whole()
+
+
+def test_a_registry_that_stays_away_fails_the_read_and_a_later_read_tries_again(
+        make, monkeypatch):
+    monkeypatch.setattr(streams, "RETRY_SECONDS", 0.5)
+    registry = Bytes(BLOB, away=True)
+    layer = make(registry)
+    with pytest.raises(OSError, match="the connection was refused"):
+        read(layer, 0, 512)
+    registry.away = False
+    window = disk_window(layer)
+    assert read(window, 0, 4096) == DISK[:4096]
+
+
+def test_in_the_background_a_thread_takes_in_the_rest(make):
+    layer = make()
+    window = disk_window(layer)
+    layer.stream.start()
+    layer.wait_whole()
+    assert read(window, 0, len(DISK)) == DISK
+    assert layer.stream.thread is not None and not layer.stream.thread.is_alive()
