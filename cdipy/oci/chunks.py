@@ -333,9 +333,10 @@ class RemoteBlob(Layer):
                 return
         self.finish()
 
-    def finish(self):
+    def finish(self, stoppable=True):
         """Once every chunk is here: hash the blob; hand it to WHOLE, or
-        fail every read.  Once."""
+        fail every read.  Once.  STOPPABLE: the server stopping stops the
+        hash (the next start hashes again); close() wants it done."""
         with self.condition:
             if self.finished or self.failure or self.partial.missing():
                 return
@@ -346,7 +347,7 @@ class RemoteBlob(Layer):
         with self.partial.locked(fcntl.LOCK_EX):
             try:
                 for offset in range(0, self.size, len(buffer)):
-                    if self.stopping:
+                    if self.stopping and stoppable:
                         return  # the next start checks it again
                     view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
                     Layer.read(self, view, offset)
@@ -383,6 +384,6 @@ class RemoteBlob(Layer):
             return
         if not self.failure and not self.finished and not self.partial.missing():
             with contextlib.suppress(CdiError, OSError):
-                self.finish()
+                self.finish(stoppable=False)
         super().close()
         self.partial.close()

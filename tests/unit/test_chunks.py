@@ -152,3 +152,11 @@ def test_a_window_reads_through_it(make, data):
     window = Window(blob, Member("disk.img", "file", SIZE, 0), "the only blob")
     assert read(window, CHUNK * 2, 8) == data[CHUNK * 2:CHUNK * 2 + 8]
     assert blob.registry.ranges == [(2 * CHUNK, 3 * CHUNK)]
+
+
+def test_a_blob_whole_when_the_server_stops_is_checked_and_kept_first(make, data):
+    blob = make()
+    assert read(blob, 0, SIZE) == data[:SIZE]
+    assert make.wholes == [], "checked before the server stops"
+    blob.close()
+    assert len(make.wholes) == 1, "the server stopped without checking the whole blob"
