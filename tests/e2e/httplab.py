@@ -13,6 +13,7 @@ import base64
 import datetime
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import os
@@ -258,36 +259,50 @@ class Proxy:
         try:
             send_on(connection, request)
             response = connection.getresponse()
-            body = response.read()
         except OSError:
+            connection.close()
             request.send_error(502)
             return
+        try:
+            # Passed on as it comes (a whole blob streams through), unless
+            # the registry gives no length.
+            length = response.getheader("Content-Length")
+            body = response if length is not None else io.BytesIO(response.read())
+            length = int(length) if length is not None else len(body.getvalue())
+            request.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    request.send_header(key, value.replace(self.upstream, self.address))
+            request.send_header("Content-Length", str(length))
+            request.end_headers()
+            if request.command == "GET" and not self.send_body(
+                    request, body, length, blob=blob, flip=flip, cut=cut):
+                request.close_connection = True
+                request.connection.shutdown(2)
+        except OSError:  # the client, or the registry, went away
+            request.close_connection = True
         finally:
             connection.close()
-        if flip and body:
-            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) \
-                + body[len(body) // 2 + 1:]
-        request.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
-                request.send_header(key, value.replace(self.upstream, self.address))
-        request.send_header("Content-Length", str(len(body)))
-        request.end_headers()
-        if request.command == "GET" and not self.send_body(request, body, blob, cut):
-            request.close_connection = True
-            request.connection.shutdown(2)
 
-    def send_body(self, request, body, blob, cut):
-        """Send BODY, half of it if CUT, counted if a BLOB's; whether whole."""
-        sent = body[:len(body) // 2] if cut else body
-        piece = 64 << 10 if blob and self.rate else len(sent) or 1
-        for start in range(0, len(sent), piece):
+    def send_body(self, request, body, length, *, blob, flip, cut):
+        """Send LENGTH bytes of BODY (a file), counted if a BLOB's; the one
+        in the middle flipped if FLIP, half of them if CUT; whether whole."""
+        middle, end = length // 2, length // 2 if cut else length
+        sent = 0
+        while sent < end:
             if self.gone:
                 return False
-            request.wfile.write(sent[start:start + piece])
+            data = body.read(min(64 << 10, end - sent))
+            if not data:
+                return False
+            if flip and sent <= middle < sent + len(data):
+                data = data[:middle - sent] + bytes([data[middle - sent] ^ 0xFF]) \
+                    + data[middle - sent + 1:]
+            request.wfile.write(data)
+            sent += len(data)
             if blob:
                 with self.lock:
-                    self.blob_bytes += len(sent[start:start + piece])
+                    self.blob_bytes += len(data)
             if blob and self.rate:
-                time.sleep(piece / self.rate)
+                time.sleep(len(data) / self.rate)
         return not cut
