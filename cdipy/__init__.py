@@ -11,11 +11,16 @@ the order data flows through them:
   podman        running podman and skopeo, and what their errors mean
   image         finding the image by the pull policy: podman's storage, its
                 artifact store, the cache, or a pull
-  oci/          OCI layouts: fetch (podman artifact pull, skopeo copy),
-                layout (the cache's, podman's artifact store), blobs (a
-                blob as a layer, checked; gzip unpacked once)
+  oci/          registries and OCI layouts: fetch (what to read from the
+                registry ourselves; podman artifact pull, skopeo copy),
+                registry (the HTTP client), chunks (a blob as it is
+                read), stream (a gzip layer as it streams in), layout (the
+                cache's, podman's artifact store), blobs (a blob as a
+                layer, checked; gzip unpacked once)
   sources/      each way of getting layers, behind one interface:
-                storage (in place), saved (the copy path), layout (blobs)
+                storage (in place), saved (the copy path), layout (blobs),
+                registry (blobs as they are read), stream (an image's
+                layers as they stream in)
   storage       podman's storage: layers.json, tar-split, the map of a
                 layer and its cached copy, files opened beneath a layer
   userns        files a rootless user can't open, opened in podman's user

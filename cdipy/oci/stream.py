@@ -153,6 +153,9 @@ class Stream:
             if "sha256:" + digest.hexdigest() != expected:
                 self.fail(f"{self.image_name}: verify: {self.name()}: the {what} is "
                           f"sha256:{digest.hexdigest()}, not {expected}; refusing to serve it")
+        if self.pieces is not None:
+            self.pieces.close()  # the answer's end, unread: nothing more is due
+            self.pieces = None
         self.list_arrived()
         if not self.listed:
             self.fail(f"{self.image_name}: {self.name()} is not a tar archive: it ends "
@@ -215,7 +218,8 @@ class Stream:
                     return
                 running = self.thread is not None and self.thread.is_alive()
                 if running:
-                    self.condition.wait()
+                    # Timed: a thread that gave up notifies, then ends.
+                    self.condition.wait(timeout=1.0)
                     continue
                 if self.thread is not None and tried_again:
                     raise OSError(errno.EIO, self.stalled or f"{self.name()}: not arrived")
@@ -245,9 +249,11 @@ class Stream:
             log.debug(str(error))
 
     def stop(self):
+        """Stop the thread; whether it has (else its file must stay open)."""
         self.stopping = True
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=RETRY_SECONDS + 5)
+        return self.thread is None or not self.thread.is_alive()
 
 
 class Arrived:

@@ -142,12 +142,14 @@ class StreamSource(Source):
             stream.start()
 
     def close(self):
-        for stream in self.streams:
-            stream.stop()
+        stopped = [stream.stop() for stream in self.streams]
         for layer in self.layers:
             layer.close()
-        for stream in self.streams:
-            os.close(stream.fd)
+        for stream, has_stopped in zip(self.streams, stopped):
+            if has_stopped:  # else it may still write: its number must not be reused
+                os.close(stream.fd)
+            else:
+                log.debug(f"layer {stream.index}: a read still runs: its file stays open")
         self.streams, self.layers = [], []
 
     # ---------------------------------------------------- once one is whole

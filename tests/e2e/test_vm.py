@@ -9,14 +9,16 @@ token shows that the VM ran the bytes cdi.py served.
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import run_nbdkit, serve
-from lab import Blob, push_artifact, sha256
+from lab import Blob, podman, push_artifact, sha256
 from tars import directory, regular, tar_layer
 from vm import boot, make_boot_disk, token_line
 
@@ -67,6 +69,29 @@ def test_a_vm_boots_from_the_disk_export_of_an_oras_artifact(lab, boot_disk):
     with serve(lab, f"name={remote}", "tls-verify=false", "layer=disk") as nbdkit:
         console = boot(nbdkit.uri(), "qcow2")
     assert token_line(boot_disk.token) in console
+
+
+def test_a_vm_boots_from_a_derived_containerdisk_while_it_streams_in(lab, boot_disk):
+    """Pushed by podman (gzip layers): a base whose disk the next layer
+    replaces with the bootable one, and a small layer on top; streamed from
+    the registry, not pulled."""
+    tag = f"localhost/cdi-test/boot-derived-{boot_disk.token}:1"
+    image = lab.build(tag, [{"disk/disk.qcow2": b"not this one" * 1000},
+                            {"disk/disk.qcow2": boot_disk.qcow2.read_bytes()},
+                            {"etc/motd": b"derived\n"}])
+    remote = f"{lab.registry}/cdi-test/boot-derived:{boot_disk.token}"
+    lab.push(image, remote)
+    podman("rmi", "--force", image.id)
+    cache = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
+    try:
+        with serve(lab, f"name={remote}", f"cache={cache}", "tls-verify=false", "layer=disk",
+                   verbose=True) as nbdkit:
+            console = boot(nbdkit.uri(), "qcow2")
+            log = nbdkit.log()
+    finally:
+        shutil.rmtree(cache)
+    assert token_line(boot_disk.token) in console
+    assert "streamed from" in log and "disk/disk.qcow2 of layer 1" in log
 
 
 # ------------------------------------------------- qcow2dec (nbdkit >= 1.36)

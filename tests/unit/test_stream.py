@@ -9,16 +9,27 @@ bytes in memory (the end-to-end tests use the real registry)."""
 import errno
 import gzip
 import hashlib
+import json
 import os
 import threading
 
 import pytest
 
+from cdipy.cache import PrivateCache
 from cdipy.errors import RegistryError
+from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
 from cdipy.oci import stream as streams
+from cdipy.oci.fetch import GZIP_LAYER_TYPES, RemoteImage
+from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
+from cdipy.parameters import Settings
+from cdipy.sources.stream import StreamSource
+from cdipy.verify import CheckRecords
 from tars import directory, layer_tar, regular
+
+NAME = "registry.example/vms/containerdisk:1"
+IMAGE_CONFIG, GZIP_LAYER = IMAGE_CONFIG_TYPES[0], GZIP_LAYER_TYPES[0]
 
 DISK = os.urandom(3 * PIECE) + bytes(2 * PIECE) + os.urandom(2 * PIECE)
 
@@ -180,3 +191,90 @@ def test_in_the_background_a_thread_takes_in_the_rest(make):
     layer.wait_whole()
     assert read(window, 0, len(DISK)) == DISK
     assert layer.stream.thread is not None and not layer.stream.thread.is_alive()
+
+
+# ------------------------------------------------- the source and its disk
+
+class Blobs:
+    """A registry holding the blobs BY_DIGEST, whole at once."""
+    host, image_name = "registry.example", NAME
+
+    def __init__(self, by_digest):
+        self.by_digest = by_digest
+
+    def blob_pieces(self, digest, start, piece):
+        data = self.by_digest[digest]
+        for offset in range(start, len(data), piece):
+            yield data[offset:offset + piece]
+
+
+@pytest.fixture
+def image(tmp_path):
+    """image(layers) -> the table of exports of an image of LAYERS (tars)
+    streamed from a registry of bytes; each closed after."""
+    tables = []
+
+    def make_table(layers, layer="disk"):
+        blobs = [gzip.compress(tar, compresslevel=1) for tar in layers]
+        config = json.dumps({"rootfs": {"type": "layers",
+                                        "diff_ids": [digest_of(tar) for tar in layers]}})
+        manifest = {"schemaVersion": 2,
+                    "config": {"mediaType": IMAGE_CONFIG, "digest": digest_of(config.encode()),
+                               "size": len(config)},
+                    "layers": [{"mediaType": GZIP_LAYER, "digest": digest_of(blob),
+                                "size": len(blob)} for blob in blobs]}
+        data = json.dumps(manifest).encode()
+        os.chmod(tmp_path, 0o700)
+        remote = RemoteImage(NAME, Blobs({digest_of(blob): blob for blob in blobs}), manifest,
+                             data, digest_of(data), Layout(str(tmp_path), NAME),
+                             json.loads(config), config.encode())
+        settings = Settings(name=NAME, layer=layer)
+        records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
+        table = Exports(StreamSource(remote, settings, records), settings, records)
+        tables.append(table)
+        table.build_default()
+        return table
+
+    yield make_table
+    for table in tables:
+        table.close()
+
+
+def test_the_disk_is_chosen_once_its_header_has_arrived(image):
+    table = image([layer_tar([directory("disk/"), regular("disk/disk.img", DISK)])])
+    stream = table.source.streams[0]
+    assert stream.received == PIECE and not stream.listed
+    assert read(table.open("disk"), 0, 4096) == DISK[:4096]
+
+
+def test_the_layers_above_the_disk_are_taken_in_whole_first(image):
+    table = image([layer_tar([regular("disk/disk.img", DISK)]),
+                   layer_tar([regular("etc/motd", b"hello\n")])])
+    base, top = table.source.streams
+    assert top.listed and not base.listed
+    assert table.open("disk").member.name == "disk/disk.img"
+
+
+def test_a_disk_replaced_above_is_not_the_one(image):
+    new = os.urandom(PIECE)
+    table = image([layer_tar([regular("disk/disk.img", DISK)]),
+                   layer_tar([regular("disk/disk.img", new)])])
+    window = table.open("disk")
+    assert window.index == 1 and read(window, 0, PIECE) == new
+
+
+def test_a_second_candidate_after_the_disk_served_fails_it(image):
+    table = image([layer_tar([regular("disk/a.img", DISK), regular("disk/b.img", 4096)])])
+    window = table.open("disk")
+    assert window.member.name == "disk/a.img"
+    table.source.streams[0].wait_for(0, until=lambda: table.source.streams[0].done)
+    with pytest.raises(OSError, match=r"2 candidate VM disks: disk/a.img .* "
+                                      r"\(learnt after disk/a.img was served\)"):
+        read(window, 0, 4096)
+
+
+def test_a_layer_export_waits_for_its_layer(image):
+    tar = layer_tar([regular("disk/disk.img", DISK)])
+    table = image([tar], layer=0)
+    layer = table.open("0")
+    assert layer.size == len(tar) and read(layer, 0, len(tar)) == tar
