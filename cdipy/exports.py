@@ -265,26 +265,24 @@ class DiskExport(Export):
         with source.session(tools) as session:
             try:
                 arriving = source.arriving_disk()
+                choice, window = arriving if arriving else (
+                    source.choose_disk(self.members_of_layers(session)), None)
             except OSError as error:  # not arrived: another try may tell
                 raise CdiError(f"{table.settings.name}: cannot find the VM disk: "
                                f"{error.strerror}") from None
-            try:
-                choice, parent = arriving if arriving else (
-                    source.choose_disk(self.members_of_layers(session)), None)
             except CdiError as error:
                 self.error = str(error)
                 raise
-            export = table.layers[choice.index]
-            with export.lock:
-                if parent is None:
+            if window is None:
+                export = table.layers[choice.index]
+                with export.lock:
                     table.build(export, session)
-                    parent = export.layer
-                try:
-                    window = Window(parent, choice.member, choice.why)
-                except OSError as error:
-                    raise CdiError(f"{table.settings.name}: cannot open {choice.member.name} "
-                                   f"of {source.part} {export.index}: "
-                                   f"{error.strerror}") from None
+                    try:
+                        window = Window(export.layer, choice.member, choice.why)
+                    except OSError as error:
+                        raise CdiError(f"{table.settings.name}: cannot open "
+                                       f"{choice.member.name} of {source.part} "
+                                       f"{export.index}: {error.strerror}") from None
         window.description = source.describe_disk(window)
         self.layer = window
         log.debug(f"export disk: {choice.member.name} of {source.part} "

@@ -257,6 +257,8 @@ class Window(Layer):
     def extents(self, offset, count, first_only=False):
         if self.through is None:
             return super().extents(offset, count, first_only)
+        if self.failure:
+            raise OSError(errno.EIO, self.failure)
         start = self.member.offset
         return [(position - start, length, kind) for position, length, kind
                 in self.through.extents(offset + start, count, first_only)]

@@ -256,25 +256,41 @@ def sha256_of(file):
     return "sha256:" + digest.hexdigest()
 
 
+class Gunzip:
+    """A gzip stream decompressed as it is fed, piece by piece; its members
+    one after another, as gunzip reads them."""
+
+    def __init__(self):
+        self.decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def feed(self, data):
+        """Yield the bytes DATA decompresses to, UNPACK_CHUNK at most at a
+        time; zlib.error if it is not gzip."""
+        while data:
+            yield self.decompressor.decompress(data, UNPACK_CHUNK)
+            data = self.decompressor.unconsumed_tail
+            if self.decompressor.eof and self.decompressor.unused_data:
+                data = self.decompressor.unused_data
+                self.decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def ended(self):
+        """Whether what was fed ends where a gzip member does."""
+        return self.decompressor.eof
+
+
 def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None):
     """Decompress the gzip stream SOURCE into OUT_FD, leaving all-zero
     blocks as holes; update the two hashes; return the bytes written."""
-    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    gunzip = Gunzip()
     progress = Progress("unpacked", size or 0)
     output = SparseWriter(out_fd, output_hash)
     try:
         for data in iter(lambda: source.read(UNPACK_CHUNK), b""):
             source_hash.update(data)
             progress.add(len(data))
-            chunk = data
-            while chunk:
-                output.write(decompressor.decompress(chunk, UNPACK_CHUNK))
-                chunk = decompressor.unconsumed_tail
-                if decompressor.eof and decompressor.unused_data:
-                    # Concatenated gzip members: gunzip reads them all.
-                    chunk = decompressor.unused_data
-                    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        if not decompressor.eof:
+            for piece in gunzip.feed(data):
+                output.write(piece)
+        if not gunzip.ended():
             raise CdiError(f"{what}: the gzip stream ends early: the blob is cut short")
         return output.finish()
     except zlib.error as error:

@@ -12,12 +12,14 @@ import os
 import re
 
 from ..errors import CdiError, RegistryError, Unsupported
-from .layout import IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
+from .layout import DIGEST, IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
 log = logging.getLogger("cdipy")
 
 GZIP_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
                     "application/vnd.docker.image.rootfs.diff.tar.gzip")
+# The most bytes of an image's config read (a manifest's limit too).
+MAX_CONFIG = 4 << 20
 # os.uname().machine, as OCI platforms name it.
 MACHINE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm",
                          "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
@@ -198,26 +200,22 @@ def platform_entry(index, platform):
     wanted = (platform or f"linux/{MACHINE_ARCHITECTURES.get(os.uname().machine, '')}"
               ).split("/")
     found = [entry.get("digest") for entry in index["manifests"]
-             if isinstance(entry, dict) and isinstance(entry.get("platform"), dict)
+             if well_formed([entry]) and isinstance(entry.get("platform"), dict)
              and [entry["platform"].get("os"), entry["platform"].get("architecture"),
                   entry["platform"].get("variant")][:len(wanted)] == wanted]
-    return found[0] if len(found) == 1 and isinstance(found[0], str) else None
+    return found[0] if len(found) == 1 else None
 
 
 def streamable(manifest, image_name):
     """Whether MANIFEST is an image whose layers can be streamed: each a
     descriptor with a digest and a size, gzip."""
     if not isinstance(manifest, dict) or is_artifact(manifest) \
-            or not isinstance(manifest.get("config"), dict) \
+            or not well_formed([manifest.get("config")]) \
             or manifest["config"].get("mediaType") not in IMAGE_CONFIG_TYPES \
-            or not isinstance(manifest["config"].get("digest"), str) \
-            or not isinstance(manifest["config"].get("size"), int):
+            or manifest["config"]["size"] > MAX_CONFIG:
         return False
     layers = manifest.get("layers")
-    if not isinstance(layers, list) or not all(
-            isinstance(layer, dict) and isinstance(layer.get("digest"), str)
-            and isinstance(layer.get("size"), int) and layer["size"] >= 0
-            for layer in layers):
+    if not well_formed(layers):
         return False
     other = [layer.get("mediaType") for layer in layers
              if layer.get("mediaType") not in GZIP_LAYER_TYPES]
@@ -237,9 +235,11 @@ def image_config(registry, manifest, image_name):
         raise CdiError(f"{image_name}: the config does not match its digest "
                        f"{descriptor['digest']}")
     config = json.loads(data)
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest["layers"]) \
-            or not all(isinstance(diff_id, str) for diff_id in diff_ids):
+            or not all(isinstance(diff_id, str) and DIGEST.fullmatch(diff_id)
+                       for diff_id in diff_ids):
         raise CdiError(f"{image_name}: the image has {len(manifest['layers'])} layers but "
                        "its config does not list as many diffIDs")
     return data, config
@@ -266,10 +266,7 @@ def lazily_servable(manifest, image_name):
             or not isinstance(manifest.get("config") or {}, dict) or not is_artifact(manifest):
         return False
     layers = manifest.get("layers")
-    if not isinstance(layers, list) or not all(
-            isinstance(layer, dict) and isinstance(layer.get("digest"), str)
-            and isinstance(layer.get("size"), int) and layer["size"] >= 0
-            and isinstance(layer.get("mediaType", ""), str) for layer in layers):
+    if not well_formed(layers):
         return False  # skopeo, or podman, says what is wrong with it
     compressed = [layer.get("mediaType") for layer in layers
                   if is_compressed(layer.get("mediaType") or "")]
@@ -277,6 +274,16 @@ def lazily_servable(manifest, image_name):
         log.debug(f"{image_name} has compressed blobs ({compressed[0]}): fetching it whole")
         return False
     return True
+
+
+def well_formed(descriptors):
+    """Whether DESCRIPTORS is a list of descriptors, each with a sha256
+    digest and a size."""
+    return isinstance(descriptors, list) and all(
+        isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str)
+        and DIGEST.fullmatch(descriptor["digest"])
+        and isinstance(descriptor.get("size"), int) and descriptor["size"] >= 0
+        and isinstance(descriptor.get("mediaType", ""), str) for descriptor in descriptors)
 
 
 def is_compressed(media_type):

@@ -133,9 +133,12 @@ class Registry:
         response = self.get(f"blobs/{digest}", headers=headers,
                             what=f"blob {digest} from byte {start}", stream=True)
         with contextlib.closing(response):
-            if start and response.status_code != 206:
-                raise RegistryError(f"{self.image_name}: {self.api_host} answered a range of "
-                                    f"blob {digest} with HTTP {response.status_code}, not 206")
+            if start and (response.status_code != 206 or not response.headers.get(
+                    "Content-Range", "").startswith(f"bytes {start}-")):
+                raise RegistryError(f"{self.image_name}: {self.api_host} answered bytes "
+                                    f"{start}- of blob {digest} with HTTP "
+                                    f"{response.status_code} "
+                                    f"{response.headers.get('Content-Range')!r}")
             while True:
                 try:
                     data = response.raw.read(piece, decode_content=False)

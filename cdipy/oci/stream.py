@@ -36,13 +36,14 @@ from ..layer import (
 )
 from ..progress import Progress
 from ..sparse import SparseWriter
+from .blobs import Gunzip
 from .chunks import FIRST_RETRY, RETRY_SECONDS
 
 log = logging.getLogger("cdipy")
 
-# Compressed bytes taken in at a time: what the front moves by, at most.
-PIECE = 1 << 20
-GZIP = 16 + zlib.MAX_WBITS
+# Compressed bytes taken in at a time: what the front moves by, at most
+# (a read waits for a whole piece to arrive: small enough for slow links).
+PIECE = 256 << 10
 
 
 class NotYet(Exception):
@@ -68,11 +69,12 @@ class Stream:
         self.stalled = None        # why the registry gives no more, for now
         self.members = []          # the Member of each entry, as its header arrives
         self.listed = False        # every entry is in members
+        self.list_error = None     # why the entries cannot be listed, told once whole
         self.next_header = 0       # where the next entry's header is
         self.pieces = None         # the registry's answer being read
         self.thread = None
         self.stopping = False
-        self.decompressor = zlib.decompressobj(wbits=GZIP)
+        self.gunzip = Gunzip()
         self.blob_hash, self.tar_hash = hashlib.sha256(), hashlib.sha256()
         self.writer = SparseWriter(fd, self.tar_hash)
         self.progress = Progress(f"layer {index}: arrived", self.size)
@@ -119,13 +121,8 @@ class Stream:
                       f"bytes of blob {self.digest}")
         self.blob_hash.update(data)
         try:
-            rest = data
-            while rest:
-                self.writer.write(self.decompressor.decompress(rest, PIECE))
-                rest = self.decompressor.unconsumed_tail
-                if self.decompressor.eof and self.decompressor.unused_data:
-                    rest = self.decompressor.unused_data  # gzip members one after another
-                    self.decompressor = zlib.decompressobj(wbits=GZIP)
+            for piece in self.gunzip.feed(data):
+                self.writer.write(piece)
             self.writer.flush_pending(len(self.writer.pending))
             os.ftruncate(self.fd, self.writer.written)  # zeros at the end stay holes
         except zlib.error as error:
@@ -145,9 +142,10 @@ class Stream:
 
     def finish(self):
         """The whole blob is here: check it, and the layer, against their digests."""
-        if not self.decompressor.eof:
+        if not self.gunzip.ended():
             self.fail(f"{self.image_name}: {self.name()}: the gzip stream ends early: the "
                       "blob is cut short")
+        # The digests first: a damaged blob is told as one, not as a bad tar.
         for what, digest, expected in (("blob", self.blob_hash, self.digest),
                                        ("layer", self.tar_hash, self.diff_id)):
             if "sha256:" + digest.hexdigest() != expected:
@@ -156,10 +154,8 @@ class Stream:
         if self.pieces is not None:
             self.pieces.close()  # the answer's end, unread: nothing more is due
             self.pieces = None
-        self.list_arrived()
-        if not self.listed:
-            self.fail(f"{self.image_name}: {self.name()} is not a tar archive: it ends "
-                      "before its end-of-archive marker")
+        if self.list_error:
+            self.fail(self.list_error)
         with self.condition:
             self.done = True
             self.condition.notify_all()
@@ -177,7 +173,7 @@ class Stream:
 
     def list_arrived(self):
         """List the entries whose headers have arrived."""
-        while not self.listed:
+        while not self.listed and not self.list_error:
             reader = Arrived(self)
             reader.seek(self.next_header)
             try:
@@ -190,7 +186,9 @@ class Stream:
                 if self.next_header == 0 and self.done_arriving() and self.front == 0:
                     info = None  # an empty layer
                 else:
-                    self.fail(f"{self.image_name}: {self.name()} is not a tar archive: {error}")
+                    self.list_error = (f"{self.image_name}: {self.name()} is not a tar "
+                                       f"archive: {error}")
+                    return
             with self.condition:
                 if info is None:
                     self.listed = True
@@ -208,23 +206,26 @@ class Stream:
 
     def wait_for(self, end, until=None):
         """Until the file holds bytes up to END (or UNTIL() is true), advancing
-        the stream where no thread does; OSError (EIO) if it cannot."""
-        tried_again = False
+        the stream where no thread does; OSError (EIO) if it cannot.  A
+        thread that had given up before this read is started again, once."""
+        with self.condition:
+            may_restart = self.thread is not None and not self.thread.is_alive()
         while True:
             with self.condition:
                 if self.failure:
                     raise OSError(errno.EIO, self.failure)
                 if (until() if until else self.front >= end or self.done):
                     return
-                running = self.thread is not None and self.thread.is_alive()
-                if running:
+                if self.thread is not None and self.thread.is_alive():
                     # Timed: a thread that gave up notifies, then ends.
                     self.condition.wait(timeout=1.0)
                     continue
-                if self.thread is not None and tried_again:
+                if self.stopping:
+                    raise OSError(errno.EIO, f"{self.image_name}: the server is stopping")
+                if self.thread is not None and not may_restart:
                     raise OSError(errno.EIO, self.stalled or f"{self.name()}: not arrived")
-            if self.thread is not None:  # it stalled: try again, once for this read
-                tried_again = True
+            if self.thread is not None:
+                may_restart = False
                 self.start()
                 continue
             try:
@@ -235,7 +236,8 @@ class Stream:
     def start(self):
         """Take in the rest in a thread of its own (once nbdkit has forked)."""
         with self.condition:
-            if self.done or self.failure or (self.thread and self.thread.is_alive()):
+            if self.done or self.failure or self.stopping or (
+                    self.thread and self.thread.is_alive()):
                 return
             self.thread = threading.Thread(target=self.run, name=f"stream-{self.index}",
                                            daemon=True)
@@ -247,12 +249,19 @@ class Stream:
                 self.advance()
         except CdiError as error:
             log.debug(str(error))
+        except Exception as error:  # a bug must not look like a registry gone quiet
+            with self.condition:
+                self.failure = self.failure or (f"{self.image_name}: streaming "
+                                                f"{self.name()}: {error!r}")
+                self.condition.notify_all()
+            log.debug(self.failure)
 
-    def stop(self):
-        """Stop the thread; whether it has (else its file must stay open)."""
+    def stop(self, timeout=RETRY_SECONDS + 5):
+        """Stop the thread, waiting TIMEOUT at most; whether it has (else
+        its file must stay open)."""
         self.stopping = True
         if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout=RETRY_SECONDS + 5)
+            self.thread.join(timeout=timeout)
         return self.thread is None or not self.thread.is_alive()
 
 

@@ -82,9 +82,10 @@ class Source:
     pending_disk = "the VM disk file, found when first opened"
 
     def arriving_disk(self):
-        """(Choice, the Layer its Window reads) of a source whose layers
-        are still arriving, once the disk can be told; None: choose it
-        from every entry's members (choose_disk)."""
+        """(Choice, its Window) of a source whose layers are still
+        arriving, once the disk can be told (CdiError if there is none;
+        OSError if what would tell cannot arrive); None: choose it from
+        every entry's members (choose_disk)."""
         return None
 
     def describe_disk(self, window):

@@ -16,14 +16,18 @@ if one of them makes another choice (a second candidate), the disk export
 fails from then on, saying so, and the next start, with every entry
 known, says what disk.py says."""
 
+import json
 import logging
 import os
 import threading
+import time
 
 from ..cache import make_private
 from ..disk import choose_disk
 from ..errors import CdiError
+from ..layer import Window
 from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.chunks import RETRY_SECONDS
 from ..oci.stream import Stream, StreamedLayer
 from ..progress import describe_size
 from ..save import open_nameless_file
@@ -57,6 +61,8 @@ class StreamSource(Source):
                     layer = StreamedLayer(self.new_stream(index, descriptor, diff_id))
                     self.streams.append(layer.stream)
                 self.layers.append(layer)
+            if not self.streams:  # every layer in the cache, and not its manifest?
+                self.keep_manifest_if_whole()
         except OSError as error:
             self.close()
             raise CdiError(f"{settings.name}: cannot stream into {self.blobs.unpacked.directory}: "
@@ -102,9 +108,9 @@ class StreamSource(Source):
                 f"{self.remote.registry.host}: {describe_size(stream.front)} so far")
 
     def arriving_disk(self):
-        """(Choice, the Layer to make its Window onto), waiting (or taking
-        in, before nbdkit forks) until it is known; None if every layer was
-        in the cache.  OSError (EIO) if a layer it needs cannot arrive."""
+        """(Choice, its Window), waiting (or taking in, before nbdkit forks)
+        until it is known; None if every layer was in the cache.  OSError
+        (EIO) if a layer it needs cannot arrive."""
         if not self.streams:
             return None
         while True:
@@ -118,31 +124,42 @@ class StreamSource(Source):
                                     stream.listed or stream.received > seen)
 
     def disk_if_known(self):
-        """The disk as disk_arriving returns it, if it can be told now."""
+        """The disk as arriving_disk returns it, if it can be told now.
+        Under the condition, as check_early_choice: the Window of an early
+        choice is there before its layer's whole listing is checked."""
         with self.condition:
-            listings = [(index, list(layer.stream.members) if isinstance(layer, StreamedLayer)
-                         else layer.members) for index, layer in enumerate(self.layers)]
             unlisted = [stream.index for stream in self.streams if not stream.listed]
-        if not unlisted:
-            choice = choose_disk(listings, self.image_name)
-            return choice, self.layers[choice.index]
-        if len(unlisted) > 1:
-            return None
-        try:
-            choice = choose_disk(listings, self.image_name)
-        except CdiError:
-            return None  # none yet, or two: the rest of the layer tells
-        if choice.index != unlisted[0]:
-            return None
-        self.early = choice
-        return choice, self.layers[choice.index]
+            if len(unlisted) > 1:
+                return None
+            if not unlisted:
+                choice = choose_disk(self.listings(), self.image_name)
+            else:
+                try:
+                    choice = choose_disk(self.listings(), self.image_name)
+                except CdiError:
+                    return None  # none yet, or two: the rest of the layer tells
+                # Early, only for a file under disk/ of the layer still
+                # arriving: a file at the root is the disk only if no
+                # disk/ ever comes.
+                if choice.index != unlisted[0] or not choice.member.name.startswith("disk/"):
+                    return None
+                self.early = choice
+            return choice, Window(self.layers[choice.index], choice.member, choice.why)
+
+    def listings(self):
+        """[(index, members)] of every layer, as far as they are listed."""
+        return [(index, list(layer.stream.members) if isinstance(layer, StreamedLayer)
+                 else layer.members) for index, layer in enumerate(self.layers)]
 
     def start_background(self):
         for stream in self.streams:
             stream.start()
 
     def close(self):
-        stopped = [stream.stop() for stream in self.streams]
+        for stream in self.streams:
+            stream.stopping = True
+        deadline = time.monotonic() + RETRY_SECONDS + 5
+        stopped = [stream.stop(max(deadline - time.monotonic(), 0)) for stream in self.streams]
         for layer in self.layers:
             layer.close()
         for stream, has_stopped in zip(self.streams, stopped):
@@ -175,34 +192,51 @@ class StreamSource(Source):
                 finally:
                     os.close(directory)
                 blobs.unpacked.write(name + ".json",
-                                     f'{{"digest": "{stream.diff_id}"}}'.encode())
+                                     json.dumps({"digest": stream.diff_id}).encode())
                 copy = blobs.open_layer(stream.index, stream.diff_id, path, "unpacked")
                 try:
                     self.records.store(stream.diff_id, fingerprint(copy), [])
                 finally:
                     copy.close()
-            if all(other.done for other in self.streams):
-                with self.remote.layout.locked():
-                    keep_manifest(self.remote, self.remote.layout, self.remote.config_data)
         except (CdiError, OSError) as error:
             log.debug(f"cannot keep layer {stream.index} in the cache: {error}")
+        self.keep_manifest_if_whole()
+
+    def keep_manifest_if_whole(self):
+        """Once the cache holds every layer unpacked, keep the manifest and
+        config in its layout; a failure is a debug line."""
+        directory = self.blobs.unpacked.directory
+        names = [descriptor["digest"].replace(":", "-")
+                 for descriptor in self.remote.manifest["layers"]]
+        if not all(os.path.exists(os.path.join(directory, name))
+                   and os.path.exists(os.path.join(directory, name + ".json"))
+                   for name in names):
+            return
+        try:
+            with self.remote.layout.locked():
+                keep_manifest(self.remote, self.remote.layout, self.remote.config_data)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep the manifest of {self.image_name} in the cache: {error}")
 
     def check_early_choice(self, stream):
         """If the disk was chosen before STREAM's layer was listed whole,
         make sure the whole listing makes the same choice."""
-        if self.early is None or self.early.index != stream.index:
-            return
-        listings = [(index, layer.stream.members if isinstance(layer, StreamedLayer)
-                     else layer.members) for index, layer in enumerate(self.layers)]
+        with self.condition:
+            if self.early is None or self.early.index != stream.index:
+                return
+            self.fail_early_choice_unless_right(stream)
+
+    def fail_early_choice_unless_right(self, stream):
+        early = self.early
         try:
-            choice = choose_disk(listings, self.image_name)
-            same = (choice.index, choice.member.name) == (self.early.index,
-                                                           self.early.member.name)
+            choice = choose_disk(self.listings(), self.image_name)
+            same = (choice.index, choice.member.name, choice.member.offset) == (
+                early.index, early.member.name, early.member.offset)
             why = "" if same else (f"{self.image_name}: the VM disk is {choice.member.name} "
                                    f"of layer {choice.index}, not the "
-                                   f"{self.early.member.name} served")
+                                   f"{early.member.name} served")
         except CdiError as error:
-            why = f"{error} (learnt after {self.early.member.name} was served)"
+            why = f"{error} (learnt after {early.member.name} was served)"
         if why:
             log.debug(why)
             for window in self.layers[stream.index].windows:

@@ -126,7 +126,10 @@ EMPTY = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:" +
 
 
 @pytest.mark.parametrize("manifest, servable", [
-    ({"config": EMPTY, "layers": [{"mediaType": "a/b", "digest": "sha256:1", "size": 3}]}, True),
+    ({"config": EMPTY, "layers": [{"mediaType": "a/b", "digest": "sha256:" + "1" * 64,
+                                   "size": 3}]}, True),
+    ({"config": EMPTY, "layers": [{"mediaType": "a/b", "digest": "sha256:1", "size": 3}]},
+     False),  # not a sha256 digest: never a path, nor a URL
     ({"config": EMPTY, "layers": [{"mediaType": "a/b+gzip", "digest": "sha256:1",
                                    "size": 3}]}, False),
     ({"config": EMPTY, "layers": [{"digest": "sha256:1"}]}, False),

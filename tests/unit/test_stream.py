@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from cdipy.cache import PrivateCache
-from cdipy.errors import RegistryError
+from cdipy.errors import NoSuchExport, RegistryError
 from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
 from cdipy.oci import stream as streams
@@ -278,3 +278,29 @@ def test_a_layer_export_waits_for_its_layer(image):
     table = image([tar], layer=0)
     layer = table.open("0")
     assert layer.size == len(tar) and read(layer, 0, len(tar)) == tar
+
+
+def test_a_file_at_the_root_before_disk_arrives_is_not_chosen_early(image):
+    table = image([layer_tar([regular("README", b"read me\n"), directory("disk/"),
+                              regular("disk/disk.img", DISK)])])
+    window = table.open("disk")
+    assert window.member.name == "disk/disk.img"
+    assert read(window, 0, 4096) == DISK[:4096]
+
+
+def test_an_image_with_no_disk_has_no_disk_export(image):
+    table = image([layer_tar([regular("etc/motd", b"hello\n")])], layer=0)
+    with pytest.raises(NoSuchExport, match="no VM disk"):
+        table.open("disk")
+    assert "disk" not in table.names()
+
+
+def test_a_bug_in_the_thread_fails_the_reads_saying_what(make):
+    class Broken(Bytes):
+        def blob_pieces(self, digest, start, piece):
+            raise ValueError("a bug")
+
+    layer = make(Broken(BLOB))
+    layer.stream.start()
+    with pytest.raises(OSError, match=r"streaming layer 0 \(sha256:.*\): ValueError\('a bug'\)"):
+        read(layer, 0, 512)
