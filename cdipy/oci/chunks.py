@@ -333,10 +333,10 @@ class RemoteBlob(Layer):
                 return
         self.finish()
 
-    def finish(self, stoppable=True):
+    def finish(self):
         """Once every chunk is here: hash the blob; hand it to WHOLE, or
-        fail every read.  Once.  STOPPABLE: the server stopping stops the
-        hash (the next start hashes again); close() wants it done."""
+        fail every read.  Once, to its end even if the server is stopping:
+        a blob whole by now is kept (close() waits for it)."""
         with self.condition:
             if self.finished or self.failure or self.partial.missing():
                 return
@@ -347,8 +347,6 @@ class RemoteBlob(Layer):
         with self.partial.locked(fcntl.LOCK_EX):
             try:
                 for offset in range(0, self.size, len(buffer)):
-                    if self.stopping and stoppable:
-                        return  # the next start checks it again
                     view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
                     Layer.read(self, view, offset)
                     digest.update(view)
@@ -384,6 +382,6 @@ class RemoteBlob(Layer):
             return
         if not self.failure and not self.finished and not self.partial.missing():
             with contextlib.suppress(CdiError, OSError):
-                self.finish(stoppable=False)
+                self.finish()
         super().close()
         self.partial.close()

@@ -160,3 +160,11 @@ def test_a_blob_whole_when_the_server_stops_is_checked_and_kept_first(make, data
     assert make.wholes == [], "checked before the server stops"
     blob.close()
     assert len(make.wholes) == 1, "the server stopped without checking the whole blob"
+
+
+def test_a_check_under_way_when_the_server_stops_is_finished_and_kept(make, data):
+    blob = make()
+    blob.start()
+    assert read(blob, 0, SIZE) == data[:SIZE]
+    blob.close()  # whether a worker began the check or not
+    assert len(make.wholes) == 1, "the server stopped without keeping the whole blob"
