@@ -11,6 +11,7 @@ checked: no reader ever finds half of one.
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -97,11 +98,11 @@ class Blobs:
                 magic = file.read(4)
         else:
             magic = GZIP_MAGIC  # the unpacked copy, else BlobMismatch: fetch it
-        if magic[:2] == GZIP_MAGIC:
+        if magic[:2] == GZIP_MAGIC or (magic == ZSTD_MAGIC and zstd_available()):
             layer = self.unpacked_layer(index, descriptor, expected=diff_id)
         elif magic == ZSTD_MAGIC:
             raise CdiError(f"{self.layout.image_name}: layer {index} is compressed with "
-                           "zstd, which this plugin cannot unpack")
+                           "zstd, which this plugin unpacks only with python3-zstandard")
         else:
             layer = self.blob_layer(index, descriptor)
             if descriptor["digest"] != diff_id:
@@ -222,7 +223,11 @@ class Blobs:
         try:
             with self.open_blob(digest) as blob:
                 try:
+                    magic = blob.read(4)
+                    blob.seek(0)
                     written = gunzip_sparse(blob, out_fd, blob_hash, unpacked_hash,
+                                            compression="zstd" if magic == ZSTD_MAGIC
+                                            else "gzip",
                                             what=f"{image_name}: blob {digest}", size=size)
                 except CdiError:
                     # A blob damaged in the cache is fetched again; one
@@ -259,15 +264,17 @@ def sha256_of(file):
 class Gunzip:
     """A gzip stream decompressed as it is fed, piece by piece; its members
     one after another, as gunzip reads them."""
+    name = "gzip"
+    errors = (zlib.error,)
 
     def __init__(self):
         self.decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
 
-    def feed(self, data):
-        """Yield the bytes DATA decompresses to, UNPACK_CHUNK at most at a
-        time; zlib.error if it is not gzip."""
+    def feed(self, data, write):
+        """WRITE the bytes DATA decompresses to, UNPACK_CHUNK at most at a
+        time; one of errors if it is not gzip."""
         while data:
-            yield self.decompressor.decompress(data, UNPACK_CHUNK)
+            write(self.decompressor.decompress(data, UNPACK_CHUNK))
             data = self.decompressor.unconsumed_tail
             if self.decompressor.eof and self.decompressor.unused_data:
                 data = self.decompressor.unused_data
@@ -278,22 +285,56 @@ class Gunzip:
         return self.decompressor.eof
 
 
-def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None):
-    """Decompress the gzip stream SOURCE into OUT_FD, leaving all-zero
-    blocks as holes; update the two hashes; return the bytes written."""
-    gunzip = Gunzip()
+class Unzstd:
+    """A zstd stream, its frames one after another, decompressed as it is
+    fed (python3-zstandard's stream_writer: its output goes out
+    UNPACK_CHUNK at most at a time, however well the input compresses)."""
+    name = "zstd"
+
+    def __init__(self):
+        import zstandard  # noqa: PLC0415 (a package only zstd layers need)
+        self.errors = (zstandard.ZstdError,)
+        self.out = None
+        self.writer = zstandard.ZstdDecompressor().stream_writer(self, write_size=UNPACK_CHUNK)
+
+    def feed(self, data, write):
+        self.out = write
+        self.writer.write(data)
+
+    def write(self, data):  # the stream_writer's output
+        self.out(data)
+        return len(data)
+
+    def ended(self):
+        return True  # a stream cut short fails the digests
+
+
+def zstd_available():
+    return importlib.util.find_spec("zstandard") is not None
+
+
+def decompressor(compression):
+    """A Gunzip or Unzstd for COMPRESSION, "gzip" or "zstd"."""
+    return Unzstd() if compression == "zstd" else Gunzip()
+
+
+def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None,
+                  compression="gzip"):
+    """Decompress the gzip (or zstd) stream SOURCE into OUT_FD, leaving
+    all-zero blocks as holes; update the two hashes; return the bytes
+    written."""
+    inflate = decompressor(compression)
     progress = Progress("unpacked", size or 0)
     output = SparseWriter(out_fd, output_hash)
     try:
         for data in iter(lambda: source.read(UNPACK_CHUNK), b""):
             source_hash.update(data)
             progress.add(len(data))
-            for piece in gunzip.feed(data):
-                output.write(piece)
-        if not gunzip.ended():
+            inflate.feed(data, output.write)
+        if not inflate.ended():
             raise CdiError(f"{what}: the gzip stream ends early: the blob is cut short")
         return output.finish()
-    except zlib.error as error:
-        raise CdiError(f"{what} is not a valid gzip stream ({error})") from None
+    except inflate.errors as error:
+        raise CdiError(f"{what} is not a valid {inflate.name} stream ({error})") from None
     except OSError as error:
         raise CdiError(f"{what}: cannot unpack into the cache ({error.strerror})") from None

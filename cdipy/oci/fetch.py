@@ -12,12 +12,14 @@ import os
 import re
 
 from ..errors import CdiError, RegistryError, Unsupported
+from .blobs import zstd_available
 from .layout import DIGEST, IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
 log = logging.getLogger("cdipy")
 
 GZIP_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
                     "application/vnd.docker.image.rootfs.diff.tar.gzip")
+ZSTD_LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
 # The most bytes of an image's config read (a manifest's limit too).
 MAX_CONFIG = 4 << 20
 # os.uname().machine, as OCI platforms name it.
@@ -217,10 +219,12 @@ def streamable(manifest, image_name):
     layers = manifest.get("layers")
     if not well_formed(layers):
         return False
-    other = [layer.get("mediaType") for layer in layers
-             if layer.get("mediaType") not in GZIP_LAYER_TYPES]
+    known = GZIP_LAYER_TYPES + ((ZSTD_LAYER_TYPE,) if zstd_available() else ())
+    other = [layer.get("mediaType") for layer in layers if layer.get("mediaType") not in known]
     if other:
-        log.debug(f"{image_name} has a layer that is not gzip ({other[0]}): podman pulls it")
+        log.debug(f"{image_name} has a layer that is not gzip"
+                  f"{' or zstd' if zstd_available() else ' (python3-zstandard is missing)'} "
+                  f"({other[0]}): podman pulls it")
         return False
     return True
 

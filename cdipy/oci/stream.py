@@ -1,4 +1,4 @@
-"""A gzip layer read from its registry in one stream and decompressed as it
+"""A gzip (or zstd) layer read from its registry in one stream and decompressed as it
 arrives into a nameless file of the cache: served behind the stream's
 front at once, a read ahead of it waiting for it; its tar entries listed
 as their headers arrive, so that the disk export needs only its own; the
@@ -21,7 +21,6 @@ import os
 import tarfile
 import threading
 import time
-import zlib
 
 from ..errors import CdiError, RegistryError
 from ..layer import (
@@ -36,7 +35,7 @@ from ..layer import (
 )
 from ..progress import Progress
 from ..sparse import SparseWriter
-from .blobs import Gunzip
+from .blobs import decompressor
 from .chunks import FIRST_RETRY, RETRY_SECONDS
 
 log = logging.getLogger("cdipy")
@@ -74,7 +73,8 @@ class Stream:
         self.pieces = None         # the registry's answer being read
         self.thread = None
         self.stopping = False
-        self.gunzip = Gunzip()
+        self.inflate = decompressor("zstd" if descriptor.get("mediaType", "").endswith("zstd")
+                                    else "gzip")
         self.blob_hash, self.tar_hash = hashlib.sha256(), hashlib.sha256()
         self.writer = SparseWriter(fd, self.tar_hash)
         self.progress = Progress(f"layer {index}: arrived", self.size)
@@ -121,12 +121,12 @@ class Stream:
                       f"bytes of blob {self.digest}")
         self.blob_hash.update(data)
         try:
-            for piece in self.gunzip.feed(data):
-                self.writer.write(piece)
+            self.inflate.feed(data, self.writer.write)
             self.writer.flush_pending(len(self.writer.pending))
             os.ftruncate(self.fd, self.writer.written)  # zeros at the end stay holes
-        except zlib.error as error:
-            self.fail(f"{self.image_name}: {self.name()} is not a valid gzip stream ({error})")
+        except self.inflate.errors as error:
+            self.fail(f"{self.image_name}: {self.name()} is not a valid {self.inflate.name} "
+                      f"stream ({error})")
         except OSError as error:
             self.fail(f"{self.image_name}: cannot keep {self.name()} in the cache: "
                       f"{error.strerror}")
@@ -142,7 +142,7 @@ class Stream:
 
     def finish(self):
         """The whole blob is here: check it, and the layer, against their digests."""
-        if not self.gunzip.ended():
+        if not self.inflate.ended():
             self.fail(f"{self.image_name}: {self.name()}: the gzip stream ends early: the "
                       "blob is cut short")
         # The digests first: a damaged blob is told as one, not as a bad tar.

@@ -245,6 +245,25 @@ def test_a_full_cache_is_a_clear_error(lab, containerdisk, proxy):
     assert "in the cache: No space left on device" in result.stderr
 
 
+def test_a_zstd_containerdisk_streams_too(lab, proxy, cache):
+    data = random_disk(4 * MIB)
+    image = lab.build(f"localhost/cdi-test/zstd-{os.urandom(4).hex()}:1",
+                      [{"disk/disk.img": data}])
+    name = f"cdi-test/zstd-{os.urandom(4).hex()}:1"
+    podman("push", "--quiet", "--compression-format=zstd", image.name,
+           f"docker://{lab.registry}/{name}")
+    podman("rmi", "--force", image.id)
+    manifest = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{lab.registry}/{name}"],
+        check=True, capture_output=True, text=True).stdout)
+    assert manifest["layers"][0]["mediaType"].endswith("+zstd"), manifest
+    result = run_nbdkit(*params(proxy, name, cache, "layer=disk"), verbose=True,
+                        run='nbdcopy "$uri" - | sha256sum')
+    assert result.returncode == 0, result.stderr
+    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    assert "streamed from" in result.stderr
+
+
 # ---------------------------------------------------------- which disk
 
 def test_a_derived_containerdisk_serves_its_own_disk(lab, containerdisk, proxy, cache):

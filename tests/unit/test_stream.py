@@ -14,13 +14,14 @@ import os
 import threading
 
 import pytest
+import zstandard
 
 from cdipy.cache import PrivateCache
 from cdipy.errors import NoSuchExport, RegistryError
 from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
 from cdipy.oci import stream as streams
-from cdipy.oci.fetch import GZIP_LAYER_TYPES, RemoteImage
+from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE, RemoteImage
 from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
 from cdipy.parameters import Settings
@@ -67,14 +68,15 @@ BLOB = gzip.compress(TAR, compresslevel=1)
 
 @pytest.fixture
 def make(tmp_path):
-    """make(registry=None, blob=BLOB, diff_id=None) -> a StreamedLayer; each
-    stream's file closed after."""
+    """make(registry=None, blob=BLOB, diff_id=None, media_type=GZIP_LAYER)
+    -> a StreamedLayer; each stream's file closed after."""
     made, wholes = [], []
 
-    def make_layer(registry=None, blob=BLOB, diff_id=None):
+    def make_layer(registry=None, blob=BLOB, diff_id=None, media_type=GZIP_LAYER):
         fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
         stream = Stream(0, registry or Bytes(blob), {"digest": digest_of(blob),
-                                                     "size": len(blob)},
+                                                     "size": len(blob),
+                                                     "mediaType": media_type},
                         diff_id or digest_of(TAR), fd, condition=threading.Condition(),
                         whole=wholes.append)
         made.append(stream)
@@ -304,3 +306,20 @@ def test_a_bug_in_the_thread_fails_the_reads_saying_what(make):
     layer.stream.start()
     with pytest.raises(OSError, match=r"streaming layer 0 \(sha256:.*\): ValueError\('a bug'\)"):
         read(layer, 0, 512)
+
+
+def test_a_zstd_layer_streams_too_its_frames_one_after_another(make):
+    half = len(TAR) // 2
+    blob = b"".join(zstandard.ZstdCompressor().compress(part) for part in (TAR[:half],
+                                                                           TAR[half:]))
+    layer = make(blob=blob, media_type=ZSTD_LAYER_TYPE)
+    window = disk_window(layer)
+    assert read(window, 0, 4096) == DISK[:4096]
+    layer.wait_whole()
+    assert read(layer, 0, len(TAR)) == TAR
+
+
+def test_a_blob_that_is_not_zstd_is_a_clear_error(make):
+    layer = make(blob=b"not zstd at all" * 100, media_type=ZSTD_LAYER_TYPE)
+    with pytest.raises(OSError, match="is not a valid zstd stream"):
+        layer.wait_whole()
