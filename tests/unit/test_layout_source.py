@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import zstandard
 
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError, NoSuchExport
@@ -194,3 +195,15 @@ def test_an_archives_layer_must_hash_to_its_diff_id(writer):
         table(writer, manifest)
     assert str(raised.value) == (f"{NAME}: verify: layer 0 is {digest_of(layer)} but the "
                                  f"image says sha256:{'0' * 64}")
+
+
+def test_an_archives_zstd_layer_is_unpacked_into_the_cache(writer):
+    layer = layer_tar([directory("disk/"), regular("disk/disk.qcow2", DISK)])
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [digest_of(layer)]}}).encode()
+    manifest = writer.manifest(IMAGE_CONFIG, [
+        writer.descriptor("application/vnd.oci.image.layer.v1.tar+zstd",
+                          zstandard.ZstdCompressor().compress(layer))], config=config)
+    exports = table(writer, manifest, layer="disk")
+    assert read_all(exports.open("0")) == layer
+    assert read_all(exports.open("")) == DISK
+    exports.close()
