@@ -155,6 +155,22 @@ class PartialBlob:
             self.record_fd = None
 
 
+def retried(attempt, stopping):
+    """ATTEMPT() until it returns; a transient RegistryError tried again,
+    waiting longer each time, for RETRY_SECONDS in all (or until STOPPING()
+    is true); then, or for another error, raise it."""
+    deadline, pause = time.monotonic() + RETRY_SECONDS, FIRST_RETRY
+    while True:
+        try:
+            return attempt()
+        except RegistryError as error:
+            if not error.transient or time.monotonic() + pause > deadline or stopping():
+                raise
+            log.debug(f"{error}: trying again in {pause:.2f} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 8.0)
+
+
 def open_private(path):
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
@@ -256,18 +272,11 @@ class RemoteBlob(Layer):
 
     def download(self, chunk):
         start, end = self.partial.span(chunk)
-        deadline, pause = time.monotonic() + RETRY_SECONDS, FIRST_RETRY
-        while True:
-            try:
-                return self.registry.blob_range(self.diff_id, start, end)
-            except RegistryError as error:
-                if not error.transient or time.monotonic() + pause > deadline or self.stopping:
-                    raise
-                log.debug(f"{error}: trying again in {pause:.2f} s")
-            except Unsupported as error:  # the registry ignored Range
-                raise CdiError(f"{self.registry.image_name}: {error}") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 8.0)
+        try:
+            return retried(lambda: self.registry.blob_range(self.diff_id, start, end),
+                           lambda: self.stopping)
+        except Unsupported as error:  # the registry ignored Range
+            raise CdiError(f"{self.registry.image_name}: {error}") from None
 
     # ------------------------------------------------------ in the background
 

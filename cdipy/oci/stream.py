@@ -20,7 +20,6 @@ import logging
 import os
 import tarfile
 import threading
-import time
 
 from ..errors import CdiError, RegistryError
 from ..layer import (
@@ -36,7 +35,7 @@ from ..layer import (
 from ..progress import Progress
 from ..sparse import SparseWriter
 from .blobs import decompressor
-from .chunks import FIRST_RETRY, RETRY_SECONDS
+from .chunks import RETRY_SECONDS, retried
 
 log = logging.getLogger("cdipy")
 
@@ -87,31 +86,32 @@ class Stream:
     def advance(self):
         """Take in one piece, retrying with backoff; CdiError if the stream
         failed or the registry stays away (then it is stalled)."""
-        deadline, pause = time.monotonic() + RETRY_SECONDS, FIRST_RETRY
-        while True:
-            try:
-                if self.pieces is None:
-                    self.pieces = self.registry.blob_pieces(self.digest, self.received, PIECE)
-                data = next(self.pieces, b"")
-                if data:
-                    break
-                self.pieces = None
-                raise RegistryError(f"{self.image_name}: the registry sent {self.received} "
-                                    f"of the {self.size} bytes of blob {self.digest}",
-                                    transient=True)
-            except RegistryError as error:
-                self.pieces = None
-                if not error.transient:
-                    self.fail(str(error))
-                if time.monotonic() + pause > deadline or self.stopping:
-                    with self.condition:
-                        self.stalled = str(error)
-                        self.condition.notify_all()
-                    raise
-                log.debug(f"{error}: trying again in {pause:.2f} s")
-                time.sleep(pause)
-                pause = min(pause * 2, 8.0)
+        try:
+            data = retried(self.next_piece, lambda: self.stopping)
+        except RegistryError as error:
+            if not error.transient:
+                self.fail(str(error))
+            with self.condition:
+                self.stalled = str(error)
+                self.condition.notify_all()
+            raise
         self.take(data)
+
+    def next_piece(self):
+        """The next piece of the answer, asking for the rest of the blob
+        from the byte reached if there is no answer (or it broke off)."""
+        try:
+            if self.pieces is None:
+                self.pieces = self.registry.blob_pieces(self.digest, self.received, PIECE)
+            data = next(self.pieces, b"")
+        except RegistryError:
+            self.pieces = None
+            raise
+        if not data:
+            self.pieces = None
+            raise RegistryError(f"{self.image_name}: the registry sent {self.received} of the "
+                                f"{self.size} bytes of blob {self.digest}", transient=True)
+        return data
 
     def take(self, data):
         """Decompress DATA into the file; list the entries it completes;

@@ -20,7 +20,7 @@ from cdipy.cache import PrivateCache
 from cdipy.errors import NoSuchExport, RegistryError
 from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
-from cdipy.oci import stream as streams
+from cdipy.oci import chunks
 from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE, RemoteImage
 from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
@@ -176,7 +176,7 @@ def test_a_blob_that_is_not_gzip_is_a_clear_error(make):
 
 def test_a_registry_that_stays_away_fails_the_read_and_a_later_read_tries_again(
         make, monkeypatch):
-    monkeypatch.setattr(streams, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.5)
     registry = Bytes(BLOB, away=True)
     layer = make(registry)
     with pytest.raises(OSError, match="the connection was refused"):
