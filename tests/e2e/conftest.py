@@ -14,6 +14,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from httplab import Proxy
 from lab import (
     CDI,
     FEATURES,
@@ -180,3 +181,34 @@ def serve(lab, *params, filters=(), verbose=False, ready=True, **popen):
     the lab.Nbdkit, ready (when READY) and stopped at the end."""
     return lab.nbdkit(plugin_args(*params, filters=filters, verbose=verbose),
                       ready=ready, **popen)
+
+
+# -------------------------------------------- the registry behind a proxy
+
+@pytest.fixture
+def cache(lab):
+    """An empty cache= directory of the test's own."""
+    path = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def proxy(lab):
+    """The open registry behind an httplab.Proxy."""
+    with Proxy(lab.registry) as running:
+        yield running
+
+
+def params(proxy, name, cache, *more):
+    """cdi.py's parameters for NAME in the registry behind PROXY, cached in CACHE."""
+    return (f"name={proxy.address}/{name}", f"cache={cache}", "tls-verify=false", *more)
+
+
+def read(server, offset, length, export="disk"):
+    """LENGTH bytes at OFFSET of EXPORT of SERVER (a lab.Nbdkit), on a connection of their own."""
+    handle = server.connect(export)
+    try:
+        return handle.pread(length, offset)
+    finally:
+        handle.shutdown()

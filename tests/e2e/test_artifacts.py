@@ -7,8 +7,6 @@ import concurrent.futures
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,14 +50,6 @@ def artifacts(lab, disk):
         push_artifact(lab.workdir, remote, blobs, **manifest)
         found[shape] = (remote, disk_file)
     return found
-
-
-@pytest.fixture
-def cache(lab):
-    """An empty cache= directory of the test's own."""
-    path = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
-    yield path
-    shutil.rmtree(path)
 
 
 def listing(*params):

@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbdkit_error, run_nbdkit, serve, sha256
+from conftest import nbdkit_error, params, read, run_nbdkit, serve, sha256
 from httplab import Proxy, TokenIssuer, certificates
 from lab import (
     MIB,
@@ -57,31 +56,6 @@ def blob(lab):
     finally:
         path.unlink()
     return name, data
-
-
-@pytest.fixture
-def proxy(lab):
-    with Proxy(lab.registry) as running:
-        yield running
-
-
-@pytest.fixture
-def cache(lab):
-    path = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
-    yield path
-    shutil.rmtree(path)
-
-
-def params(proxy, name, cache, *more):
-    return (f"name={proxy.address}/{name}", f"cache={cache}", "tls-verify=false", *more)
-
-
-def read(server, offset, length, export="disk"):
-    handle = server.connect(export)
-    try:
-        return handle.pread(length, offset)
-    finally:
-        handle.shutdown()
 
 
 def copy_all(server, export="disk"):

@@ -13,7 +13,6 @@ show.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbdkit_error, run_nbdkit, serve, sha256
+from conftest import nbdkit_error, params, read, run_nbdkit, serve, sha256
 from httplab import Proxy
 from lab import MIB, export_digest, podman, wait_for
 
@@ -59,31 +58,6 @@ def push(lab, what, layers):
     lab.push(image, f"{lab.registry}/{name}")
     podman("rmi", "--force", image.id)
     return name, image.diff_ids
-
-
-@pytest.fixture
-def proxy(lab):
-    with Proxy(lab.registry) as running:
-        yield running
-
-
-@pytest.fixture
-def cache(lab):
-    path = tempfile.mkdtemp(prefix="cache-", dir=lab.workdir)
-    yield path
-    shutil.rmtree(path)
-
-
-def params(proxy, name, cache, *more):
-    return (f"name={proxy.address}/{name}", f"cache={cache}", "tls-verify=false", *more)
-
-
-def read(server, offset, length, export="disk"):
-    handle = server.connect(export)
-    try:
-        return handle.pread(length, offset)
-    finally:
-        handle.shutdown()
 
 
 def stored_images():
