@@ -3,13 +3,14 @@
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
 # Everything the plugin and its tests use, on a minimal system too: requests
-# for reading registries; zstandard for streaming zstd layers; file for
+# for reading registries; zstandard for streaming zstd layers; yaml for
+# registries.d and cryptography for sigstore signatures; file for
 # nbdinfo's "content" line; cryptography for the tests' token issuer; a
 # kernel, busybox, syslinux and qemu to make and boot a tiny VM disk
 # (tests/e2e/vm.py).
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-requests \
 	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis \
-	python3-cryptography python3-zstandard \
+	python3-cryptography python3-zstandard python3-yaml \
 	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
 	mtools dosfstools fdisk
 RUFF_VERSION = 0.17.6

@@ -1,4 +1,5 @@
-"""The two kinds of failure the core raises on purpose."""
+"""The failures the core raises on purpose, and the two exceptions that
+choose another way of getting an image (Unsupported, StorageUnavailable)."""
 
 
 class CdiError(Exception):
@@ -12,11 +13,18 @@ class NoSuchExport(CdiError):
 
 
 class RegistryError(CdiError):
-    """The registry refused or failed a request; TRANSIENT if worth a retry."""
+    """The registry refused or failed a request; TRANSIENT if worth a retry;
+    STATUS, the HTTP status it answered, if it answered one."""
 
-    def __init__(self, message, transient=False):
+    def __init__(self, message, transient=False, status=None):
         super().__init__(message)
         self.transient = transient
+        self.status = status
+
+
+class PolicyRefusal(CdiError):
+    """The signature policy does not accept the image: never a reason to
+    try another way of getting it."""
 
 
 class Unsupported(Exception):

@@ -33,96 +33,128 @@ log = logging.getLogger("cdipy")
 FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
 
 
-def find_image(podman, skopeo, settings, held):
-    """Apply the pull policy; return podman's inspect record of the image,
-    or a Fetched: an artifact or archive in podman's artifact store or in
-    the cache's layout, whose lock HELD (an ExitStack) then holds."""
-    name = settings.name
-    transport, _ = split_transport(name)
-    if transport in FILE_TRANSPORTS:
-        layout = held.enter_context(layout_of(settings).locked())
-        return fetched(layout, name, lambda: copy(skopeo, settings, layout, name))
-    local = local_reference(name)
-    local_only = settings.pull == "never" or transport == "containers-storage"
-    if local is not None and (settings.pull != "always" or local_only):
-        found = find_local(podman, skopeo, settings, held, local)
-        if found is not None:
-            return found
-    if local_only:
-        raise CdiError(f"{name}: image not found in local storage"
-                       + (" nor in the cache (pull=never)" if settings.pull == "never" else ""))
-    return pull(podman, skopeo, settings, held, local)
+def find_image(podman, skopeo, settings, held, admission):
+    """Apply the pull policy and the signature policy (ADMISSION, an
+    admission.Admission, which refuses a rejected image already); return
+    podman's inspect record of the image, or a Fetched: an artifact or
+    archive in podman's artifact store or in the cache's layout, whose lock
+    HELD (an ExitStack) then holds."""
+    return Finder(podman, skopeo, settings, held, admission).find()
 
 
-def find_local(podman, skopeo, settings, held, local):
-    """The image LOCAL in podman's storage, else the artifact in podman's
-    artifact store or in the cache; None if none holds it."""
-    name = settings.name
-    status, _ = podman.run(["image", "exists", "--", local],
-                           "look up in local storage", ok_statuses=(0, 1))
-    if status == 0:
-        image = inspect_image(podman, local)
-        if platform_matches(image, settings.platform):
-            log.debug(f"using {image['Id']} from local storage")
-            return image
-        log.debug(f"local {name} is not {settings.platform}")
-    if split_transport(name)[0] == "containers-storage":
-        return None  # names podman's image storage alone
-    stored = stored_artifact(podman, settings, local)
-    if stored is not None:
-        return stored
-    found = cached(settings, held)
-    if found is None:
-        return None
-    layout, manifest = found
-    log.debug(f"using the artifact {name} from the cache {layout.path}")
-    remote = f"docker://{local}"
-    fetch = None if settings.pull == "never" else lambda: copy(skopeo, settings, layout, remote)
-    return Fetched(name, layout, manifest, fetch)
+class Finder:
+    """Finding settings.name with PODMAN and SKOPEO (podman.Tool), as
+    find_image says."""
+
+    def __init__(self, podman, skopeo, settings, held, admission):
+        self.podman, self.skopeo, self.settings = podman, skopeo, settings
+        self.held, self.admission = held, admission
+        self.name = settings.name
+
+    def find(self):
+        settings, name = self.settings, self.name
+        transport, _ = split_transport(name)
+        if transport in FILE_TRANSPORTS:
+            return self.copied_into_cache(name)
+        local = local_reference(name)
+        local_only = settings.pull == "never" or transport == "containers-storage"
+        if local is not None and (settings.pull != "always" or local_only):
+            found = self.local(local)
+            if found is not None:
+                return found
+        if local_only:
+            if self.admission.how == "hand":
+                raise self.admission.trust.refusal(
+                    "only podman or skopeo can verify what it asks for, on a pull, which "
+                    + ("pull=never forbids" if settings.pull == "never" else
+                       "containers-storage: does not make"))
+            raise CdiError(f"{name}: image not found in local storage"
+                           + (" nor in the cache (pull=never)" if settings.pull == "never"
+                              else ""))
+        return self.pull(local)
+
+    def local(self, local):
+        """The image LOCAL in podman's storage, else the artifact in podman's
+        artifact store or in the cache, if the signature policy lets it be
+        served from there; None if none holds it, or it may not."""
+        settings, admission = self.settings, self.admission
+        status, _ = self.podman.run(["image", "exists", "--", local],
+                                    "look up in local storage", ok_statuses=(0, 1))
+        if status == 0:
+            image = inspect_image(self.podman, local)
+            if not platform_matches(image, settings.platform):
+                log.debug(f"local {self.name} is not {settings.platform}")
+            elif admission.check_here(image.get("Digest"), "podman's storage"):
+                log.debug(f"using {image['Id']} from local storage")
+                return image
+            else:
+                return None
+        if split_transport(self.name)[0] == "containers-storage":
+            return None  # names podman's image storage alone
+        stored = stored_artifact(self.podman, settings, local)
+        if stored is not None:
+            return stored if admission.check_here(stored.digest, "podman's artifact store") \
+                else None
+        found = cached(settings, self.held, admission)
+        if found is None:
+            return None
+        layout, manifest = found
+        log.debug(f"using the artifact {self.name} from the cache {layout.path}")
+        remote = f"docker://{local}"
+        fetch = None if settings.pull == "never" else \
+            lambda: copy(self.skopeo, settings, layout, remote)
+        return Fetched(self.name, layout, manifest, fetch)
+
+    def pull(self, local):
+        """Fetch the image: an artifact of uncompressed blobs read from its
+        registry as it is read, an image of gzip layers streamed into the
+        cache (pull-into=cache); another artifact with podman artifact pull
+        where podman can, else with skopeo into the cache; another image
+        with podman pull.  What the signature policy hands to podman and
+        skopeo is never read by cdi.py itself, and artifacts then go to
+        skopeo, which verifies them."""
+        settings, name, how = self.settings, self.name, self.admission.how
+        if local is not None and registry_host(name) is not None:
+            if settings.cache_directory() is not None and how != "hand":
+                read = from_registry(settings, local, layout_of(settings), self.admission)
+                if read is not None:
+                    return read
+            manifest = inspect_remote(self.skopeo, settings, f"docker://{local}")
+            if manifest is not None and is_artifact(manifest):
+                # podman artifact pull takes no platform: an index goes to skopeo.
+                pulled = None if "manifests" in manifest or how == "hand" \
+                    else pull_artifact(self.podman, settings, local)
+                if pulled is not None:
+                    return pulled
+                log.debug(f"{name} is an artifact: copying it with skopeo")
+                return self.copied_into_cache(f"docker://{local}")
+        _, output = self.podman.run(["pull", "--quiet", *settings.registry_options(),
+                                     *settings.policy_options("podman"), "--", name], "pull")
+        # Refer to the pulled image by its ID: looking up a docker:// name
+        # after pulling it fails (podman issue 20775).
+        image_id = output.split()[-1] if output.split() else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", image_id):
+            raise CdiError(f"{name}: pull: podman printed no image ID: {output!r}")
+        return inspect_image(self.podman, image_id)
+
+    def copied_into_cache(self, source):
+        """SOURCE copied by skopeo into the cache's layout, locked by HELD."""
+        layout = self.held.enter_context(layout_of(self.settings).locked())
+        return fetched(layout, self.name,
+                       lambda: copy(self.skopeo, self.settings, layout, source))
 
 
-def pull(podman, skopeo, settings, held, local):
-    """Fetch the image: an artifact of uncompressed blobs read from its
-    registry as it is read, an image of gzip layers streamed into the cache
-    (pull-into=cache); another artifact with podman artifact pull where
-    podman can, else with skopeo into the cache; another image with podman
-    pull."""
-    name = settings.name
-    remote = f"docker://{local}"
-    if local is not None and registry_host(name) is not None:
-        if settings.cache_directory() is not None:
-            read = from_registry(settings, local, layout_of(settings))
-            if read is not None:
-                return read
-        manifest = inspect_remote(skopeo, settings, remote)
-        if manifest is not None and is_artifact(manifest):
-            # podman artifact pull takes no platform: an index goes to skopeo.
-            pulled = None if "manifests" in manifest else pull_artifact(podman, settings, local)
-            if pulled is not None:
-                return pulled
-            log.debug(f"{name} is an artifact: copying it with skopeo")
-            layout = held.enter_context(layout_of(settings).locked())
-            return fetched(layout, name, lambda: copy(skopeo, settings, layout, remote))
-    _, output = podman.run(["pull", "--quiet", *settings.registry_options(), "--", name],
-                           "pull")
-    # Refer to the pulled image by its ID: looking up a docker:// name
-    # after pulling it fails (podman issue 20775).
-    image_id = output.split()[-1] if output.split() else ""
-    if not re.fullmatch(r"[0-9a-f]{64}", image_id):
-        raise CdiError(f"{name}: pull: podman printed no image ID: {output!r}")
-    return inspect_image(podman, image_id)
-
-
-def cached(settings, held):
+def cached(settings, held, admission):
     """(the cache's layout, locked by HELD, the manifest there) if it holds
-    the artifact settings.name; else None."""
+    the artifact settings.name and the signature policy (ADMISSION) lets it
+    be served from there; else None."""
     directory = settings.cache_directory()
     if directory is None or not os.path.exists(os.path.join(directory, "oci", "index.json")):
         return None
     with contextlib.ExitStack() as lock:
         layout = lock.enter_context(layout_of(settings).locked())
         found = layout.manifest(settings.name)
-        if found is None:
+        if found is None or not admission.check_here(found[0], f"the cache {layout.path}"):
             return None
         held.enter_context(lock.pop_all())
         return layout, found[1]

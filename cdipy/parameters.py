@@ -32,6 +32,9 @@ PARAMETERS = {
                  "its gzip layers streamed into the cache and served as they arrive, "
                  "podman's storage untouched; podman: podman pull, then served from "
                  "podman's storage)",
+    "signature-policy": "PATH the signature policy (containers-policy.json), as podman's "
+                        "--signature-policy (default ~/.config/containers/policy.json, "
+                        "else /etc/containers/policy.json)",
 }
 PULL_INTO = ("cache", "podman")
 PULL_POLICIES = ("missing", "always", "never")
@@ -55,6 +58,7 @@ class Settings:
     copy: bool = False
     cache: Optional[str] = None        # None: the default, from the environment
     pull_into: str = "cache"
+    signature_policy: Optional[str] = None
 
     def set(self, key, value):
         """Parse and keep KEY=VALUE; every error names the key."""
@@ -71,6 +75,8 @@ class Settings:
                            f"for example: nbdkit python cdi.py name={EXAMPLE_IMAGE}")
         if self.authfile is not None and not os.path.isfile(self.authfile):
             raise CdiError(f"authfile={self.authfile!r}: no such file")
+        if self.signature_policy is not None and not os.path.isfile(self.signature_policy):
+            raise CdiError(f"signature-policy={self.signature_policy!r}: no such file")
         if self.cert_dir is not None and not os.path.isdir(self.cert_dir):
             raise CdiError(f"cert-dir={self.cert_dir!r}: no such directory")
         if self.pull == "never" and local_reference(self.name) is None:
@@ -104,6 +110,14 @@ class Settings:
             return []
         names = ("--override-os", "--override-arch", "--override-variant")
         return [f"{name}={part}" for name, part in zip(names, self.platform.split("/"))]
+
+    def policy_options(self, program):
+        """The option giving signature-policy= to PROGRAM: podman pull's,
+        or skopeo's (global, before the command)."""
+        if self.signature_policy is None:
+            return []
+        option = "--signature-policy" if program == "podman" else "--policy"
+        return [f"{option}={self.signature_policy}"]
 
 
 def split_transport(name):
@@ -220,4 +234,5 @@ PARSERS = {
     "copy": parse_bool,
     "cache": parse_path,
     "pull-into": one_of(PULL_INTO),
+    "signature-policy": parse_path,
 }

@@ -6,11 +6,13 @@ import logging
 import os
 import time
 
+from .admission import Admission
 from .cache import PrivateCache
 from .exports import Exports
 from .image import find_image
 from .oci.fetch import Fetched, Remote, RemoteImage
 from .podman import Podman, Skopeo
+from .policy import SignaturePolicy
 from .sources.layout import LayoutSource
 from .sources.registry import RegistrySource
 from .sources.saved import SavedSource
@@ -27,12 +29,13 @@ def prepare(settings):
     """The table of exports of settings.name, its default export built."""
     started = time.monotonic()
     raise_open_file_limit()
-    records, maps = caches(settings)
+    records, maps, signatures = caches(settings)
+    admission = Admission(SignaturePolicy.load(settings.signature_policy), settings, signatures)
     # The cache's lock (in HELD) outlives the workspace: skopeo is stopped
     # before another nbdkit may write the cache.
     with contextlib.ExitStack() as held, Workspace(settings.name, guard=True) as workspace:
         podman = Podman(workspace, settings.name)
-        found = find_image(podman, Skopeo(workspace, settings.name), settings, held)
+        found = find_image(podman, Skopeo(workspace, settings.name), settings, held, admission)
         source = choose_source(found, settings, podman, records, maps)
         exports = Exports(source, settings, records)
         log.debug(f"found {source.what} ({len(exports.layers)} {source.part}s) in "
@@ -68,7 +71,11 @@ def choose_source(found, settings, podman, records, maps):
 
 
 def caches(settings):
-    """The check records and the maps of big layers, in the cache directory."""
+    """The check records, the maps of big layers, and the signatures that
+    passed the signature policy, in the cache directory."""
     directory = settings.cache_directory()
-    return (CheckRecords(PrivateCache(os.path.join(directory, "checked") if directory else None)),
-            PrivateCache(os.path.join(directory, "maps") if directory else None))
+
+    def entries(name):
+        return PrivateCache(os.path.join(directory, name) if directory else None)
+
+    return CheckRecords(entries("checked")), entries("maps"), entries("signatures")

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from ..errors import CdiError, RegistryError, Unsupported
+from ..errors import CdiError, PolicyRefusal, RegistryError, Unsupported
 from .blobs import zstd_available
 from .layout import DIGEST, IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
@@ -32,12 +32,14 @@ class Fetched:
     """IMAGE_NAME in LAYOUT (the cache's held locked, or podman's artifact
     store) as the MANIFEST there; FETCH, if the pull policy allows, copies
     it again (for a damaged blob) and returns the manifest; FRESH, the
-    digests of the blobs just written (and checked as they were)."""
+    digests of the blobs just written (and checked as they were); DIGEST,
+    the manifest's, where known."""
     image_name: str
     layout: object
     manifest: dict
     fetch: object = None
     fresh: set = dataclasses.field(default_factory=set)
+    digest: str = None
 
     def fetch_again(self):
         before = set(self.layout.blobs())
@@ -63,13 +65,14 @@ def stored_artifact(podman, settings, local):
     if status != 0:
         return None  # podman 4 has no "podman artifact"; podman 5: not there
     try:
-        manifest = json.loads(output)["Manifest"]
+        found = json.loads(output)
+        manifest, digest = found["Manifest"], found.get("Digest")
     except (ValueError, KeyError, TypeError):
         raise CdiError(f"{settings.name}: look up in the artifact store: podman printed "
                        f"unexpected output: {output[:200]!r}") from None
     store = ArtifactStore(podman.graph_root(), settings.name, settings.cache_directory())
     log.debug(f"using the artifact {settings.name} from podman's artifact store {store.path}")
-    return Fetched(settings.name, store, manifest)
+    return Fetched(settings.name, store, manifest, digest=digest)
 
 
 def pull_artifact(podman, settings, local):
@@ -111,7 +114,8 @@ def copy(skopeo, settings, layout, source):
     """Copy SOURCE into LAYOUT (locked); return its manifest there.  Blobs
     the layout holds already are not fetched again; the ones skopeo
     writes, it has checked."""
-    skopeo.run([*settings.platform_options(), "copy", "--quiet",
+    skopeo.run([*settings.policy_options("skopeo"), *settings.platform_options(),
+                "copy", "--quiet",
                 "--dest-oci-accept-uncompressed-layers",
                 *(settings.registry_options("src-", platform=False)
                   if source.startswith("docker://") else []),
@@ -146,13 +150,15 @@ class RemoteImage(Remote):
     config_data: bytes
 
 
-def from_registry(settings, local, layout):
+def from_registry(settings, local, layout, admission):
     """LOCAL, read from its registry by cdi.py itself: an artifact of
     uncompressed blobs read as clients read it (a Remote), or with
     pull-into=cache an image of gzip layers streamed in (a RemoteImage);
     None where that cannot be (a compressed artifact, another layer
     compression, verify=before, a setting the client cannot honour), said
-    with -v, so that podman or skopeo takes over."""
+    with -v, so that podman or skopeo takes over.  The manifest to be read
+    is checked against the signature policy (ADMISSION) before any of its
+    blobs is: a refusal is raised, never passed over."""
     if settings.verify == "before":
         return None  # it waits for the whole blob: the whole fetch does that
     # Imported here: requests takes 0.1 s to import, which a start that
@@ -168,11 +174,16 @@ def from_registry(settings, local, layout):
                 log.debug(f"{settings.name}: no one manifest for this platform in its index")
                 return None
             data, digest, manifest = read_manifest(registry, entry)
-        if lazily_servable(manifest, settings.name):
+        lazily = lazily_servable(manifest, settings.name)
+        stream = not lazily and settings.pull_into == "cache" and \
+            streamable(manifest, settings.name)
+        if lazily or stream:
+            admission.check_remote(registry, digest)
+        if lazily:
             probe_ranges(registry, manifest, layout)
             log.debug(f"{settings.name}: manifest {digest}: served from {host} as it is read")
             return Remote(settings.name, registry, manifest, data, digest, layout)
-        if settings.pull_into == "cache" and streamable(manifest, settings.name):
+        if stream:
             config_data, config = image_config(registry, manifest, settings.name)
             log.debug(f"{settings.name}: manifest {digest}: streamed from {host} into the "
                       "cache")
@@ -180,6 +191,8 @@ def from_registry(settings, local, layout):
                                config, config_data)
     except Unsupported as reason:
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
+    except PolicyRefusal:
+        raise
     except (CdiError, ValueError) as error:
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")
     return None

@@ -170,7 +170,8 @@ class Registry:
                   404: "not found", 416: "range not satisfiable"}.get(response.status_code, "")
         raise RegistryError(f"{self.image_name}: {what}: {self.host} answered HTTP "
                             f"{response.status_code}{' ' + reason if reason else ''}",
-                            transient=response.status_code >= 500 or response.status_code == 429)
+                            transient=response.status_code >= 500 or response.status_code == 429,
+                            status=response.status_code)
 
     def request(self, url, headers, what, stream=False):
         # An insecure registry may speak plain HTTP: found at its first

@@ -163,7 +163,8 @@ def test_platform_not_os_arch_is_refused(platform):
 def test_unknown_key_lists_the_known_ones():
     assert set_error("image", EXAMPLE) == (
         "unknown parameter 'image': this plugin takes name=, layer=, pull=, tls-verify=, "
-        "authfile=, cert-dir=, platform=, verify=, copy=, cache=, pull-into=")
+        "authfile=, cert-dir=, platform=, verify=, copy=, cache=, pull-into=, "
+        "signature-policy=")
 
 
 def test_key_spelled_as_its_attribute_is_unknown():
