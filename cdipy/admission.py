@@ -16,7 +16,7 @@ the way in, and what must be handed to podman or skopeo.
 
 import logging
 
-from .errors import RegistryError, Unsupported
+from .errors import PolicyRefusal, RegistryError, Unsupported
 from .parameters import local_reference, registry_host, split_transport
 from .policy import docker_scopes, path_scopes, registries_d_attachments
 
@@ -48,28 +48,38 @@ class Admission:
             return
         self.checker().check_registry(registry, manifest_digest)
 
-    def check_here(self, manifest_digest, where):
-        """Whether what is already here (WHERE, in words) as MANIFEST_DIGEST
-        may be served: always with accept; never with hand (the whole fetch
-        verifies it); with verify, if its kept signatures, else its
-        registry's, pass.  PolicyRefusal if they do not."""
+    def check_here(self, manifest_digests, where):
+        """Whether what is already here (WHERE, in words), as one of
+        MANIFEST_DIGESTS (podman holds several manifests of one image), may
+        be served: always with accept; never with hand (the whole fetch
+        verifies it); with verify, if the signatures kept for one of them,
+        else its registry's, pass.  PolicyRefusal if none does."""
         if self.how == "accept":
             return True
         if self.how == "hand":
             log.debug(f"{self.settings.name}: not served from {where}: podman or skopeo "
                       "verify it on the way in")
             return False
-        if not manifest_digest:
+        digests = [digest for digest in dict.fromkeys(manifest_digests) if digest]
+        if not digests:
             raise self.trust.refusal(f"the manifest of the copy in {where} is not known")
         checker = self.checker()
-        reason = checker.check_recorded(manifest_digest)
-        if reason is None:
+        reasons = [checker.check_recorded(digest) for digest in digests]
+        if None in reasons:
             return True
         if self.settings.pull == "never":
-            raise self.trust.refusal(f"{reason} ({where}), and pull=never forbids reading "
-                                     "its signatures from its registry")
-        log.debug(f"{self.settings.name}: {reason}: reading its signatures from its registry")
-        checker.check_registry(self.registry(), manifest_digest)
+            raise self.trust.refusal(f"{reasons[-1]} ({where}), and pull=never forbids "
+                                     "reading its signatures from its registry")
+        log.debug(f"{self.settings.name}: {reasons[-1]}: reading its signatures from its "
+                  "registry")
+        registry = self.registry()
+        for digest in digests[:-1]:
+            try:
+                checker.check_registry(registry, digest)
+                return True
+            except PolicyRefusal as refusal:
+                log.debug(f"{self.settings.name}: manifest {digest}: {refusal}")
+        checker.check_registry(registry, digests[-1])
         return True
 
     def checker(self):

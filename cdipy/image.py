@@ -84,7 +84,7 @@ class Finder:
             image = inspect_image(self.podman, local)
             if not platform_matches(image, settings.platform):
                 log.debug(f"local {self.name} is not {settings.platform}")
-            elif admission.check_here(image.get("Digest"), "podman's storage"):
+            elif admission.check_here(manifest_digests(image, local), "podman's storage"):
                 log.debug(f"using {image['Id']} from local storage")
                 return image
             else:
@@ -93,7 +93,7 @@ class Finder:
             return None  # names podman's image storage alone
         stored = stored_artifact(self.podman, settings, local)
         if stored is not None:
-            return stored if admission.check_here(stored.digest, "podman's artifact store") \
+            return stored if admission.check_here([stored.digest], "podman's artifact store") \
                 else None
         found = cached(settings, self.held, admission)
         if found is None:
@@ -154,7 +154,7 @@ def cached(settings, held, admission):
     with contextlib.ExitStack() as lock:
         layout = lock.enter_context(layout_of(settings).locked())
         found = layout.manifest(settings.name)
-        if found is None or not admission.check_here(found[0], f"the cache {layout.path}"):
+        if found is None or not admission.check_here([found[0]], f"the cache {layout.path}"):
             return None
         held.enter_context(lock.pop_all())
         return layout, found[1]
@@ -171,6 +171,14 @@ def inspect_image(podman, reference):
     except (ValueError, IndexError, KeyError):
         raise CdiError(f"{podman.image_name}: inspect: podman printed "
                        f"unexpected output: {output[:200]!r}") from None
+
+
+def manifest_digests(image, local):
+    """The digests of the manifests podman holds for IMAGE (an inspect
+    record) as pulled under LOCAL's repository, then its own Digest."""
+    repository = re.sub(r"(:[^/:]*)?(@.*)?$", "", local)
+    return [entry.split("@", 1)[1] for entry in image.get("RepoDigests") or []
+            if entry.split("@", 1)[0] == repository] + [image.get("Digest")]
 
 
 def platform_matches(image, platform):

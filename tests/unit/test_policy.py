@@ -228,20 +228,20 @@ def keep(records, signatures):
 def test_a_kept_signature_admits_what_is_here(signed_setup):
     key, admission, records = signed_setup
     keep(records, [signature(key, DIGEST, "quay.io/org/disk:1")])
-    assert admission.check_here(DIGEST, "the cache")
+    assert admission.check_here([DIGEST], "the cache")
 
 
 def test_a_kept_signature_by_another_key_is_refused(signed_setup):
     _, admission, records = signed_setup
     keep(records, [signature(Key(), DIGEST, "quay.io/org/disk:1")])
     with pytest.raises(PolicyRefusal, match="cryptographic signature verification failed"):
-        admission.check_here(DIGEST, "the cache")
+        admission.check_here([DIGEST], "the cache")
 
 
 def test_nothing_kept_and_pull_never_is_refused(signed_setup, tmp_path):
     _, admission, _ = signed_setup
     with pytest.raises(PolicyRefusal) as error:
-        admission.check_here(DIGEST, "the cache")
+        admission.check_here([DIGEST], "the cache")
     assert str(error.value) == (
         f"quay.io/org/disk:1: rejected by the signature policy {tmp_path}/policy.json "
         "(default): no verified signature is kept for it in the cache (the cache), and "
@@ -252,10 +252,10 @@ def test_hand_serves_nothing_from_here(tmp_path):
     policy = load(tmp_path, {"default": [{"type": "signedBy", "keyType": "GPGKeys",
                                           "keyPath": "/k.gpg"}]})
     admission = Admission(policy, settings("quay.io/org/disk:1"), PrivateCache(None))
-    assert not admission.check_here(DIGEST, "the cache")
+    assert not admission.check_here([DIGEST], "the cache")
 
 
 def test_accept_serves_what_is_here(tmp_path):
     admission = Admission(load(tmp_path, {"default": ACCEPT}), settings("quay.io/org/disk:1"),
                           PrivateCache(None))
-    assert admission.check_here(None, "the cache")
+    assert admission.check_here([None], "the cache")
