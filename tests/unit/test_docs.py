@@ -92,3 +92,14 @@ def test_podchecker_finds_nothing():
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == f"{POD} pod syntax OK.", result.stderr
+
+
+def test_the_module_map_names_every_module_of_the_package():
+    text = (ROOT / "docs" / "how-it-works.md").read_text()
+    table = text[text.index("## The module map"):]
+    table = table[:table.index("\n## ", 1)]
+    modules = [str(path.relative_to(ROOT / "cdipy")) for path in (ROOT / "cdipy").rglob("*.py")
+               if path.name != "__init__.py"]
+    missing = sorted(module for module in modules if f"`{module}`" not in table)
+    assert missing == [], "add a row for each to the module map of docs/how-it-works.md"
+
