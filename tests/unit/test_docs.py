@@ -4,6 +4,7 @@ variable the package reads is under ENVIRONMENT VARIABLES.  The variables
 are found in the source itself, so that a new one without docs fails here."""
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -103,3 +104,40 @@ def test_the_module_map_names_every_module_of_the_package():
     missing = sorted(module for module in modules if f"`{module}`" not in table)
     assert missing == [], "add a row for each to the module map of docs/how-it-works.md"
 
+
+# ------------------------------------------------------------- the README
+
+README = ROOT / "README.md"
+# Parameters of the filters the README's examples use, not the plugin's.
+FILTER_PARAMETERS = {"tar-entry"}
+
+
+def readme_commands():
+    """Each command line of the README's shell blocks, continuations joined."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.M | re.S)
+    return [line.split("#", 1)[0].strip() for block in blocks
+            for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_readme_is_a_front_door_of_at_most_1500_words():
+    assert len(README.read_text().split()) <= 1500
+
+
+def test_the_readmes_make_targets_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    used = {word for command in readme_commands()
+            for word in re.findall(r"\bmake ([a-z][a-z-]*)", command)}
+    assert {"demo", "check"} <= used
+    assert used - targets == set()
+
+
+def test_the_readmes_examples_pass_only_parameters_the_plugin_takes():
+    used = set()
+    for command in readme_commands():
+        if "cdi.py" in command or " cdipy " in command:
+            words = shlex.split(command)
+            used |= {word.split("=", 1)[0] for word in words
+                     if re.fullmatch(r"[a-z][a-z-]*=.*", word)}
+    assert "name" in used and "layer" in used
+    assert used - set(PARAMETERS) - FILTER_PARAMETERS == set()
