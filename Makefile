@@ -1,4 +1,5 @@
-# cdi.py: make setup | check | check-other | lint | unit | test | demo | install
+# cdi.py: make [all] | setup | check | check-other | lint | unit | test | demo |
+#         man | install | uninstall
 
 # The interpreter nbdkit-python-plugin embeds: the only one with the nbd module.
 PYTHON = /usr/bin/python3
@@ -7,10 +8,11 @@ PYTHON = /usr/bin/python3
 # registries.d and cryptography for sigstore signatures; file for
 # nbdinfo's "content" line; cryptography for the tests' token issuer; a
 # kernel, busybox, syslinux and qemu to make and boot a tiny VM disk
-# (tests/e2e/vm.py).
+# (tests/e2e/vm.py); perl's pod2man and podchecker for the manual, and
+# man-db to read it (a minimal root, as make check-other makes, has neither).
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-requests \
 	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis \
-	python3-cryptography python3-zstandard python3-yaml \
+	python3-cryptography python3-zstandard python3-yaml perl man-db \
 	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
 	mtools dosfstools fdisk
 RUFF_VERSION = 0.17.6
@@ -18,8 +20,23 @@ RUFF_VERSION = 0.17.6
 RUFF = python3 -m ruff
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup packages ruff check check-other lint unit test demo install uninstall \
+.PHONY: all man setup packages ruff check check-other lint unit test demo install uninstall \
 	bench bench-shaped soak check-slow
+
+# The manual, nbdkit-cdipy-plugin(1): built from its POD, never committed.
+MANUAL_POD = docs/nbdkit-cdipy-plugin.pod
+MANUAL = docs/nbdkit-cdipy-plugin.1
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+all: man
+
+man: $(MANUAL)
+
+$(MANUAL): $(MANUAL_POD) pyproject.toml
+	podchecker $(MANUAL_POD)
+	pod2man --section=1 --center=nbdkit --release="cdi.py $(VERSION)" \
+		--name=nbdkit-cdipy-plugin $(MANUAL_POD) > $@.tmp
+	mv $@.tmp $@
 
 # Install whatever is missing: Debian packages, then ruff from PyPI.
 setup: packages ruff
@@ -44,6 +61,7 @@ ruff:
 lint: ruff
 	$(RUFF) check cdi.py cdipy tests bench
 	$(PYTHON) -m py_compile cdi.py
+	podchecker $(MANUAL_POD)
 
 # The core alone, in seconds: no nbdkit, podman or registry.
 unit: packages
@@ -86,16 +104,18 @@ check-slow: setup
 	$(PYTHON) -m pytest -m slow tests/e2e
 
 # make install [PREFIX=/usr/local] [DESTDIR=...]: the cdipy package on the
-# embedded Python's path, and the plugin as nbdkit-cdipy-plugin in nbdkit's
-# plugin directory, so that "nbdkit cdipy name=IMAGE" runs it.
+# embedded Python's path, the plugin as nbdkit-cdipy-plugin in nbdkit's
+# plugin directory, so that "nbdkit cdipy name=IMAGE" runs it, and its
+# manual in man1, so that "man nbdkit-cdipy-plugin" shows it.
 PREFIX = /usr/local
+MANDIR = $(PREFIX)/share/man
 PLUGINDIR = $(shell nbdkit --dump-config 2>/dev/null | sed -n 's/^plugindir=//p')
 # The directory of Python's path under PREFIX (Debian: .../dist-packages).
 PYTHONDIR = $(shell $(PYTHON) -c 'import sys, sysconfig; \
 	print(next((p for p in sys.path if p.startswith("$(PREFIX)/lib/") and p.endswith("-packages")), \
 	sysconfig.get_path("purelib", "posix_prefix", {"base": "$(PREFIX)"})))')
 
-install:
+install: man
 	@test -n "$(PLUGINDIR)" || { echo "make install: nbdkit not found; run make setup"; exit 1; }
 	install -d $(DESTDIR)$(PLUGINDIR)
 	for package in cdipy cdipy/oci cdipy/sources; do \
@@ -103,6 +123,9 @@ install:
 		install -m 0644 $$package/*.py $(DESTDIR)$(PYTHONDIR)/$$package/ || exit 1; \
 	done
 	install -m 0755 cdi.py $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 $(MANUAL) $(DESTDIR)$(MANDIR)/man1/nbdkit-cdipy-plugin.1
 
 uninstall:
-	rm -rf $(DESTDIR)$(PYTHONDIR)/cdipy $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin
+	rm -rf $(DESTDIR)$(PYTHONDIR)/cdipy $(DESTDIR)$(PLUGINDIR)/nbdkit-cdipy-plugin \
+		$(DESTDIR)$(MANDIR)/man1/nbdkit-cdipy-plugin.1

@@ -15,7 +15,8 @@
 #          layer=disk --filter=qcow2dec
 #
 # name= must be spelled out: Python plugins have no magic config key.  Run
-# "nbdkit python ./cdi.py --dump-plugin" for every parameter.
+# "nbdkit python ./cdi.py --dump-plugin" for every parameter, and read
+# nbdkit-cdipy-plugin(1) (docs/nbdkit-cdipy-plugin.pod) for what they do.
 #
 # This file is only the face nbdkit sees: its callbacks, in the order nbdkit
 # calls them, hand the work to the cdipy package, which knows nothing of
@@ -38,7 +39,7 @@ if os.path.isdir(os.path.join(HERE, "cdipy")):
 
 from cdipy.errors import CdiError, NoSuchExport  # noqa: E402
 from cdipy.layer import DATA, HOLE, ZERO  # noqa: E402
-from cdipy.parameters import PARAMETERS, Settings  # noqa: E402
+from cdipy.parameters import MANUAL, PARAMETERS, Settings  # noqa: E402
 from cdipy.startup import prepare  # noqa: E402
 
 API_VERSION = 2
@@ -84,7 +85,8 @@ traceback.format_exception = format_exception_for_nbdkit
 
 
 def dump_plugin():
-    print("cdi_usage=nbdkit python cdi.py name=IMAGE [layer=N|auto|disk] [key=value ...]")
+    print("cdi_usage=nbdkit python cdi.py name=IMAGE [layer=N|auto|disk] [key=value ...]; "
+          f"see {MANUAL}")
     for key, text in PARAMETERS.items():
         print(f"cdi_param_{key.replace('-', '_')}={key}={text}")
     print("cdi_env_TMPDIR=where temporary data goes (default /var/tmp)")

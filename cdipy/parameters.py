@@ -8,7 +8,8 @@ from typing import Optional, Union
 
 from .errors import CdiError
 
-# What each parameter means, for --dump-plugin and for error messages.
+# What each parameter means, for --dump-plugin and for error messages; the
+# manual says it at length, one =item each (tests/unit/test_docs.py checks).
 PARAMETERS = {
     "name": "IMAGE (required) the image or OCI artifact, anything podman pull "
             "accepts; archives (oci-archive:, docker-archive:) leave podman's storage "
@@ -42,6 +43,8 @@ PULL_POLICIES = ("missing", "always", "never")
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "dir",
               "containers-storage", "docker-daemon")
 EXAMPLE_IMAGE = "quay.io/kubevirt/fedora-cloud-container-disk-demo"
+# Where a user who got a parameter wrong is sent: docs/nbdkit-cdipy-plugin.pod.
+MANUAL = "nbdkit-cdipy-plugin(1)"
 
 
 @dataclasses.dataclass
@@ -65,14 +68,16 @@ class Settings:
         parser = PARSERS.get(key)
         if parser is None:
             raise CdiError(f"unknown parameter {key!r}: this plugin takes "
-                           + ", ".join(f"{known}=" for known in PARAMETERS))
+                           + ", ".join(f"{known}=" for known in PARAMETERS)
+                           + f"; see {MANUAL}")
         setattr(self, key.replace("-", "_"), parser(key, value))
 
     def check_complete(self):
         """Checks that need every parameter, once nbdkit has passed them."""
         if self.name is None:
             raise CdiError("you must supply name=IMAGE after the script name, "
-                           f"for example: nbdkit python cdi.py name={EXAMPLE_IMAGE}")
+                           f"for example: nbdkit python cdi.py name={EXAMPLE_IMAGE}; "
+                           f"see {MANUAL}")
         if self.authfile is not None and not os.path.isfile(self.authfile):
             raise CdiError(f"authfile={self.authfile!r}: no such file")
         if self.signature_policy is not None and not os.path.isfile(self.signature_policy):

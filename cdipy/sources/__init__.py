@@ -3,15 +3,8 @@ as Layers.  The table of exports (exports.py) asks a source, and knows
 nothing of podman, skopeo or layouts; start-up (startup.py) chooses the
 source, in one place.
 
-  storage  an image's layers in place in podman's storage, and those it
-           cannot serve copied (by saved)
-  saved    an image's layers copied from "podman save" (the copy path)
-  layout   the blobs of an artifact, or the layers of an archive's image,
-           in an OCI layout: the cache's, or podman's artifact store
-  registry an artifact's blobs read from the registry as clients read
-           them, kept in the cache as they arrive
-  stream   an image's gzip layers streamed from the registry into the
-           cache, served as they arrive
+The sources are storage, saved, layout, registry and stream, each
+described in the module map of docs/how-it-works.md.
 
 Each offers what Source below does.  The table calls build,
 build_in_place and read_members of an entry under that entry's export's

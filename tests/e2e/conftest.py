@@ -36,7 +36,7 @@ __all__ = ["CDI", "NBDKIT", "free_port", "inspect", "podman", "sha256"]
 
 
 def pytest_report_header(config):
-    """What this run tried: the README's "Versions tried" comes from here."""
+    """What this run tried: "Versions tried" in tests/README.md comes from here."""
     return "versions: " + ", ".join(f"{name} {version}" for name, version in versions().items())
 
 

@@ -104,6 +104,7 @@ def test_unknown_parameter_lists_the_known_ones():
         "unknown parameter 'colour': this plugin takes name=, layer=, pull=, "
         "tls-verify=, authfile=, cert-dir=, platform=, verify="
     ) in message
+    assert message.endswith("; see nbdkit-cdipy-plugin(1)")
 
 
 def test_missing_authfile_is_named():
@@ -119,6 +120,7 @@ def test_missing_cert_dir_is_named():
 def test_missing_name_says_how_to_pass_it():
     message = user_error("layer=1")
     assert "config_complete: error: you must supply name=IMAGE after the script name" in message
+    assert message.endswith("; see nbdkit-cdipy-plugin(1)")
 
 
 def test_pull_never_refuses_a_file_transport():

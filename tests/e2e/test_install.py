@@ -1,5 +1,6 @@
 """The two ways to run the plugin: from a checkout (also through a symlink)
-and installed by make install, where the package is on Python's path."""
+and installed by make install, where the package is on Python's path and
+the manual in man1."""
 
 import os
 import shutil
@@ -59,3 +60,24 @@ def test_script_runs_by_its_shebang(three):
         timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == serve_size(CDI, three)
+
+
+def test_install_puts_the_manual_where_man_finds_it_and_uninstall_removes_it(scratch):
+    make = ["make", "-C", str(REPO), "--no-print-directory", f"DESTDIR={scratch}"]
+    subprocess.run([*make, "install"], check=True, capture_output=True, timeout=60)
+    pages = list(scratch.rglob("man1/nbdkit-cdipy-plugin.1"))
+    assert [page.relative_to(scratch).parts[-4:] for page in pages] == [
+        ("share", "man", "man1", "nbdkit-cdipy-plugin.1")]
+    env = dict(os.environ, MANWIDTH="80", MANPATH=str(pages[0].parents[1]))
+    rendered = subprocess.run(["man", "--warnings", "-l", str(pages[0])], check=True,
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert rendered.stderr == ""
+    assert "nbdkit-cdipy-plugin - export the VM disk and layers of a container" \
+        in " ".join(rendered.stdout.split())
+    assert max(len(line) for line in rendered.stdout.splitlines()) <= 80
+    by_name = subprocess.run(["man", "nbdkit-cdipy-plugin"], check=True,
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert by_name.stdout == rendered.stdout
+    subprocess.run([*make, "uninstall"], check=True, capture_output=True, timeout=60)
+    assert not pages[0].exists()
+    assert list(scratch.rglob("nbdkit-cdipy-plugin*")) == []

@@ -164,7 +164,7 @@ def test_unknown_key_lists_the_known_ones():
     assert set_error("image", EXAMPLE) == (
         "unknown parameter 'image': this plugin takes name=, layer=, pull=, tls-verify=, "
         "authfile=, cert-dir=, platform=, verify=, copy=, cache=, pull-into=, "
-        "signature-policy=")
+        "signature-policy=; see nbdkit-cdipy-plugin(1)")
 
 
 def test_key_spelled_as_its_attribute_is_unknown():
@@ -176,7 +176,7 @@ def test_key_spelled_as_its_attribute_is_unknown():
 def test_check_complete_without_name_says_how_to_pass_it():
     assert complete_error(Settings()) == (
         "you must supply name=IMAGE after the script name, for example: "
-        f"nbdkit python cdi.py name={EXAMPLE}")
+        f"nbdkit python cdi.py name={EXAMPLE}; see nbdkit-cdipy-plugin(1)")
 
 
 def test_check_complete_with_a_missing_authfile_names_it(tmp_path):
