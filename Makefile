@@ -15,6 +15,9 @@ DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-
 	python3-cryptography python3-zstandard python3-yaml perl man-db \
 	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
 	mtools dosfstools fdisk
+# cosign, from Debian 13 on: the tests check cdi.py against its signatures.
+CODENAME := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
+DEBIAN_PACKAGES += $(if $(filter bookworm,$(CODENAME)),,cosign)
 RUFF_VERSION = 0.17.6
 # Through the interpreter: a pip-installed ruff may have no command on PATH yet.
 RUFF = python3 -m ruff

@@ -198,12 +198,12 @@ def registries_d_attachments(identity, namespaces):
 
 def public_keys(requirement, policy_path):
     """The PEM public keys of a sigstoreSigned REQUIREMENT; a relative
-    keyPath is read from the policy file's directory."""
+    keyPath is read from the working directory, as containers/image reads
+    it."""
     keys = []
     paths = requirement.get("keyPaths") or ([requirement["keyPath"]]
                                             if "keyPath" in requirement else [])
-    for given in paths:
-        path = os.path.join(os.path.dirname(policy_path), given)
+    for path in paths:
         try:
             with open(path, "rb") as file:
                 keys.append(file.read())

@@ -66,11 +66,16 @@ def stored_artifact(podman, settings, local):
         return None  # podman 4 has no "podman artifact"; podman 5: not there
     try:
         found = json.loads(output)
-        manifest, digest = found["Manifest"], found.get("Digest")
+        manifest, stored_name = found["Manifest"], found.get("Name")
     except (ValueError, KeyError, TypeError):
         raise CdiError(f"{settings.name}: look up in the artifact store: podman printed "
                        f"unexpected output: {output[:200]!r}") from None
     store = ArtifactStore(podman.graph_root(), settings.name, settings.cache_directory())
+    # The manifest as stored, by its digest (podman's "Digest" is not the
+    # manifest's): the one a signature names, and the one served.
+    digest = store.manifest_digest(stored_name)
+    if digest is not None:
+        manifest = store.json_blob(digest)
     log.debug(f"using the artifact {settings.name} from podman's artifact store {store.path}")
     return Fetched(settings.name, store, manifest, digest=digest)
 

@@ -96,6 +96,17 @@ class ArtifactStore(OciLayout):
     def advice_on_damage(self):
         return f"remove it with podman artifact rm {self.image_name} and pull it again"
 
+    def manifest_digest(self, name):
+        """The digest of the manifest the store's index.json names NAME (as
+        podman artifact inspect names it), or None."""
+        try:
+            with open(os.path.join(self.path, "index.json"), "rb") as file:
+                index = json.load(file)
+            return next(entry["digest"] for entry in index["manifests"]
+                        if (entry.get("annotations") or {}).get(REF_NAME) == name)
+        except (OSError, ValueError, KeyError, TypeError, StopIteration):
+            return None
+
 
 class Layout(OciLayout):
     """The layout in CACHE_DIRECTORY/oci, for image IMAGE_NAME of PLATFORM

@@ -297,6 +297,10 @@ FEATURES = {
     "podman-artifact": ("podman's artifact store (podman >= 5.4)",
                         lambda: subprocess.run(["podman", "artifact", "ls"], check=False,
                                                capture_output=True).returncode == 0),
+    "cosign": ("cosign (Debian >= 13)", lambda: shutil.which("cosign") is not None),
+    # Debian 12's skopeo 1.9 has sigstore disabled ("Debian-local change").
+    "sigstore": ("a skopeo that verifies sigstore signatures (skopeo >= 1.10)",
+                 lambda: tuple(map(int, tool_version("skopeo").split(".")[:2])) >= (1, 10)),
     "skopeo-artifacts": ("a podman without an artifact store (podman < 5.4), whose "
                          "artifacts skopeo copies into the cache",
                          lambda: not has("podman-artifact")),

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -128,8 +129,11 @@ def write_policy(home, default, scopes=None, key=None, name="policy.json"):
     return str(path)
 
 
-def signed_by_key(**identity):
-    return [{"type": "sigstoreSigned", "keyPath": "key.pub",
+def signed_by_key(home, **identity):
+    """A sigstoreSigned requirement of the key in HOME/key.pub (a relative
+    keyPath would be read from the working directory, as containers/image
+    reads it)."""
+    return [{"type": "sigstoreSigned", "keyPath": str(Path(home) / "key.pub"),
              **({"signedIdentity": identity} if identity else {})}]
 
 
@@ -240,7 +244,7 @@ def test_a_repository_accepted_under_a_default_reject(setup, containerdisk, disk
 def test_a_signed_containerdisk_is_verified_then_streamed(setup, containerdisk, disk_data):
     name = containerdisk("signed")
     sign(setup, name, setup.keys[0])
-    policy = write_policy(setup.home, signed_by_key(), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
     digest, log = serve_digest(setup, name, policy)
     assert digest == sha256(disk_data)
     verified = log.index(f"the signature of {manifest_digest(setup.lab.registry, name)} "
@@ -250,7 +254,7 @@ def test_a_signed_containerdisk_is_verified_then_streamed(setup, containerdisk, 
 
 def test_a_signed_artifact_is_verified_then_read_lazily(setup, artifact, artifact_data):
     sign(setup, artifact, setup.keys[0])
-    policy = write_policy(setup.home, signed_by_key(), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
     with serve(setup.lab, *setup.params(artifact, f"signature-policy={policy}"), "layer=disk",
                env=environment(setup.home), verbose=True) as server:
         handle = server.connect("disk")
@@ -284,7 +288,7 @@ def test_a_containerdisk_whose_signature_fails_is_refused_unread(setup, containe
         sign(setup, name, key, digest="sha256:" + "0" * 64)
     elif what == "other-identity":
         sign(setup, name, key, identity=f"{address}/cdi-test/sig-elsewhere:1")
-    policy = write_policy(setup.home, signed_by_key(), key=key)
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=key)
     assert setup.refusal(policy, name, reason.format(
         digest=manifest_digest(setup.lab.registry, name), registry=address, name=name)) \
         in setup.error(name, policy)
@@ -296,9 +300,11 @@ def test_matchRepository_accepts_cosigns_own_identity(setup, artifact, artifact_
     # cosign names the repository alone, which the default identity refuses.
     sign(setup, artifact, setup.keys[0],
          identity=f"{setup.proxy.address}/cdi-test/sig-artifact")
-    strict = write_policy(setup.home, signed_by_key(), key=setup.keys[0], name="strict.json")
+    strict = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0],
+                          name="strict.json")
     assert "is not accepted (matchRepoDigestOrExact" in setup.error(artifact, strict)
-    policy = write_policy(setup.home, signed_by_key(type="matchRepository"), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home, type="matchRepository"),
+                          key=setup.keys[0])
     digest, _ = serve_digest(setup, artifact, policy)
     assert digest == sha256(artifact_data)
 
@@ -306,7 +312,7 @@ def test_matchRepository_accepts_cosigns_own_identity(setup, artifact, artifact_
 def test_attachments_not_allowed_by_registries_d_means_no_signature(setup, artifact):
     sign(setup, artifact, setup.keys[0])
     (setup.home / ".config" / "containers" / "registries.d" / "default.yaml").unlink()
-    policy = write_policy(setup.home, signed_by_key(), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
     assert setup.refusal(policy, artifact, "A signature was required, but no signature "
                          "exists (registries.d does not set use-sigstore-attachments for it)") \
         in setup.error(artifact, policy)
@@ -318,7 +324,7 @@ def test_a_warm_cache_is_verified_offline_and_refused_once_tightened(setup, cont
                                                                     disk_data):
     name = containerdisk("warm")
     sign(setup, name, setup.keys[0])
-    policy = write_policy(setup.home, signed_by_key(), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
     with serve(setup.lab, *setup.params(name, f"signature-policy={policy}"), "layer=disk",
                env=environment(setup.home), verbose=True) as server:
         assert export_digest(server.uri()) == sha256(disk_data)
@@ -327,7 +333,7 @@ def test_a_warm_cache_is_verified_offline_and_refused_once_tightened(setup, cont
     digest, log = serve_digest(setup, name, policy)
     assert digest == sha256(disk_data)
     assert "the kept signature of" in log
-    tightened = write_policy(setup.home, signed_by_key(), key=setup.keys[1],
+    tightened = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[1],
                              name="tightened.json")
     assert setup.refusal(tightened, name, "cryptographic signature verification failed: no "
                          f"key of the policy signed it (the cache {setup.cache}/oci), and "
@@ -346,7 +352,7 @@ def test_an_image_in_podmans_storage_is_served_once_its_signature_verifies(
         podman("pull", "--quiet", "--tls-verify=false", f"{registry}/{name}")
     attach(registry, signed, [signature(setup.keys[0], manifest_digest(registry, signed),
                                         f"{registry}/{signed}")])
-    policy = write_policy(setup.home, signed_by_key(), key=setup.keys[0])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
     with serve(setup.lab, f"name={registry}/{signed}", f"cache={setup.cache}",
                f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
                verbose=True) as server:
@@ -380,3 +386,75 @@ def test_signedBy_artifact_is_handed_to_skopeo(setup, artifact):
     error = setup.error(artifact, policy)
     assert f"{setup.proxy.address}/{artifact}: copy with skopeo: " in error
     assert "Source image rejected" in error
+
+
+# ------------------------------------------- what Debian 13's tools say
+
+@pytest.mark.requires("sigstore")
+def test_skopeo_agrees_with_the_signatures_made_here(setup, containerdisk, tmp_path):
+    # The tests' own signatures are the real format: containers/image
+    # accepts them, and refuses what cdi.py refuses.
+    signed, unsigned = containerdisk("skopeo-signed"), containerdisk("skopeo-unsigned")
+    registry = setup.lab.registry
+    attach(registry, signed, [signature(setup.keys[0], manifest_digest(registry, signed),
+                                        f"{registry}/{signed}")])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
+
+    def skopeo_copy(name):
+        return subprocess.run(
+            ["skopeo", f"--policy={policy}", "copy", "--quiet", "--src-tls-verify=false",
+             "--remove-signatures",
+             f"docker://{registry}/{name}", f"oci:{tmp_path}/copy:{name.split('/')[-1]}"],
+            check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            env=environment(setup.home))
+
+    accepted = skopeo_copy(signed)
+    assert accepted.returncode == 0, accepted.stderr
+    refused = skopeo_copy(unsigned)
+    assert refused.returncode != 0
+    assert "A signature was required, but no signature exists" in refused.stderr
+
+
+@pytest.mark.requires("cosign")
+def test_an_artifact_signed_by_cosign_is_verified(setup, artifact, artifact_data, tmp_path):
+    # Straight to the registry: cosign pushes, which the test proxy does not.
+    registry = setup.lab.registry
+    digest = manifest_digest(registry, artifact)
+    keys = {**os.environ, "COSIGN_PASSWORD": ""}
+    for command in (["cosign", "generate-key-pair"],
+                    ["cosign", "sign", "--key", "cosign.key", "--tlog-upload=false", "--yes",
+                     "--allow-insecure-registry", "--allow-http-registry",
+                     f"{registry}/{artifact.rpartition(':')[0]}@{digest}"]):
+        result = subprocess.run(command, check=False, cwd=tmp_path, env=keys,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"{command[:2]}: {result.stderr}"
+    shutil.copy(tmp_path / "cosign.pub", setup.home / "key.pub")
+    # cosign signs the repository alone: matchRepository accepts it.
+    policy = write_policy(setup.home, signed_by_key(setup.home, type="matchRepository"))
+    with serve(setup.lab, f"name={registry}/{artifact}", f"cache={setup.cache}",
+               f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
+               verbose=True) as server:
+        assert export_digest(server.uri()) == sha256(artifact_data)
+    assert f"the signature of {digest} is verified" in server.log()
+    assert "as it is read" in server.log()
+
+
+@pytest.mark.requires("podman-artifact")
+def test_an_artifact_in_podmans_store_is_served_once_its_signature_verifies(
+        setup, artifact, artifact_data):
+    registry = setup.lab.registry
+    podman("artifact", "pull", "--tls-verify=false", f"{registry}/{artifact}")
+    attach(registry, artifact, [signature(setup.keys[0], manifest_digest(registry, artifact),
+                                          f"{registry}/{artifact}")])
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
+    with serve(setup.lab, f"name={registry}/{artifact}", f"cache={setup.cache}",
+               f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
+               verbose=True) as server:
+        assert export_digest(server.uri()) == sha256(artifact_data)
+    assert "from podman's artifact store" in server.log()
+    other = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[1],
+                         name="other.json")
+    error = nbdkit_error(f"name={registry}/{artifact}", f"cache={setup.cache}",
+                         f"signature-policy={other}", env=environment(setup.home))
+    assert (f"{registry}/{artifact}: rejected by the signature policy {other} (default): "
+            "cryptographic signature verification failed") in error

@@ -213,7 +213,8 @@ def signed_setup(tmp_path, monkeypatch):
     registries_d(tmp_path, monkeypatch, default=ATTACHMENTS_ON)
     key = Key()
     (tmp_path / "key.pub").write_bytes(key.public_pem)
-    policy = load(tmp_path, {"default": [{"type": "sigstoreSigned", "keyPath": "key.pub"}]})
+    policy = load(tmp_path, {"default": [{"type": "sigstoreSigned",
+                                          "keyPath": str(tmp_path / "key.pub")}]})
     records = PrivateCache(str(tmp_path / "signatures"))
     admission = Admission(policy, settings("quay.io/org/disk:1", pull="never"), records)
     return key, admission, records
