@@ -198,6 +198,14 @@ def from_registry(settings, local, layout, admission):
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
     except PolicyRefusal:
         raise
+    except RegistryError as error:
+        if error.transient and error.status is None:  # no answer at all
+            where = (f"not in the cache {settings.cache_directory()}"
+                     if settings.pull == "missing" else "pull=always")
+            reason = str(error).removeprefix(f"{settings.name}: ")
+            raise CdiError(f"{settings.name}: {where}, and its registry {host} is "
+                           f"unreachable: {reason}") from None
+        log.debug(f"cannot read the manifest of {local} from {host}: {error}")
     except (CdiError, ValueError) as error:
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")
     return None

@@ -149,12 +149,17 @@ class Layout(OciLayout):
 
     def manifest(self, name):
         """(digest, manifest) of NAME as last copied, or None (under the
-        lock)."""
+        lock); a manifest blob that is damaged is removed, and NAME is then
+        not in the layout: fetched again, it is written again."""
         wanted = reference(name, self.platform)
         for entry in self.index().get("manifests", []):
-            if (entry.get("annotations") or {}).get("org.opencontainers.image.ref.name") \
-                    == wanted:
-                return entry["digest"], self.json_blob(entry["digest"])
+            if (entry.get("annotations") or {}).get(REF_NAME) == wanted:
+                try:
+                    return entry["digest"], self.json_blob(entry["digest"])
+                except CdiError as error:
+                    log.debug(f"{error}: removed, and fetched again")
+                    self.remove_blob(entry["digest"])
+                    return None
         return None
 
     def index(self):
@@ -189,12 +194,21 @@ class Layout(OciLayout):
         return True
 
     def write_blob(self, data):
-        """Keep DATA as a blob (under the lock); its digest."""
+        """Keep DATA, a small blob, as a blob (under the lock), unless the
+        layout holds it intact already; its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if not os.path.exists(self.blob_path(digest)):
+        if not self.holds_intact(digest):
             os.makedirs(os.path.dirname(self.blob_path(digest)), mode=0o700, exist_ok=True)
             write_whole(self.blob_path(digest), data)
         return digest
+
+    def holds_intact(self, digest):
+        """Whether the layout holds small blob DIGEST, matching it."""
+        try:
+            with open(self.blob_path(digest), "rb") as file:
+                return "sha256:" + hashlib.sha256(file.read()).hexdigest() == digest
+        except OSError:
+            return False
 
     def name_manifest(self, name, descriptor):
         """Make index.json name DESCRIPTOR (a manifest's, in the layout) as

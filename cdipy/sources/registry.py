@@ -50,6 +50,8 @@ class RegistrySource(BlobSource):
         except BaseException:
             self.close()
             raise
+        if not any(isinstance(layer, RemoteBlob) for layer in self.layers):
+            self.keep_manifest_if_whole()  # every blob was here: the manifest too?
 
     def cached(self, blobs, descriptor):
         """The blob, checked, if the cache's layout holds it whole; else None."""
@@ -71,9 +73,8 @@ class RegistrySource(BlobSource):
         """LAYER arrived whole and matches its digest: a blob of the layout;
         with every blob there, the manifest too.  Losing this costs a fetch
         next time, never correctness: a failure is a debug line."""
-        layout, remote = self.remote.layout, self.remote
+        layout = self.remote.layout
         try:
-            config = self.config_data()  # not under a lock: it comes from the network
             with layout.locked():
                 linked = layout.keep_blob(layer.diff_id, layer.partial.path)
             with layer.partial.locked(fcntl.LOCK_EX):
@@ -81,18 +82,29 @@ class RegistrySource(BlobSource):
             if linked:  # else another nbdkit kept it, and its record
                 # Its names changed its ctime: the record is of the file after.
                 self.records.store(layer.diff_id, fingerprint(layer), zeros)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
+            return
+        self.keep_manifest_if_whole()
+
+    def keep_manifest_if_whole(self):
+        """Once the layout holds every blob, keep the manifest and its
+        config there too; a failure is a debug line."""
+        layout, remote = self.remote.layout, self.remote
+        try:
+            config = self.config_data()  # not under a lock: it comes from the network
             with layout.locked():
                 if all(os.path.exists(layout.blob_path(descriptor["digest"]))
                        for descriptor in remote.manifest.get("layers") or []):
                     keep_manifest(remote, layout, config)
         except (CdiError, OSError) as error:
-            log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
+            log.debug(f"cannot keep the manifest of {self.image_name} in the cache: {error}")
 
     def config_data(self):
-        """The bytes of the manifest's config, unless the layout has them."""
+        """The bytes of the manifest's config, unless the layout holds them
+        intact."""
         config = self.remote.manifest.get("config") or {}
-        if not config.get("digest") or os.path.exists(
-                self.remote.layout.blob_path(config["digest"])):
+        if not config.get("digest") or self.remote.layout.holds_intact(config["digest"]):
             return None
         return (self.remote.registry.blob_range(config["digest"], 0, config["size"])
                 if config.get("size") else b"")

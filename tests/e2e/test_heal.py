@@ -1,0 +1,90 @@
+"""The cache heals whole: whatever small file of it is damaged, truncated,
+empty or missing (the layout's index.json, the manifest and config blobs,
+the check records, the unpacked layers' records), the next start with the
+registry up serves byte-exact and leaves the cache such that a start with
+the registry stopped serves again.  Offline and not in the cache at all,
+one line says so."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import nbdkit_error, params, serve, sha256
+from lab import MIB, Blob, export_digest, podman, push_artifact, wait_for
+
+KEPT = "is whole in the cache"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+SMALL = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def data():
+    return b"DISK" + os.urandom(4 * MIB - 4)
+
+
+@pytest.fixture(scope="module")
+def shapes(lab, data):
+    """{shape: its name in the open registry}: an ORAS artifact, and a
+    containerdisk (one gzip layer) that is streamed into the cache."""
+    artifact = "cdi-test/heal-artifact:1"
+    push_artifact(lab.workdir, f"{lab.registry}/{artifact}", [Blob(LAYER_TAR, data, "disk.img")])
+    image = lab.build(f"localhost/cdi-test/heal-{os.urandom(4).hex()}:1",
+                      [{"disk/disk.img": data}])
+    containerdisk = "cdi-test/heal-containerdisk:1"
+    lab.push(image, f"{lab.registry}/{containerdisk}")
+    podman("rmi", "--force", image.id)
+    return {"artifact": artifact, "containerdisk": containerdisk}
+
+
+def serve_whole(lab, proxy, name, cache, *, kept):
+    """The digest of the disk export, read whole; with KEPT, wait until the
+    image is whole in the cache."""
+    with serve(lab, *params(proxy, name, cache), "layer=disk", verbose=True) as server:
+        digest = export_digest(server.uri())
+        if kept:
+            wait_for(lambda: KEPT in server.log(), 60,
+                     lambda: f"not kept whole in the cache:\n{server.log()}")
+    return digest
+
+
+def small_files(cache):
+    return sorted(path for path in Path(cache).rglob("*")
+                  if path.is_file() and path.stat().st_size < SMALL
+                  and not path.name.endswith(".lock"))
+
+
+def damage(path, how):
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    else:  # garbage at its start
+        content = path.read_bytes()
+        path.write_bytes(b"\x00garbage{" + content[9:])
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "empty", "missing"])
+@pytest.mark.parametrize("shape", ["artifact", "containerdisk"])
+def test_a_damaged_cache_heals_whole(lab, shapes, data, proxy, cache, shape, how):
+    name = shapes[shape]
+    assert serve_whole(lab, proxy, name, cache, kept=True) == sha256(data)
+    damaged = small_files(cache)
+    names = {path.name for path in damaged}
+    assert "index.json" in names, f"nothing to damage: {damaged}"
+    for path in damaged:
+        damage(path, how)
+    assert serve_whole(lab, proxy, name, cache, kept=True) == sha256(data)
+    proxy.stop()
+    assert serve_whole(lab, proxy, name, cache, kept=False) == sha256(data)
+
+
+def test_offline_and_not_in_the_cache_says_so(lab, shapes, proxy, cache):
+    name = shapes["artifact"]
+    proxy.stop()
+    error = nbdkit_error(*params(proxy, name, cache))
+    assert (f"{proxy.address}/{name}: not in the cache {cache}, and its registry "
+            f"{proxy.address} is unreachable: ") in error
+    assert "podman" not in error
