@@ -5,7 +5,9 @@ ends; the user's own podman storage and /etc are never touched.
 """
 
 import hashlib
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +22,7 @@ from lab import (
     FEATURES,
     NBDKIT,
     Lab,
+    copy_out,
     free_port,
     has,
     inspect,
@@ -143,17 +146,49 @@ def nbdkit_command(*params, options=(), filters=()):
 
 def run_nbdkit(*params, run="true", env=None, timeout=120, verbose=False, filters=()):
     """nbdkit in captive mode: runs RUN with $uri set, then exits."""
-    # Not "-U -": nbdkit 1.32 leaves that socket's directory in /tmp
-    # whenever a plugin fails to start.
     directory = tempfile.mkdtemp(prefix="cdi-sock-")
-    command = [NBDKIT, "-U", os.path.join(directory, "sock")]
-    command += (["-v"] if verbose else []) + [f"--filter={name}" for name in filters]
-    command += ["python", CDI, *params, "--run", run]
     try:
-        return subprocess.run(command, check=False, stdin=subprocess.DEVNULL,
+        return subprocess.run(captive_command(directory, params, run, verbose, filters),
+                              check=False, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, env=env, timeout=timeout)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def captive_command(directory, params, run, verbose, filters):
+    """nbdkit serving PARAMS on a socket in DIRECTORY while RUN runs."""
+    # Not "-U -": nbdkit 1.32 leaves that socket's directory in /tmp
+    # whenever a plugin fails to start.
+    command = [NBDKIT, "-U", os.path.join(directory, "sock")]
+    command += (["-v"] if verbose else []) + [f"--filter={name}" for name in filters]
+    return command + ["python", CDI, *params, "--run", run]
+
+
+def copy_export(*params, export="", info=None, may_fail=False, verbose=False, env=None,
+                filters=(), timeout=300):
+    """nbdkit in captive mode serving PARAMS, the whole of EXPORT (the
+    default one if empty) read by nbdcopy: a lab.Copy, whose returncode is
+    nbdkit's, so nbdcopy's, and whose stderr holds both's.  Unless
+    MAY_FAIL, AssertionError with that stderr if the copy fails.  With
+    INFO (nbdinfo's options, as ["--list"]), nbdinfo --json runs first,
+    on the same server, and copy.info is its record."""
+    directory = tempfile.mkdtemp(prefix="cdi-sock-")
+    info_path = os.path.join(directory, "info.json")
+    uri = f'"nbd+unix:///{export}?socket=$unixsocket"' if export else '"$uri"'
+    run = f"nbdcopy {uri} -"
+    if info is not None:
+        run = f'nbdinfo --json {" ".join(info)} "$uri" >{shlex.quote(info_path)} && {run}'
+    try:
+        copy = copy_out(captive_command(directory, params, run, verbose, filters),
+                        timeout=timeout, env=env)
+        if info is not None and os.path.exists(info_path):
+            with open(info_path) as record:
+                copy.info = json.load(record)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert may_fail or copy.returncode == 0, \
+        f"the copy failed (exit status {copy.returncode}): {copy.stderr}"
+    return copy
 
 
 def nbdkit_error(*params, env=None):
@@ -212,3 +247,4 @@ def read(server, offset, length, export="disk"):
         return handle.pread(length, offset)
     finally:
         handle.shutdown()
+

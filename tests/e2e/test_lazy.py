@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbdkit_error, params, read, run_nbdkit, serve, sha256
+from conftest import (
+    copy_export,
+    nbdkit_error,
+    params,
+    read,
+    run_nbdkit,
+    serve,
+    sha256,
+)
 from httplab import Proxy, TokenIssuer, certificates
 from lab import (
     MIB,
@@ -106,10 +114,9 @@ def test_a_warm_start_needs_no_registry(lab, blob, cache):
             wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
         address = proxy.address
     # The proxy is gone: the registry at ADDRESS answers no more.
-    result = run_nbdkit(f"name={address}/{name}", f"cache={cache}", "tls-verify=false",
-                        "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(f"name={address}/{name}", f"cache={cache}", "tls-verify=false",
+                         "layer=disk", verbose=True)
+    assert result.digest == sha256(data)
     assert f"using the artifact {address}/{name} from the cache" in result.stderr
     assert "passed its check before, unchanged since" in result.stderr
 
@@ -160,10 +167,9 @@ def test_a_registry_behind_a_password_is_read_as_it_is_read(lab, cache):
                       authfile=lab.authfile)
     finally:
         path.unlink()
-    result = run_nbdkit(f"name={name}", f"cache={cache}", f"authfile={lab.authfile}",
-                        "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(f"name={name}", f"cache={cache}", f"authfile={lab.authfile}",
+                         "layer=disk", verbose=True)
+    assert result.digest == sha256(data)
     assert "as it is read" in result.stderr
 
 
@@ -178,11 +184,10 @@ def test_a_registry_speaking_tls_is_trusted_through_cert_dir(lab, cache):
                         f"oci:{oci_layout(directory, data)}:latest", f"docker://{name}"],
                        check=True, stdin=subprocess.DEVNULL)
         refused = nbdkit_error(f"name={name}", f"cache={cache}", "layer=disk")
-        result = run_nbdkit(f"name={name}", f"cache={cache}", f"cert-dir={cert_dir}",
-                            "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
+        result = copy_export(f"name={name}", f"cache={cache}", f"cert-dir={cert_dir}",
+                             "layer=disk", verbose=True)
     assert "certificate verify failed" in refused or "x509" in refused, refused
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    assert result.digest == sha256(data)
     assert f"from {running.address} as it is read" in result.stderr
 
 
@@ -220,10 +225,9 @@ def test_the_token_flow_of_a_registry_that_wants_one(lab, token_blob, cache, who
     name, data = token_blob
     extra = [f"authfile={authfile(lab.workdir, name.split('/')[0])}"] \
         if who != "anonymous" else []
-    result = run_nbdkit(f"name={name}", f"cache={cache}", "tls-verify=false", "layer=disk",
-                        *extra, verbose=True, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(f"name={name}", f"cache={cache}", "tls-verify=false", "layer=disk",
+                         *extra, verbose=True)
+    assert result.digest == sha256(data)
     assert "a token from http://127.0.0.1:" in result.stderr
 
 
@@ -256,11 +260,9 @@ def test_a_redirect_to_blob_storage_carries_no_authorization(lab, cache):
     with Proxy(lab.registry) as storage, Proxy(lab.auth_registry) as front:
         front.redirect = storage.address
         auth = authfile(lab.workdir, front.address)
-        result = run_nbdkit(f"name={front.address}/{repository}", f"cache={cache}",
-                            "tls-verify=false", f"authfile={auth}", "layer=disk",
-                            run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+        result = copy_export(f"name={front.address}/{repository}", f"cache={cache}",
+                             "tls-verify=false", f"authfile={auth}", "layer=disk")
+    assert result.digest == sha256(data)
     assert any(front.authorizations), "the registry was asked without credentials"
     assert storage.authorizations and not any(storage.authorizations)
 
@@ -304,10 +306,8 @@ def test_a_flipped_byte_fails_every_read_and_the_next_start_fetches_anew(lab, bl
         assert f"verify: blob {sha256(data)} from {proxy.address} hashes to sha256:" in log
         assert cached_blobs(cache) == [], "a blob that failed its check was kept"
         assert partial_files(cache) == [], "the partial blob stays"
-        result = run_nbdkit(*params(proxy, name, cache, "layer=disk"),
-                            run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+        result = copy_export(*params(proxy, name, cache, "layer=disk"))
+    assert result.digest == sha256(data)
 
 
 def test_a_response_cut_short_is_fetched_again(lab, blob, proxy, cache):
@@ -328,22 +328,18 @@ def test_sigkill_leaves_a_partial_blob_the_next_start_resumes(lab, blob, proxy, 
     assert cached_blobs(cache) == [], "a blob named whole after SIGKILL"
     fetched = proxy.blob_bytes
     assert fetched >= SIZE // 2
-    result = run_nbdkit(*params(proxy, name, cache, "layer=disk"),
-                        run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(*params(proxy, name, cache, "layer=disk"))
+    assert result.digest == sha256(data)
     assert proxy.blob_bytes - fetched <= SIZE // 2 + CHUNK + 1024, "fetched again"
 
 
 def test_two_servers_on_one_blob_both_serve_it_whole(lab, blob, proxy, cache):
     name, data = blob
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: run_nbdkit(
-            *params(proxy, name, cache, "layer=disk"),
-            run='nbdcopy "$uri" - | sha256sum'), range(2)))
+        results = list(pool.map(lambda _: copy_export(
+            *params(proxy, name, cache, "layer=disk")), range(2)))
     for result in results:
-        assert result.returncode == 0, result.stderr
-        assert "sha256:" + result.stdout.split()[0] == sha256(data)
+            assert result.digest == sha256(data)
     assert sha256(data)[len("sha256:"):] in cached_blobs(cache)
 
 
@@ -374,10 +370,8 @@ def test_a_damaged_index_is_set_aside_and_the_artifact_fetched_again(lab, blob, 
         wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
     index = Path(cache, "oci", "index.json")
     index.write_bytes(index.read_bytes()[:20])  # cut short, as a crash would
-    result = run_nbdkit(*params(proxy, name, cache, "layer=disk"), verbose=True,
-                        run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(*params(proxy, name, cache, "layer=disk"), verbose=True)
+    assert result.digest == sha256(data)
     assert f"the cache's {index} is damaged" in result.stderr
     assert list(index.parent.glob("index.json.damaged-*"))
 
@@ -397,10 +391,8 @@ def test_pull_always_reads_the_manifest_again_and_serves_a_whole_blob_from_the_c
     with serve(lab, *params(proxy, name, cache), verbose=True) as server:
         wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
     fetched = proxy.blob_bytes
-    result = run_nbdkit(*params(proxy, name, cache, "pull=always", "layer=disk"), verbose=True,
-                        run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(data)
+    result = copy_export(*params(proxy, name, cache, "pull=always", "layer=disk"), verbose=True)
+    assert result.digest == sha256(data)
     assert f"{proxy.address}/{name}: manifest sha256:" in result.stderr
     assert ", 32.0 MiB, from the cache: raw" in result.stderr
     assert proxy.blob_bytes == fetched, "a whole cached blob was fetched again"
