@@ -248,3 +248,20 @@ def read(server, offset, length, export="disk"):
     finally:
         handle.shutdown()
 
+
+def assert_every_read_fails(server, size, step, export="disk"):
+    """Every read of EXPORT of SERVER (a lab.Nbdkit), SIZE bytes, fails
+    with EIO: a 4 KiB read every STEP bytes, and a whole copy, which must
+    write not a byte (a reader whose failure a pipeline hid, or bytes
+    served in spite of a failed check, would show here)."""
+    handle = server.connect(export)
+    try:
+        for offset in range(0, size, step):
+            with pytest.raises(nbd.Error, match="Input/output error"):
+                handle.pread(4096, offset)
+    finally:
+        handle.shutdown()
+    copy = copy_out(["nbdcopy", server.uri(export), "-"])
+    assert copy.returncode != 0, "nbdcopy read the whole of a refused export"
+    assert copy.size == 0, f"nbdcopy was served {copy.size} bytes of a refused export"
+    assert "Input/output error" in copy.stderr, copy.stderr
