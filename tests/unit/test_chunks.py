@@ -8,6 +8,7 @@ bytes in memory (the end-to-end tests use the real registry)."""
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 
@@ -154,17 +155,35 @@ def test_a_window_reads_through_it(make, data):
     assert blob.registry.ranges == [(2 * CHUNK, 3 * CHUNK)]
 
 
-def test_a_blob_whole_when_the_server_stops_is_checked_and_kept_first(make, data):
-    blob = make()
+def test_a_whole_blob_no_worker_checked_is_checked_when_the_server_stops(make, data):
+    blob = make()  # no workers: the reads fetch, and nothing checks the whole
     assert read(blob, 0, SIZE) == data[:SIZE]
     assert make.wholes == [], "checked before the server stops"
     blob.close()
     assert len(make.wholes) == 1, "the server stopped without checking the whole blob"
 
 
-def test_a_check_under_way_when_the_server_stops_is_finished_and_kept(make, data):
+def test_a_check_a_worker_began_is_finished_before_the_server_stops(make, data, monkeypatch):
+    began, go_on = threading.Event(), threading.Event()
+    note_zeros = chunks.note_zeros
+
+    def held_up(*args):  # a step of the check, held until the test says
+        began.set()
+        go_on.wait(30)
+        note_zeros(*args)
+
+    monkeypatch.setattr(chunks, "note_zeros", held_up)
     blob = make()
     blob.start()
     assert read(blob, 0, SIZE) == data[:SIZE]
-    blob.close()  # whether a worker began the check or not
+    assert began.wait(30), "no worker began the check of the whole blob"
+    closing = threading.Thread(target=blob.close)
+    closing.start()
+    with blob.condition:
+        assert blob.condition.wait_for(lambda: blob.stopping, 30)
+    assert closing.is_alive(), "the server stopped with a check under way"
+    assert make.wholes == []
+    go_on.set()
+    closing.join(30)
+    assert not closing.is_alive()
     assert len(make.wholes) == 1, "the server stopped without keeping the whole blob"
