@@ -2,8 +2,8 @@
 restart finds, reads that fetch what they need and no more, extents that
 never call what has not arrived zero, and the check once whole.
 
-The registry here is plain data: an object answering blob_range from
-bytes in memory (the end-to-end tests use the real registry)."""
+The registry here is plain data: fakes.Registry, blobs in memory (the
+end-to-end tests use the real registry)."""
 
 import errno
 import hashlib
@@ -12,28 +12,12 @@ import threading
 
 import pytest
 
-from cdipy.errors import RegistryError
 from cdipy.layer import DATA, Member, Window
 from cdipy.oci import chunks
 from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
+from fakes import Registry
 
 SIZE = 5 * CHUNK + 1000
-
-
-class Bytes:
-    """A registry holding one blob, DATA; it counts what it is asked."""
-    host, image_name = "registry.example", "registry.example/disk:1"
-
-    def __init__(self, data, failures=0):
-        self.data, self.failures = data, failures
-        self.ranges = []
-
-    def blob_range(self, digest, start, end):
-        if self.failures:
-            self.failures -= 1
-            raise RegistryError("the connection was cut", transient=True)
-        self.ranges.append((start, end))
-        return self.data[start:end]
 
 
 @pytest.fixture
@@ -51,7 +35,7 @@ def make(tmp_path, data):
     made, wholes = [], []
 
     def make_blob(registry=None, digest=None):
-        registry = registry or Bytes(data)
+        registry = registry or Registry(data)
         partial = PartialBlob(str(tmp_path / "partial"), digest or digest_of(data), SIZE,
                               "img")
         blob = RemoteBlob(0, registry, partial, lambda layer, zeros: wholes.append(zeros))
@@ -112,14 +96,14 @@ def test_what_has_not_arrived_is_data_never_zero(make):
 
 def test_a_cut_connection_is_tried_again(make, data, monkeypatch):
     monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
-    blob = make(Bytes(data, failures=2))
+    blob = make(Registry(data, failures=2))
     assert read(blob, 0, 10) == data[:10]
 
 
 def test_a_registry_that_stays_away_fails_the_read_never_with_zeros(make, data, monkeypatch):
     monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
     monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.05)
-    blob = make(Bytes(data, failures=10**6))
+    blob = make(Registry(data, failures=10**6))
     with pytest.raises(OSError) as raised:
         read(blob, 0, 10)
     assert raised.value.errno == errno.EIO
