@@ -218,6 +218,48 @@ def serve(lab, *params, filters=(), verbose=False, ready=True, **popen):
                       ready=ready, **popen)
 
 
+# ------------------------------------------------ a podman that records
+
+# What the fake says: "no" to "image exists", and fails every other
+# command at once.
+FAKE_PODMAN = """#!/usr/bin/python3 -IS
+import json, os, sys
+with open({record!r}, "a") as record:
+    with open(f"/proc/{{os.getppid()}}/comm") as comm:
+        parent = comm.read().strip()
+    record.write(json.dumps({{
+        "program": os.path.basename(sys.argv[0]),
+        "argv": [os.fsencode(word).hex() for word in sys.argv[1:]],
+        "parent": parent,
+        "tmpdir": os.environ.get("TMPDIR", ""),
+    }}) + "\\n")
+if sys.argv[1:3] == ["image", "exists"]:
+    sys.exit(1)
+if os.path.basename(sys.argv[0]) == "skopeo":
+    sys.stderr.write('time="0" level=fatal msg="fake skopeo: nothing to see here"\\n')
+    sys.exit(1)
+sys.stderr.write("Error: fake podman: nothing to see here\\n")
+sys.exit(125)
+"""
+FAKE_ERROR = "(podman exit status 125: Error: fake podman: nothing to see here)"
+FAKE_SKOPEO_ERROR = "(skopeo exit status 1: Error: fake skopeo: nothing to see here)"
+
+
+@pytest.fixture(scope="module")
+def fake_podman(lab):
+    """(DIRECTORY, RECORD): DIRECTORY holds a podman and a skopeo
+    (FAKE_PODMAN) that write each call to the file RECORD, a line of JSON
+    each; put it first in PATH."""
+    directory = Path(tempfile.mkdtemp(prefix="fake-podman-", dir=lab.workdir))
+    record = directory / "calls"
+    script = directory / "podman"
+    script.write_text(FAKE_PODMAN.format(record=str(record)))
+    script.chmod(0o755)
+    (directory / "skopeo").symlink_to(script)
+    yield directory, record
+    shutil.rmtree(directory)
+
+
 # -------------------------------------------- the registry behind a proxy
 
 @pytest.fixture
