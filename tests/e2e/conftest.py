@@ -5,7 +5,9 @@ ends; the user's own podman storage and /etc are never touched.
 """
 
 import hashlib
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +22,7 @@ from lab import (
     FEATURES,
     NBDKIT,
     Lab,
+    copy_out,
     free_port,
     has,
     inspect,
@@ -143,17 +146,49 @@ def nbdkit_command(*params, options=(), filters=()):
 
 def run_nbdkit(*params, run="true", env=None, timeout=120, verbose=False, filters=()):
     """nbdkit in captive mode: runs RUN with $uri set, then exits."""
-    # Not "-U -": nbdkit 1.32 leaves that socket's directory in /tmp
-    # whenever a plugin fails to start.
     directory = tempfile.mkdtemp(prefix="cdi-sock-")
-    command = [NBDKIT, "-U", os.path.join(directory, "sock")]
-    command += (["-v"] if verbose else []) + [f"--filter={name}" for name in filters]
-    command += ["python", CDI, *params, "--run", run]
     try:
-        return subprocess.run(command, check=False, stdin=subprocess.DEVNULL,
+        return subprocess.run(captive_command(directory, params, run, verbose, filters),
+                              check=False, stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, env=env, timeout=timeout)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def captive_command(directory, params, run, verbose, filters):
+    """nbdkit serving PARAMS on a socket in DIRECTORY while RUN runs."""
+    # Not "-U -": nbdkit 1.32 leaves that socket's directory in /tmp
+    # whenever a plugin fails to start.
+    command = [NBDKIT, "-U", os.path.join(directory, "sock")]
+    command += (["-v"] if verbose else []) + [f"--filter={name}" for name in filters]
+    return command + ["python", CDI, *params, "--run", run]
+
+
+def copy_export(*params, export="", info=None, may_fail=False, verbose=False, env=None,
+                filters=(), timeout=300):
+    """nbdkit in captive mode serving PARAMS, the whole of EXPORT (the
+    default one if empty) read by nbdcopy: a lab.Copy, whose returncode is
+    nbdkit's, so nbdcopy's, and whose stderr holds both's.  Unless
+    MAY_FAIL, AssertionError with that stderr if the copy fails.  With
+    INFO (nbdinfo's options, as ["--list"]), nbdinfo --json runs first,
+    on the same server, and copy.info is its record."""
+    directory = tempfile.mkdtemp(prefix="cdi-sock-")
+    info_path = os.path.join(directory, "info.json")
+    uri = f'"nbd+unix:///{export}?socket=$unixsocket"' if export else '"$uri"'
+    run = f"nbdcopy {uri} -"
+    if info is not None:
+        run = f'nbdinfo --json {" ".join(info)} "$uri" >{shlex.quote(info_path)} && {run}'
+    try:
+        copy = copy_out(captive_command(directory, params, run, verbose, filters),
+                        timeout=timeout, env=env)
+        if info is not None and os.path.exists(info_path):
+            with open(info_path) as record:
+                copy.info = json.load(record)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert may_fail or copy.returncode == 0, \
+        f"the copy failed (exit status {copy.returncode}): {copy.stderr}"
+    return copy
 
 
 def nbdkit_error(*params, env=None):
@@ -181,6 +216,48 @@ def serve(lab, *params, filters=(), verbose=False, ready=True, **popen):
     the lab.Nbdkit, ready (when READY) and stopped at the end."""
     return lab.nbdkit(plugin_args(*params, filters=filters, verbose=verbose),
                       ready=ready, **popen)
+
+
+# ------------------------------------------------ a podman that records
+
+# What the fake says: "no" to "image exists", and fails every other
+# command at once.
+FAKE_PODMAN = """#!/usr/bin/python3 -IS
+import json, os, sys
+with open({record!r}, "a") as record:
+    with open(f"/proc/{{os.getppid()}}/comm") as comm:
+        parent = comm.read().strip()
+    record.write(json.dumps({{
+        "program": os.path.basename(sys.argv[0]),
+        "argv": [os.fsencode(word).hex() for word in sys.argv[1:]],
+        "parent": parent,
+        "tmpdir": os.environ.get("TMPDIR", ""),
+    }}) + "\\n")
+if sys.argv[1:3] == ["image", "exists"]:
+    sys.exit(1)
+if os.path.basename(sys.argv[0]) == "skopeo":
+    sys.stderr.write('time="0" level=fatal msg="fake skopeo: nothing to see here"\\n')
+    sys.exit(1)
+sys.stderr.write("Error: fake podman: nothing to see here\\n")
+sys.exit(125)
+"""
+FAKE_ERROR = "(podman exit status 125: Error: fake podman: nothing to see here)"
+FAKE_SKOPEO_ERROR = "(skopeo exit status 1: Error: fake skopeo: nothing to see here)"
+
+
+@pytest.fixture(scope="module")
+def fake_podman(lab):
+    """(DIRECTORY, RECORD): DIRECTORY holds a podman and a skopeo
+    (FAKE_PODMAN) that write each call to the file RECORD, a line of JSON
+    each; put it first in PATH."""
+    directory = Path(tempfile.mkdtemp(prefix="fake-podman-", dir=lab.workdir))
+    record = directory / "calls"
+    script = directory / "podman"
+    script.write_text(FAKE_PODMAN.format(record=str(record)))
+    script.chmod(0o755)
+    (directory / "skopeo").symlink_to(script)
+    yield directory, record
+    shutil.rmtree(directory)
 
 
 # -------------------------------------------- the registry behind a proxy
@@ -212,3 +289,21 @@ def read(server, offset, length, export="disk"):
         return handle.pread(length, offset)
     finally:
         handle.shutdown()
+
+
+def assert_every_read_fails(server, size, step, export="disk"):
+    """Every read of EXPORT of SERVER (a lab.Nbdkit), SIZE bytes, fails
+    with EIO: a 4 KiB read every STEP bytes, and a whole copy, which must
+    write not a byte (a reader whose failure a pipeline hid, or bytes
+    served in spite of a failed check, would show here)."""
+    handle = server.connect(export)
+    try:
+        for offset in range(0, size, step):
+            with pytest.raises(nbd.Error, match="Input/output error"):
+                handle.pread(4096, offset)
+    finally:
+        handle.shutdown()
+    copy = copy_out(["nbdcopy", server.uri(export), "-"])
+    assert copy.returncode != 0, "nbdcopy read the whole of a refused export"
+    assert copy.size == 0, f"nbdcopy was served {copy.size} bytes of a refused export"
+    assert "Input/output error" in copy.stderr, copy.stderr

@@ -46,12 +46,14 @@ class TokenIssuer:
     """Issues tokens for a registry, on 127.0.0.1: pull for anyone, push
     and pull for USER with PASSWORD; each lives LIFETIME seconds.  Use as a
     context manager; certificate is the file for the registry's
-    rootcertbundle, issued counts the tokens given."""
+    rootcertbundle, issued counts the tokens given (wait_issued waits for
+    a count)."""
 
     def __init__(self, directory, user, password, lifetime=300, anonymous=True):
         self.user, self.password, self.lifetime = user, password, lifetime
         self.anonymous = anonymous
-        self.issued = 0
+        self.issued = 0  # guarded by self.changed
+        self.changed = threading.Condition()
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -98,9 +100,17 @@ class TokenIssuer:
             wanted = actions.split(",")
             allowed = wanted if user else [action for action in wanted if action == "pull"]
             access.append({"type": kind, "name": name, "actions": allowed})
-        self.issued += 1
-        self.reply(request, 200, {"token": self.token(user or "", access),
-                                  "expires_in": self.lifetime})
+        token = self.token(user or "", access)
+        self.reply(request, 200, {"token": token, "expires_in": self.lifetime})
+        with self.changed:
+            self.issued += 1
+            self.changed.notify_all()
+
+    def wait_issued(self, count, timeout):
+        """Whether COUNT tokens in all have been given, waiting TIMEOUT
+        seconds at most."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.issued >= count, timeout)
 
     def token(self, subject, access):
         now = int(time.time())

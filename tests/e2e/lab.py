@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,16 +369,46 @@ def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+@dataclass
+class Copy:
+    """What a reader of a whole export did: its exit status, the digest
+    and size of what it wrote (what the server served), what it said."""
+    returncode: int
+    digest: str             # "sha256:..."
+    size: int
+    stderr: str
+    info: dict = None       # nbdinfo's record, where nbdinfo ran first
+
+
+def copy_out(command, timeout=300, env=None):
+    """Run COMMAND, which writes an export to its stdout, hashing what it
+    writes as it comes (no shell pipeline to lose its exit status); its
+    Copy.  Killed after TIMEOUT seconds."""
+    digest, size, killed = hashlib.sha256(), 0, []
+    with tempfile.TemporaryFile() as errors:
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=errors, env=env) as process:
+            timer = threading.Timer(timeout, lambda: (killed.append(True), process.kill()))
+            timer.start()
+            try:
+                for block in iter(lambda: process.stdout.read(4 * MIB), b""):
+                    digest.update(block)
+                    size += len(block)
+            finally:
+                timer.cancel()
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    if killed:
+        stderr += f"\n(killed after {timeout} s)"
+    return Copy(process.returncode, "sha256:" + digest.hexdigest(), size, stderr)
+
+
 def export_digest(uri):
     """The "sha256:" digest of every byte of the NBD export at URI, read
-    with nbdcopy."""
-    digest = hashlib.sha256()
-    with subprocess.Popen(["nbdcopy", uri, "-"], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE) as copy:
-        for block in iter(lambda: copy.stdout.read(4 * MIB), b""):
-            digest.update(block)
-    assert copy.returncode == 0, f"nbdcopy {uri}: exit status {copy.returncode}"
-    return "sha256:" + digest.hexdigest()
+    with nbdcopy; AssertionError, with nbdcopy's words, if it fails."""
+    copy = copy_out(["nbdcopy", uri, "-"])
+    assert copy.returncode == 0, f"nbdcopy {uri}: exit status {copy.returncode}: {copy.stderr}"
+    return copy.digest
 
 
 def free_port():

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_disk, nbdkit_error, read_export, run_nbdkit, serve, sha256
+from conftest import (
+    copy_export,
+    make_disk,
+    nbdkit_error,
+    read_export,
+    run_nbdkit,
+    serve,
+    sha256,
+)
 from lab import (
     Blob,
     podman,
@@ -125,10 +133,8 @@ def test_a_warm_start_needs_neither_the_registry_nor_skopeo(lab, cache, disk):
                       **VM)
         cold = run_nbdkit(f"name={name}", f"cache={cache}", "tls-verify=false", verbose=True)
         assert cold.returncode == 0, cold.stderr
-    warm = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk", verbose=True,
-                      run='nbdcopy "$uri" - | sha256sum')
-    assert warm.returncode == 0, warm.stderr
-    assert warm.stdout.split()[0] == sha256(disk[0]).split(":")[1]
+    warm = copy_export(f"name={name}", f"cache={cache}", "layer=disk", verbose=True)
+    assert warm.digest == sha256(disk[0])
     assert "running: skopeo" in cold.stderr
     assert "running: skopeo" not in warm.stderr
     assert "passed its check before, unchanged since" in warm.stderr
@@ -137,12 +143,10 @@ def test_a_warm_start_needs_neither_the_registry_nor_skopeo(lab, cache, disk):
 def test_two_cold_starts_at_once_both_serve_the_disk(artifacts, cache, disk):
     name = artifacts["vm-raw-gzip"][0]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: run_nbdkit(
-            f"name={name}", f"cache={cache}", "layer=disk",
-            run='nbdcopy "$uri" - | sha256sum'), range(2)))
+        results = list(pool.map(lambda _: copy_export(
+            f"name={name}", f"cache={cache}", "layer=disk"), range(2)))
     for result in results:
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.split()[0] == sha256(disk[0]).split(":")[1]
+            assert result.digest == sha256(disk[0])
     assert not [path for path in Path(cache).rglob("*")
                 if path.name.startswith((".partial-", "oci-put-blob", ".new-"))]
 
@@ -234,10 +238,8 @@ def test_a_fetch_killed_midway_leaves_nothing_and_the_next_start_serves(lab, cac
         wait_for(lambda: not processes_mentioning(cache.encode()), 30,
                  lambda: f"left running: {processes_mentioning(cache.encode())}")
     assert any(path.name.startswith("oci-put-blob") for path in partial.glob("*"))
-    result = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk",
-                        run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == expected
+    result = copy_export(f"name={name}", f"cache={cache}", "layer=disk")
+    assert result.digest == expected
     assert not [path for path in partial.glob("*") if path.name.startswith("oci-put-blob")]
 
 
@@ -274,10 +276,9 @@ def cached_blobs(cache):
 def test_an_artifact_pulled_by_podman_is_served_in_place_and_checked(artifacts, cache, disk):
     name = artifacts["vm-qcow2"][0]
     podman("artifact", "pull", "--quiet", "--tls-verify=false", name)
-    result = run_nbdkit(f"name={name}", f"cache={cache}", "pull=never", "layer=disk",
-                        verbose=True, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(disk[1])
+    result = copy_export(f"name={name}", f"cache={cache}", "pull=never", "layer=disk",
+                         verbose=True)
+    assert result.digest == sha256(disk[1])
     assert f"using the artifact {name} from podman's artifact store" in result.stderr
     assert "checking the blob in podman's artifact store sha256:" in result.stderr
     assert "running: skopeo" not in result.stderr
@@ -302,10 +303,9 @@ def test_an_artifact_made_with_podman_artifact_add_is_served(lab, cache, disk):
 @pytest.mark.parametrize("pull", ["missing", "always"])
 def test_a_cold_artifact_is_pulled_into_podmans_store(artifacts, cache, disk, pull):
     name, disk_file = artifacts["vm-raw-gzip"]
-    result = run_nbdkit(f"name={name}", f"cache={cache}", f"pull={pull}", "tls-verify=false",
-                        "layer=disk", verbose=True, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    assert "sha256:" + result.stdout.split()[0] == sha256(disk_file)
+    result = copy_export(f"name={name}", f"cache={cache}", f"pull={pull}", "tls-verify=false",
+                         "layer=disk", verbose=True)
+    assert result.digest == sha256(disk_file)
     assert "pulling it with podman artifact pull" in result.stderr
     assert name in stored_artifacts()
     assert cached_blobs(cache) == [], "a second copy in the cache"

@@ -78,18 +78,14 @@ def test_empty_name_is_refused():
     assert "name= is empty: expected an image such as" in user_error("name=")
 
 
-def test_name_starting_with_dash_never_reaches_podman(scratch):
-    # A podman that records any call, first in PATH.
-    record = os.path.join(scratch, "podman-called")
-    fake_podman = os.path.join(scratch, "podman")
-    with open(fake_podman, "w") as script:
-        script.write(f'#!/bin/sh\necho "$@" >> {record}\nexit 1\n')
-    os.chmod(fake_podman, 0o755)
-    path = f"{scratch}:{os.environ['PATH']}"
+def test_name_starting_with_dash_never_reaches_podman(fake_podman):
+    directory, record = fake_podman
+    record.unlink(missing_ok=True)
+    path = f"{directory}:{os.environ['PATH']}"
     result = run_nbdkit("name=--version", env=dict(os.environ, PATH=path))
     assert result.returncode != 0
     assert "name='--version': an image name cannot start with '-'" in result.stderr
-    assert not os.path.exists(record)
+    assert not record.exists(), f"podman was run: {record.read_text()}"
 
 
 @pytest.mark.parametrize("name", ["quay.io/a\nb", "quay.io/a b"], ids=["newline", "space"])

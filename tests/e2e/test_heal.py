@@ -66,9 +66,11 @@ def damage(path, how):
         path.write_bytes(b"\x00garbage{" + content[9:])
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated", "empty", "missing"])
-@pytest.mark.parametrize("shape", ["artifact", "containerdisk"])
-def test_a_damaged_cache_heals_whole(lab, shapes, data, proxy, cache, shape, how):
+@pytest.mark.parametrize("case", [(shape, how) for shape in ("artifact", "containerdisk")
+                                  for how in ("garbage", "truncated", "empty", "missing")],
+                         ids="-".join)
+def test_a_damaged_cache_heals_whole(lab, shapes, data, proxy, cache, case):
+    shape, how = case
     name = shapes[shape]
     assert serve_whole(lab, proxy, name, cache, kept=True) == sha256(data)
     damaged = small_files(cache)

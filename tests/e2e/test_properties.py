@@ -5,8 +5,8 @@ one message naming its key and no podman run, or accepted and handed to
 podman only as the operand after "--" or joined to its option as
 --key=value.  Nothing goes through a shell; nothing is left in TMPDIR.
 
-podman (and skopeo, for artifacts and archives) here is a recording fake,
-first in PATH.  A test double is the point of these tests: what they check
+podman (and skopeo, for artifacts and archives) here is conftest's
+recording fake, first in PATH.  A test double is the point of these tests: what they check
 is the argv podman would be given, which only a stand-in can record.  It
 says "no" to "image exists" and fails every other command at once, so one
 example costs one short nbdkit run.
@@ -23,29 +23,8 @@ import pytest
 from hypothesis import HealthCheck, configuration, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import CDI, NBDKIT, run_nbdkit
+from conftest import CDI, FAKE_ERROR, FAKE_SKOPEO_ERROR, NBDKIT, run_nbdkit
 
-FAKE_PODMAN = """#!/usr/bin/python3 -IS
-import json, os, sys
-with open({record!r}, "a") as record:
-    with open(f"/proc/{{os.getppid()}}/comm") as comm:
-        parent = comm.read().strip()
-    record.write(json.dumps({{
-        "program": os.path.basename(sys.argv[0]),
-        "argv": [os.fsencode(word).hex() for word in sys.argv[1:]],
-        "parent": parent,
-        "tmpdir": os.environ.get("TMPDIR", ""),
-    }}) + "\\n")
-if sys.argv[1:3] == ["image", "exists"]:
-    sys.exit(1)
-if os.path.basename(sys.argv[0]) == "skopeo":
-    sys.stderr.write('time="0" level=fatal msg="fake skopeo: nothing to see here"\\n')
-    sys.exit(1)
-sys.stderr.write("Error: fake podman: nothing to see here\\n")
-sys.exit(125)
-"""
-FAKE_ERROR = "(podman exit status 125: Error: fake podman: nothing to see here)"
-FAKE_SKOPEO_ERROR = "(skopeo exit status 1: Error: fake skopeo: nothing to see here)"
 NAME = "localhost/cdi-test/property:1"
 KEYS = ("name", "layer", "pull", "tls-verify", "authfile", "cert-dir", "platform",
         "verify", "copy")
@@ -70,19 +49,6 @@ def hypothesis_home(lab):
     configuration.set_hypothesis_home_dir(os.path.join(lab.workdir, "hypothesis"))
     yield
     configuration.set_hypothesis_home_dir(saved)
-
-
-@pytest.fixture(scope="module")
-def fake_podman(lab):
-    """A directory holding the recording podman, and the file it records to."""
-    directory = Path(tempfile.mkdtemp(prefix="fake-podman-", dir=lab.workdir))
-    record = directory / "calls"
-    script = directory / "podman"
-    script.write_text(FAKE_PODMAN.format(record=str(record)))
-    script.chmod(0o755)
-    (directory / "skopeo").symlink_to(script)
-    yield directory, record
-    shutil.rmtree(directory)
 
 
 class Outcome:

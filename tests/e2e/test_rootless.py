@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CDI, NBDKIT
-from lab import Blob, push_artifact, wait_for, write_docker_archive
+from lab import Blob, copy_out, push_artifact, sha256, wait_for, write_docker_archive
 from tars import directory, regular, tar_layer
 
 USER = "cdi-rootless-test"
@@ -28,17 +28,22 @@ USER = "cdi-rootless-test"
 def as_user(home, command, check=True, **run):
     """COMMAND run by USER with HOME, its own runtime directory and podman
     configuration; its CompletedProcess."""
-    env = {"HOME": str(home), "PATH": f"{Path(NBDKIT).parent}:/usr/bin:/bin",
-           "XDG_RUNTIME_DIR": str(home / "run"), "TMPDIR": str(home / "tmp"),
-           "XDG_CACHE_HOME": str(home / "cache"),
-           "CONTAINERS_STORAGE_CONF": str(home / "storage.conf")}
-    result = subprocess.run(["runuser", "-u", USER, "--", "env", "-i",
-                             *[f"{key}={value}" for key, value in env.items()], *command],
-                            check=False, stdin=subprocess.DEVNULL, capture_output=True,
+    result = subprocess.run(user_command(home, command), check=False,
+                            stdin=subprocess.DEVNULL, capture_output=True,
                             text=True, timeout=300, **run)
     if check:
         assert result.returncode == 0, f"{command}: {result.stderr}"
     return result
+
+
+def user_command(home, command):
+    """The argv that runs COMMAND as USER with HOME (see as_user)."""
+    env = {"HOME": str(home), "PATH": f"{Path(NBDKIT).parent}:/usr/bin:/bin",
+           "XDG_RUNTIME_DIR": str(home / "run"), "TMPDIR": str(home / "tmp"),
+           "XDG_CACHE_HOME": str(home / "cache"),
+           "CONTAINERS_STORAGE_CONF": str(home / "storage.conf")}
+    return ["runuser", "-u", USER, "--", "env", "-i",
+            *[f"{key}={value}" for key, value in env.items()], *command]
 
 
 def user_processes():
@@ -111,11 +116,19 @@ def load_as_user(home, tag, layers):
     return diff_ids
 
 
-# Each export's sha256, then what TMPDIR holds while serving.
+# Each export's sha256, then what TMPDIR holds while serving.  No pipeline
+# (dash has no pipefail): each step's failure ends the script, and nbdkit
+# exits with its status.
 HASH_EXPORTS = """
-for name in $(nbdinfo --list --json "$uri" | sed -n 's/.*"export-name": "\\(.*\\)".*/\\1/p'); do
-    nbdcopy "nbd+unix:///$name?socket=$unixsocket" - | sha256sum | sed "s/ .*/ $name/"
+set -e
+nbdinfo --list --json "$uri" >"$XDG_RUNTIME_DIR/exports.json"
+for name in $(sed -n 's/.*"export-name": "\\(.*\\)".*/\\1/p' "$XDG_RUNTIME_DIR/exports.json"); do
+    nbdcopy "nbd+unix:///$name?socket=$unixsocket" "$XDG_RUNTIME_DIR/copy"
+    digest=$(sha256sum "$XDG_RUNTIME_DIR/copy")
+    rm "$XDG_RUNTIME_DIR/copy"
+    echo "${digest%% *} $name"
 done
+rm "$XDG_RUNTIME_DIR/exports.json"
 echo "TMPDIR: $(ls -A "$TMPDIR")"
 """
 
@@ -148,11 +161,11 @@ def test_rootless_user_is_served_an_artifact_from_a_cache_of_its_own(home, lab):
     push_artifact(lab.workdir, name,
                   [Blob("application/vnd.oci.image.layer.v1.tar", disk, "disk.img")])
     for start in ("cold", "warm"):
-        result = as_user(home, [NBDKIT, "-U", str(home / f"run/{start}.sock"), "python", CDI,
-                                f"name={name}", "tls-verify=false", "layer=disk",
-                                "--run", 'nbdcopy "$uri" - | sha256sum'], check=False)
-        assert result.returncode == 0, f"{start}: {result.stderr}"
-        assert result.stdout.split()[0] == hashlib.sha256(disk).hexdigest(), start
+        copy = copy_out(user_command(home, [
+            NBDKIT, "-U", str(home / f"run/{start}.sock"), "python", CDI, f"name={name}",
+            "tls-verify=false", "layer=disk", "--run", 'nbdcopy "$uri" -']))
+        assert copy.returncode == 0, f"{start}: {copy.stderr}"
+        assert copy.digest == sha256(disk), start
     cache = home / "cache" / "cdi-py"
     assert cache.stat().st_uid == pwd.getpwnam(USER).pw_uid
     assert oct(cache.stat().st_mode & 0o777) == "0o700"

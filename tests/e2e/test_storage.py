@@ -21,7 +21,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from conftest import nbdkit_error, read_export, run_nbdkit, serve
+from conftest import copy_export, nbdkit_error, read_export, run_nbdkit, serve
 from lab import podman, sha256
 from tars import MTIME, Layer, directory, hardlink, layer_tar, regular, symlink, whiteout
 
@@ -32,13 +32,6 @@ def pseudo_random(size, seed):
 
 
 # ------------------------------------------------------- serving and reading
-
-def served_digest(*params, verbose=False):
-    """(sha256 of the default export, nbdkit's stderr)."""
-    result = run_nbdkit(*params, verbose=verbose, run='nbdcopy "$uri" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    return "sha256:" + result.stdout.split()[0], result.stderr
-
 
 @contextlib.contextmanager
 def connected(sock, export_name=""):
@@ -159,10 +152,10 @@ def test_symlinks_are_served_as_links_never_followed(mixed):
 
 
 def test_copy_true_says_it_copies_with_podman_save(mixed):
-    digest, log = served_digest(f"name={mixed.name}", "layer=2", "copy=true", verbose=True)
-    assert "copy=true: copying the layer with podman save" in log
-    assert "cannot serve from podman's storage" not in log
-    assert digest == mixed.diff_ids[2]
+    copied = copy_export(f"name={mixed.name}", "layer=2", "copy=true", verbose=True)
+    assert "copy=true: copying the layer with podman save" in copied.stderr
+    assert "cannot serve from podman's storage" not in copied.stderr
+    assert copied.digest == mixed.diff_ids[2]
 
 
 # A file stored below a symlink of its own layer: podman resolves
@@ -179,27 +172,24 @@ def through_symlink(lab):
 
 
 def test_file_below_a_symlink_falls_back_to_podman_save(through_symlink):
-    digest, log = served_digest(f"name={through_symlink.name}", "layer=0", verbose=True)
+    copied = copy_export(f"name={through_symlink.name}", "layer=0", verbose=True)
     assert ("cannot serve from podman's storage (cannot open b'escape/inside.txt': "
-            "Not a directory): copying the layer with podman save") in log
-    assert digest == through_symlink.diff_ids[0]
+            "Not a directory): copying the layer with podman save") in copied.stderr
+    assert copied.digest == through_symlink.diff_ids[0]
 
 
 def test_unsafe_layer_beside_the_served_one_is_listed_and_copied_on_first_use(
         through_symlink):
-    uri = "nbd+unix:///0?socket=$unixsocket"
-    result = run_nbdkit(f"name={through_symlink.name}", "layer=1", verbose=True,
-                        run=f'nbdinfo --list --json "$uri" && nbdcopy "{uri}" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    listing, digest = result.stdout.rsplit("}", 1)
+    result = copy_export(f"name={through_symlink.name}", "layer=1", export="0",
+                         info=["--list"], verbose=True)
     exports = {export["export-name"]: export["description"]
-               for export in json.loads(listing + "}")["exports"]}
+               for export in result.info["exports"]}
     assert list(exports) == ["0", "1"]
     assert exports["0"] == (
         f"layer 0 of 2: {through_symlink.diff_ids[0]}: copied with podman save when first "
         "opened (cannot serve from podman's storage (cannot open b'escape/inside.txt': "
         "Not a directory))")
-    assert "sha256:" + digest.split()[0] == through_symlink.diff_ids[0]
+    assert result.digest == through_symlink.diff_ids[0]
     assert "layer 0: cannot serve from podman's storage" in result.stderr
 
 
@@ -228,10 +218,10 @@ def test_vfs_storage_serves_every_layer_in_place(lab, vfs_storage):
         layer_tar([whiteout("gone.txt"), regular("top.txt", b"top\n"),
                    symlink("link", "/etc/passwd")])])
     for index, diff_id in enumerate(image.diff_ids):
-        digest, log = served_digest(f"name={image.name}", f"layer={index}", verbose=True)
-        assert digest == diff_id
-        assert f"export {index}: storage: layer {index} of 2: {diff_id}" in log
-        assert "copying the layer with podman save" not in log
+        copied = copy_export(f"name={image.name}", f"layer={index}", verbose=True)
+        assert copied.digest == diff_id
+        assert f"export {index}: storage: layer {index} of 2: {diff_id}" in copied.stderr
+        assert "copying the layer with podman save" not in copied.stderr
 
 
 # ------------------------------------------------- the image goes away
@@ -291,18 +281,15 @@ def test_unknown_export_name_is_refused(mixed, export_name):
 
 
 def test_copy_true_lists_every_layer_and_copies_each_on_first_use(mixed):
-    uri = "nbd+unix:///0?socket=$unixsocket"
-    result = run_nbdkit(f"name={mixed.name}", "layer=3", "copy=true", verbose=True,
-                        run=f'nbdinfo --list --json "$uri" && nbdcopy "{uri}" - | sha256sum')
-    assert result.returncode == 0, result.stderr
-    listing, digest = result.stdout.rsplit("}", 1)
+    result = copy_export(f"name={mixed.name}", "layer=3", "copy=true", export="0",
+                         info=["--list"], verbose=True)
     exports = {export["export-name"]: export["description"]
-               for export in json.loads(listing + "}")["exports"]}
+               for export in result.info["exports"]}
     assert list(exports) == ["0", "1", "2", "3", "4"]
     assert exports["0"] == (f"layer 0 of 5: {mixed.diff_ids[0]}: copied with podman save "
                             "when first opened (copy=true)")
     assert exports["3"].startswith(f"layer 3 of 5: {mixed.diff_ids[3]}, ")
-    assert "sha256:" + digest.split()[0] == mixed.diff_ids[0]
+    assert result.digest == mixed.diff_ids[0]
     assert "layer 0: copy=true: copying the layer with podman save" in result.stderr
 
 
@@ -343,15 +330,15 @@ def auto_images(lab):
 def test_layer_auto_selects_the_layer_holding_the_visible_disk(auto_images, case, index,
                                                                copy):
     image = auto_images[case]
-    digest, _ = served_digest(f"name={image.name}", "layer=auto", f"copy={copy}")
-    assert digest == image.diff_ids[index]
+    copied = copy_export(f"name={image.name}", "layer=auto", f"copy={copy}")
+    assert copied.digest == image.diff_ids[index]
 
 
 @pytest.mark.parametrize("copy", ["false", "true"])
 def test_layer_auto_finds_a_disk_whose_entry_has_a_pax_header(auto_images, copy):
     image = auto_images["pax-header"]
-    digest, _ = served_digest(f"name={image.name}", "layer=auto", f"copy={copy}")
-    assert digest == image.diff_ids[1]
+    copied = copy_export(f"name={image.name}", "layer=auto", f"copy={copy}")
+    assert copied.digest == image.diff_ids[1]
 
 
 @pytest.mark.parametrize("copy", ["false", "true"])

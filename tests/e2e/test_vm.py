@@ -7,7 +7,6 @@ serial console.  qemu boots it with TCG from the NBD export; seeing the
 token shows that the VM ran the bytes cdi.py served.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_nbdkit, serve
+from conftest import copy_export, serve
 from lab import Blob, podman, push_artifact, sha256
 from tars import directory, regular, tar_layer
 from vm import boot, make_boot_disk, token_line
@@ -96,24 +95,19 @@ def test_a_vm_boots_from_a_derived_containerdisk_while_it_streams_in(lab, boot_d
 
 # ------------------------------------------------- qcow2dec (nbdkit >= 1.36)
 
-DECODE_AND_READ = 'nbdinfo --json "$uri" && nbdcopy "$uri" - | sha256sum'
-
-
-def decoded(result):
-    """(nbdinfo's record of the export, the sha256 of its bytes) from a run
-    of DECODE_AND_READ."""
-    assert result.returncode == 0, result.stderr
-    info, _, checksum = result.stdout.rpartition("}")
-    return json.loads(info + "}")["exports"][0], "sha256:" + checksum.split()[0]
+def decoded(*params, filters):
+    """(nbdinfo's record of the export, the sha256 of its bytes) of the
+    default export served with PARAMS through FILTERS."""
+    copy = copy_export(*params, filters=filters, info=[])
+    return copy.info["exports"][0], copy.digest
 
 
 @pytest.mark.requires("qcow2dec")
 def test_the_c_plugins_headline_example_gives_back_the_source_disk(boot_disk,
                                                                    boot_containerdisk):
     # nbdkit cdi --filter=qcow2dec --filter=tar tar-entry=./disk/downloaded IMAGE
-    info, checksum = decoded(run_nbdkit(
-        f"name={boot_containerdisk.name}", "tar-entry=./disk/downloaded",
-        filters=["qcow2dec", "tar"], run=DECODE_AND_READ))
+    info, checksum = decoded(f"name={boot_containerdisk.name}", "tar-entry=./disk/downloaded",
+                             filters=["qcow2dec", "tar"])
     assert info["export-size"] == boot_disk.raw.stat().st_size
     assert info["content"].startswith("DOS/MBR boot sector")
     assert checksum == sha256(boot_disk.raw.read_bytes())
@@ -121,9 +115,8 @@ def test_the_c_plugins_headline_example_gives_back_the_source_disk(boot_disk,
 
 @pytest.mark.requires("qcow2dec")
 def test_layer_disk_under_qcow2dec_gives_back_the_source_disk(boot_disk, boot_containerdisk):
-    info, checksum = decoded(run_nbdkit(
-        f"name={boot_containerdisk.name}", "layer=disk", filters=["qcow2dec"],
-        run=DECODE_AND_READ))
+    info, checksum = decoded(f"name={boot_containerdisk.name}", "layer=disk",
+                             filters=["qcow2dec"])
     assert info["export-size"] == boot_disk.raw.stat().st_size
     assert info["content"].startswith("DOS/MBR boot sector")
     assert checksum == sha256(boot_disk.raw.read_bytes())

@@ -2,37 +2,22 @@
 restart finds, reads that fetch what they need and no more, extents that
 never call what has not arrived zero, and the check once whole.
 
-The registry here is plain data: an object answering blob_range from
-bytes in memory (the end-to-end tests use the real registry)."""
+The registry here is plain data: fakes.Registry, blobs in memory (the
+end-to-end tests use the real registry)."""
 
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 
-from cdipy.errors import RegistryError
 from cdipy.layer import DATA, Member, Window
 from cdipy.oci import chunks
 from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
+from fakes import Registry
 
 SIZE = 5 * CHUNK + 1000
-
-
-class Bytes:
-    """A registry holding one blob, DATA; it counts what it is asked."""
-    host, image_name = "registry.example", "registry.example/disk:1"
-
-    def __init__(self, data, failures=0):
-        self.data, self.failures = data, failures
-        self.ranges = []
-
-    def blob_range(self, digest, start, end):
-        if self.failures:
-            self.failures -= 1
-            raise RegistryError("the connection was cut", transient=True)
-        self.ranges.append((start, end))
-        return self.data[start:end]
 
 
 @pytest.fixture
@@ -50,7 +35,7 @@ def make(tmp_path, data):
     made, wholes = [], []
 
     def make_blob(registry=None, digest=None):
-        registry = registry or Bytes(data)
+        registry = registry or Registry(data)
         partial = PartialBlob(str(tmp_path / "partial"), digest or digest_of(data), SIZE,
                               "img")
         blob = RemoteBlob(0, registry, partial, lambda layer, zeros: wholes.append(zeros))
@@ -111,14 +96,14 @@ def test_what_has_not_arrived_is_data_never_zero(make):
 
 def test_a_cut_connection_is_tried_again(make, data, monkeypatch):
     monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
-    blob = make(Bytes(data, failures=2))
+    blob = make(Registry(data, failures=2))
     assert read(blob, 0, 10) == data[:10]
 
 
 def test_a_registry_that_stays_away_fails_the_read_never_with_zeros(make, data, monkeypatch):
     monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
     monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.05)
-    blob = make(Bytes(data, failures=10**6))
+    blob = make(Registry(data, failures=10**6))
     with pytest.raises(OSError) as raised:
         read(blob, 0, 10)
     assert raised.value.errno == errno.EIO
@@ -154,17 +139,35 @@ def test_a_window_reads_through_it(make, data):
     assert blob.registry.ranges == [(2 * CHUNK, 3 * CHUNK)]
 
 
-def test_a_blob_whole_when_the_server_stops_is_checked_and_kept_first(make, data):
-    blob = make()
+def test_a_whole_blob_no_worker_checked_is_checked_when_the_server_stops(make, data):
+    blob = make()  # no workers: the reads fetch, and nothing checks the whole
     assert read(blob, 0, SIZE) == data[:SIZE]
     assert make.wholes == [], "checked before the server stops"
     blob.close()
     assert len(make.wholes) == 1, "the server stopped without checking the whole blob"
 
 
-def test_a_check_under_way_when_the_server_stops_is_finished_and_kept(make, data):
+def test_a_check_a_worker_began_is_finished_before_the_server_stops(make, data, monkeypatch):
+    began, go_on = threading.Event(), threading.Event()
+    note_zeros = chunks.note_zeros
+
+    def held_up(*args):  # a step of the check, held until the test says
+        began.set()
+        go_on.wait(30)
+        note_zeros(*args)
+
+    monkeypatch.setattr(chunks, "note_zeros", held_up)
     blob = make()
     blob.start()
     assert read(blob, 0, SIZE) == data[:SIZE]
-    blob.close()  # whether a worker began the check or not
+    assert began.wait(30), "no worker began the check of the whole blob"
+    closing = threading.Thread(target=blob.close)
+    closing.start()
+    with blob.condition:
+        assert blob.condition.wait_for(lambda: blob.stopping, 30)
+    assert closing.is_alive(), "the server stopped with a check under way"
+    assert make.wholes == []
+    go_on.set()
+    closing.join(30)
+    assert not closing.is_alive()
     assert len(make.wholes) == 1, "the server stopped without keeping the whole blob"

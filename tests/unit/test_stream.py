@@ -3,8 +3,8 @@ reads ahead taking in only as far as they need, entries listed as their
 headers arrive, a broken-off answer resumed at the byte reached, extents
 that never call what has not arrived zero, and the checks once whole.
 
-The registry here is plain data: an object answering blob_pieces from
-bytes in memory (the end-to-end tests use the real registry)."""
+The registry here is plain data: fakes.Registry, blobs in memory (the
+end-to-end tests use the real registry)."""
 
 import errno
 import gzip
@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from cdipy.cache import PrivateCache
-from cdipy.errors import NoSuchExport, RegistryError
+from cdipy.errors import NoSuchExport
 from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
 from cdipy.oci import chunks
@@ -27,35 +27,13 @@ from cdipy.oci.stream import PIECE, Stream, StreamedLayer
 from cdipy.parameters import Settings
 from cdipy.sources.stream import StreamSource
 from cdipy.verify import CheckRecords
+from fakes import Registry
 from tars import directory, layer_tar, regular
 
 NAME = "registry.example/vms/containerdisk:1"
 IMAGE_CONFIG, GZIP_LAYER = IMAGE_CONFIG_TYPES[0], GZIP_LAYER_TYPES[0]
 
 DISK = os.urandom(3 * PIECE) + bytes(2 * PIECE) + os.urandom(2 * PIECE)
-
-
-class Bytes:
-    """A registry holding one blob, DATA, sent PIECE bytes at a time; the
-    first answer breaks off after CUT bytes, if given; it counts what it
-    is asked."""
-    host, image_name = "registry.example", "registry.example/disk:1"
-
-    def __init__(self, data, cut=None, away=False):
-        self.data, self.cut, self.away = data, cut, away
-        self.starts = []
-
-    def blob_pieces(self, digest, start, piece):
-        if self.away:
-            raise RegistryError("the connection was refused", transient=True)
-        self.starts.append(start)
-        end = len(self.data)
-        if self.cut is not None:
-            end, self.cut = start + self.cut, None
-        for offset in range(start, end, piece):
-            yield self.data[offset:min(offset + piece, end)]
-        if end < len(self.data):
-            raise RegistryError("the connection was cut", transient=True)
 
 
 def digest_of(data):
@@ -74,7 +52,7 @@ def make(tmp_path):
 
     def make_layer(registry=None, blob=BLOB, diff_id=None, media_type=GZIP_LAYER):
         fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
-        stream = Stream(0, registry or Bytes(blob), {"digest": digest_of(blob),
+        stream = Stream(0, registry or Registry(blob), {"digest": digest_of(blob),
                                                      "size": len(blob),
                                                      "mediaType": media_type},
                         diff_id or digest_of(TAR), fd, condition=threading.Condition(),
@@ -148,7 +126,7 @@ def test_zeros_arrive_as_holes_and_the_rest_is_never_called_zero(make):
 
 
 def test_an_answer_cut_short_is_resumed_at_the_byte_reached(make):
-    registry = Bytes(BLOB, cut=len(BLOB) // 2 + 7)
+    registry = Registry(BLOB, cut=len(BLOB) // 2 + 7)
     layer = make(registry)
     layer.wait_whole()
     assert read(layer, 0, len(TAR)) == TAR
@@ -177,7 +155,7 @@ def test_a_blob_that_is_not_gzip_is_a_clear_error(make):
 def test_a_registry_that_stays_away_fails_the_read_and_a_later_read_tries_again(
         make, monkeypatch):
     monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.5)
-    registry = Bytes(BLOB, away=True)
+    registry = Registry(BLOB, away=True)
     layer = make(registry)
     with pytest.raises(OSError, match="the connection was refused"):
         read(layer, 0, 512)
@@ -197,19 +175,6 @@ def test_in_the_background_a_thread_takes_in_the_rest(make):
 
 # ------------------------------------------------- the source and its disk
 
-class Blobs:
-    """A registry holding the blobs BY_DIGEST, whole at once."""
-    host, image_name = "registry.example", NAME
-
-    def __init__(self, by_digest):
-        self.by_digest = by_digest
-
-    def blob_pieces(self, digest, start, piece):
-        data = self.by_digest[digest]
-        for offset in range(start, len(data), piece):
-            yield data[offset:offset + piece]
-
-
 @pytest.fixture
 def image(tmp_path):
     """image(layers) -> the table of exports of an image of LAYERS (tars)
@@ -227,9 +192,9 @@ def image(tmp_path):
                                 "size": len(blob)} for blob in blobs]}
         data = json.dumps(manifest).encode()
         os.chmod(tmp_path, 0o700)
-        remote = RemoteImage(NAME, Blobs({digest_of(blob): blob for blob in blobs}), manifest,
-                             data, digest_of(data), Layout(str(tmp_path), NAME),
-                             json.loads(config), config.encode())
+        registry = Registry({digest_of(blob): blob for blob in blobs}, NAME)
+        remote = RemoteImage(NAME, registry, manifest, data, digest_of(data),
+                             Layout(str(tmp_path), NAME), json.loads(config), config.encode())
         settings = Settings(name=NAME, layer=layer)
         records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
         table = Exports(StreamSource(remote, settings, records), settings, records)
@@ -298,7 +263,7 @@ def test_an_image_with_no_disk_has_no_disk_export(image):
 
 
 def test_a_bug_in_the_thread_fails_the_reads_saying_what(make):
-    class Broken(Bytes):
+    class Broken(Registry):
         def blob_pieces(self, digest, start, piece):
             raise ValueError("a bug")
 
