@@ -25,8 +25,8 @@ def data():
 
 @pytest.fixture(scope="module")
 def shapes(lab, data):
-    """{shape: its name in the open registry}: an ORAS artifact, and a
-    containerdisk (one gzip layer) that is streamed into the cache."""
+    """{shape: (its name in the open registry, its disk)}: an ORAS artifact,
+    and a containerdisk (one gzip layer) that is streamed into the cache."""
     artifact = "cdi-test/heal-artifact:1"
     push_artifact(lab.workdir, f"{lab.registry}/{artifact}", [Blob(LAYER_TAR, data, "disk.img")])
     image = lab.build(f"localhost/cdi-test/heal-{os.urandom(4).hex()}:1",
@@ -34,7 +34,7 @@ def shapes(lab, data):
     containerdisk = "cdi-test/heal-containerdisk:1"
     lab.push(image, f"{lab.registry}/{containerdisk}")
     podman("rmi", "--force", image.id)
-    return {"artifact": artifact, "containerdisk": containerdisk}
+    return {"artifact": (artifact, data), "containerdisk": (containerdisk, data)}
 
 
 def serve_whole(lab, proxy, name, cache, *, kept):
@@ -69,9 +69,9 @@ def damage(path, how):
 @pytest.mark.parametrize("case", [(shape, how) for shape in ("artifact", "containerdisk")
                                   for how in ("garbage", "truncated", "empty", "missing")],
                          ids="-".join)
-def test_a_damaged_cache_heals_whole(lab, shapes, data, proxy, cache, case):
+def test_a_damaged_cache_heals_whole(lab, shapes, proxy, cache, case):
     shape, how = case
-    name = shapes[shape]
+    name, data = shapes[shape]
     assert serve_whole(lab, proxy, name, cache, kept=True) == sha256(data)
     damaged = small_files(cache)
     names = {path.name for path in damaged}
@@ -84,7 +84,7 @@ def test_a_damaged_cache_heals_whole(lab, shapes, data, proxy, cache, case):
 
 
 def test_offline_and_not_in_the_cache_says_so(lab, shapes, proxy, cache):
-    name = shapes["artifact"]
+    name, _ = shapes["artifact"]
     proxy.stop()
     error = nbdkit_error(*params(proxy, name, cache))
     assert (f"{proxy.address}/{name}: not in the cache {cache}, and its registry "
