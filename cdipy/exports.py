@@ -56,20 +56,19 @@ class Exports:
 
     # ----------------------------------------------------------- start-up
 
-    def build_default(self, tools=None):
+    def build_default(self):
         """Choose and build the default export (for layer=auto and
-        layer=disk, with the layers that decide which file is the VM disk),
-        with TOOLS, the start-up's."""
+        layer=disk, with the layers that decide which file is the VM disk)."""
         count, layer = len(self.layers), self.settings.layer
         if layer in ("auto", "disk"):
             with self.disk.lock:
-                self.disk.build(tools)
+                self.disk.build()
             self.default_name = str(self.disk.layer.index) if layer == "auto" else "disk"
         elif -count <= layer < count:
             export = self.layers[layer % count]
             self.default_name = export.name
             with export.lock:
-                self.build(export, tools)
+                self.build(export)
         else:
             allowed = f"0..{count - 1} or -{count}..-1" if count else "none"
             raise CdiError(f"{self.settings.name}: layer={layer} is out of range: the "
@@ -183,13 +182,13 @@ class Exports:
 
     # --------------------------------------------- building, under export.lock
 
-    def build(self, export, tools=None):
+    def build(self, export):
         """Build EXPORT's layer, in place if it can be, else as the source
         can (a copy, with TOOLS if given)."""
         if export is self.disk:
-            return self.disk.build(tools)
+            return self.disk.build()
         if self.build_in_place(export) is None and export.layer is None:
-            self.keep(export, lambda: self.source.build(export.index, tools))
+            self.keep(export, lambda: self.source.build(export.index))
 
     def build_in_place(self, export):
         """Build EXPORT's layer if the source holds it in place; its layer, or None."""
@@ -254,19 +253,19 @@ class DiskExport(Export):
 
     # ----------------------------------------------------- under self.lock
 
-    def build(self, tools=None):
+    def build(self):
         """Choose the disk among the members of every layer, and make its
-        Window, with TOOLS (or a session of the source's own)."""
+        Window, in one session of the source."""
         if self.error:
             raise CdiError(self.error)
         if self.layer is not None:
             return
         table, source = self.table, self.table.source
-        with source.session(tools) as session:
+        with source.session():
             try:
                 arriving = source.arriving_disk()
                 choice, window = arriving if arriving else (
-                    source.choose_disk(self.members_of_layers(session)), None)
+                    source.choose_disk(self.members_of_layers()), None)
             except OSError as error:  # not arrived: another try may tell
                 raise CdiError(f"{table.settings.name}: cannot find the VM disk: "
                                f"{error.strerror}") from None
@@ -276,7 +275,7 @@ class DiskExport(Export):
             if window is None:
                 export = table.layers[choice.index]
                 with export.lock:
-                    table.build(export, session)
+                    table.build(export)
                     try:
                         window = Window(export.layer, choice.member, choice.why)
                     except OSError as error:
@@ -288,10 +287,10 @@ class DiskExport(Export):
         log.debug(f"export disk: {choice.member.name} of {source.part} "
                   f"{choice.index}: {choice.why}")
 
-    def members_of_layers(self, tools):
+    def members_of_layers(self):
         """[(index, members)] of every entry, base first.  Those in place
-        are built; the source reads the others (with TOOLS), and those
-        holding a file that could be the disk are kept."""
+        are built; the source reads the others, and those holding a file
+        that could be the disk are kept."""
         table = self.table
         members, missing = {}, []
         for export in table.layers:
@@ -301,7 +300,7 @@ class DiskExport(Export):
                 else:
                     missing.append(export.index)
         if missing:
-            for index, layer in table.source.read_members(missing, tools).items():
+            for index, layer in table.source.read_members(missing).items():
                 members[index] = layer.members
                 if layer.index != index:
                     continue  # a layer twice in the image: kept once

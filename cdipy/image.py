@@ -1,11 +1,13 @@
-"""Finding the image, by the pull policy: in podman's local storage, in
+"""Finding the image, and the source to serve it from, by the pull policy
+and the signature policy: in podman's local storage, in
 the cache (streamed there from its registry, see sources/stream.py), or
 pulled by podman (pull-into=podman, or what cdi.py cannot stream).  An
 OCI artifact: in podman's artifact store (podman >= 5.4), pulled there by
 podman; where podman has no artifact store (podman 4), or for a
 multi-arch artifact, in the cache's layout, copied there by skopeo.  An
 archive (which podman would import into the user's storage): in the
-cache's layout, copied there by skopeo."""
+cache's layout, copied there by skopeo.  A blob of a layout that fails
+its check is fetched again here, once, where the pull policy allows."""
 
 import contextlib
 import json
@@ -14,6 +16,7 @@ import os
 import re
 
 from .errors import CdiError
+from .oci.blobs import BlobMismatch
 from .oci.fetch import (
     Fetched,
     copy,
@@ -25,30 +28,41 @@ from .oci.fetch import (
 )
 from .oci.layout import Layout, is_artifact
 from .parameters import local_reference, registry_host, split_transport
+from .sources.layout import LayoutSource
+from .sources.registry import RegistrySource
+from .sources.storage import podman_image_source
+from .sources.stream import StreamSource
 
 log = logging.getLogger("cdipy")
 
 # Transports of files, which skopeo copies into the cache: podman would
 # import them into the user's storage and leave them there.
 FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
+# The source of what the registry holds, read by cdi.py itself (oci.fetch).
+REMOTE_SOURCES = {"artifact": RegistrySource, "image": StreamSource}
+# How many times a blob that fails its check is fetched again.
+REFETCHES = 1
 
 
-def find_image(podman, skopeo, settings, held, admission):
+def find_source(settings, *, podman, skopeo, held, admission, caches):
     """Apply the pull policy and the signature policy (ADMISSION, an
-    admission.Admission, which refuses a rejected image already); return
-    podman's inspect record of the image, or a Fetched: an artifact or
-    archive in podman's artifact store or in the cache's layout, whose lock
-    HELD (an ExitStack) then holds."""
-    return Finder(podman, skopeo, settings, held, admission).find()
+    admission.Admission, which refuses a rejected image already) to
+    settings.name, with PODMAN and SKOPEO (podman.Tool); return the source
+    (sources/) of what is found: an image in podman's storage, an artifact
+    or archive in podman's artifact store or in the cache's layout (whose
+    lock HELD, an ExitStack, then holds), or what cdi.py reads from the
+    registry itself.  CACHES: (check records, maps)."""
+    return Finder(settings, podman=podman, skopeo=skopeo, held=held, admission=admission,
+                  caches=caches).find()
 
 
 class Finder:
-    """Finding settings.name with PODMAN and SKOPEO (podman.Tool), as
-    find_image says."""
+    """Finding settings.name, as find_source says."""
 
-    def __init__(self, podman, skopeo, settings, held, admission):
+    def __init__(self, settings, *, podman, skopeo, held, admission, caches):
         self.podman, self.skopeo, self.settings = podman, skopeo, settings
         self.held, self.admission = held, admission
+        self.records, self.maps = caches
         self.name = settings.name
 
     def find(self):
@@ -86,15 +100,15 @@ class Finder:
                 log.debug(f"local {self.name} is not {settings.platform}")
             elif admission.check_here(manifest_digests(image, local), "podman's storage"):
                 log.debug(f"using {image['Id']} from local storage")
-                return image
+                return self.podman_source(image)
             else:
                 return None
         if split_transport(self.name)[0] == "containers-storage":
             return None  # names podman's image storage alone
         stored = stored_artifact(self.podman, settings, local)
         if stored is not None:
-            return stored if admission.check_here([stored.digest], "podman's artifact store") \
-                else None
+            return self.layout_source(stored) \
+                if admission.check_here([stored.digest], "podman's artifact store") else None
         found = cached(settings, self.held, admission)
         if found is None:
             return None
@@ -103,7 +117,7 @@ class Finder:
         remote = f"docker://{local}"
         fetch = None if settings.pull == "never" else \
             lambda: copy(self.skopeo, settings, layout, remote)
-        return Fetched(self.name, layout, manifest, fetch)
+        return self.layout_source(Fetched(self.name, layout, manifest, fetch))
 
     def pull(self, local):
         """Fetch the image: an artifact of uncompressed blobs read from its
@@ -118,14 +132,14 @@ class Finder:
             if settings.cache_directory() is not None and how != "hand":
                 read = from_registry(settings, local, layout_of(settings), self.admission)
                 if read is not None:
-                    return read
+                    return REMOTE_SOURCES[read.kind](read, settings, self.records)
             manifest = inspect_remote(self.skopeo, settings, f"docker://{local}")
             if manifest is not None and is_artifact(manifest):
                 # podman artifact pull takes no platform: an index goes to skopeo.
                 pulled = None if "manifests" in manifest or how == "hand" \
                     else pull_artifact(self.podman, settings, local)
                 if pulled is not None:
-                    return pulled
+                    return self.layout_source(pulled)
                 log.debug(f"{name} is an artifact: copying it with skopeo")
                 return self.copied_into_cache(f"docker://{local}")
         _, output = self.podman.run(["pull", "--quiet", *settings.registry_options(),
@@ -135,13 +149,40 @@ class Finder:
         image_id = output.split()[-1] if output.split() else ""
         if not re.fullmatch(r"[0-9a-f]{64}", image_id):
             raise CdiError(f"{name}: pull: podman printed no image ID: {output!r}")
-        return inspect_image(self.podman, image_id)
+        return self.podman_source(inspect_image(self.podman, image_id))
 
     def copied_into_cache(self, source):
         """SOURCE copied by skopeo into the cache's layout, locked by HELD."""
         layout = self.held.enter_context(layout_of(self.settings).locked())
-        return fetched(layout, self.name,
-                       lambda: copy(self.skopeo, self.settings, layout, source))
+        return self.layout_source(fetched(
+            layout, self.name, lambda: copy(self.skopeo, self.settings, layout, source)))
+
+    def podman_source(self, image):
+        """The source of IMAGE, podman's inspect record."""
+        vfs = (image.get("GraphDriver") or {}).get("Name") == "vfs"
+        return podman_image_source(image, self.settings, self.maps,
+                                   self.podman.graph_root() if vfs else None)
+
+    def layout_source(self, found):
+        return layout_source(found, self.settings, self.records)
+
+
+def layout_source(found, settings, records):
+    """The LayoutSource of FOUND (an oci.fetch.Fetched); a blob that fails
+    its check is fetched again, REFETCHES times, where the pull policy
+    allows."""
+    for attempt in range(REFETCHES + 1):
+        try:
+            return LayoutSource(found, settings, records)
+        except BlobMismatch as error:
+            if found.fetch is None or attempt == REFETCHES:
+                advice = ("pull=never forbids fetching it again: pass pull=missing"
+                          if settings.pull == "never" else found.layout.advice_on_damage())
+                raise CdiError(f"{error}; {advice}") from None
+            log.debug(f"{error}: fetching it again")
+            found.layout.remove_blob(error.digest)
+            found.fetch_again()
+    raise AssertionError("unreachable")
 
 
 def cached(settings, held, admission):

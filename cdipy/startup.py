@@ -1,5 +1,5 @@
 """Start-up, the heavy work done once before any client connects:
-parameters -> find the image -> choose the source -> fill the table."""
+parameters -> the signature policy -> find the image and its source -> fill the table."""
 
 import contextlib
 import logging
@@ -9,15 +9,9 @@ import time
 from .admission import Admission
 from .cache import PrivateCache
 from .exports import Exports
-from .image import find_image
-from .oci.fetch import Fetched, Remote, RemoteImage
+from .image import find_source
 from .podman import Podman, Skopeo
 from .policy import SignaturePolicy
-from .sources.layout import LayoutSource
-from .sources.registry import RegistrySource
-from .sources.saved import SavedSource
-from .sources.storage import StorageSource
-from .sources.stream import StreamSource
 from .storage import raise_open_file_limit
 from .verify import CheckRecords
 from .workspace import Workspace
@@ -35,13 +29,14 @@ def prepare(settings):
     # before another nbdkit may write the cache.
     with contextlib.ExitStack() as held, Workspace(settings.name, guard=True) as workspace:
         podman = Podman(workspace, settings.name)
-        found = find_image(podman, Skopeo(workspace, settings.name), settings, held, admission)
-        source = choose_source(found, settings, podman, records, maps)
+        source = find_source(settings, podman=podman, skopeo=Skopeo(workspace, settings.name),
+                             held=held, admission=admission, caches=(records, maps))
         exports = Exports(source, settings, records)
         log.debug(f"found {source.what} ({len(exports.layers)} {source.part}s) in "
                   f"{time.monotonic() - started:.2f} s")
         try:
-            exports.build_default(podman)
+            with source.lend(podman):
+                exports.build_default()
         except BaseException:
             exports.close()
             raise
@@ -53,21 +48,6 @@ def prepare(settings):
             exports.close()
             raise
     return exports
-
-
-def choose_source(found, settings, podman, records, maps):
-    """The source of what FOUND (find_image's answer) holds."""
-    if isinstance(found, RemoteImage):
-        return StreamSource(found, settings, records)
-    if isinstance(found, Remote):
-        return RegistrySource(found, settings, records)
-    if isinstance(found, Fetched):
-        return LayoutSource(found, settings, records)
-    copies = SavedSource(found, settings)
-    if settings.copy:
-        return copies
-    vfs = (found.get("GraphDriver") or {}).get("Name") == "vfs"
-    return StorageSource(found, settings, maps, copies, podman.graph_root() if vfs else None)
 
 
 def caches(settings):

@@ -138,6 +138,7 @@ class Remote:
     """Artifact IMAGE_NAME in the registry (REGISTRY, an oci.registry
     Registry) as MANIFEST, whose bytes DATA have DIGEST: to be read as it
     is read, kept in the cache's LAYOUT."""
+    kind = "artifact"   # what it holds, which chooses its source
     image_name: str
     registry: object
     manifest: dict
@@ -151,6 +152,7 @@ class RemoteImage(Remote):
     """An image in its registry, as Remote says, with its CONFIG (parsed,
     its bytes CONFIG_DATA): its gzip layers to be streamed into the
     cache's LAYOUT."""
+    kind = "image"
     config: dict
     config_data: bytes
 

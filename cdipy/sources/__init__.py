@@ -8,8 +8,9 @@ described in the module map of docs/how-it-works.md.
 
 Each offers what Source below does.  The table calls build,
 build_in_place and read_members of an entry under that entry's export's
-lock; TOOLS, where a method takes it, is what a session of the source
-(session()) yields: for podman's sources, podman in a workspace.
+lock, and holds a session of the source (session()) across the builds
+that choose the disk; a source that needs podman owns it, in a workspace
+of its own, or the start-up's while start-up lends it (lend()).
 """
 
 import contextlib
@@ -41,10 +42,14 @@ class Source:
         self.entries = entries    # [Entry], base first: one export each
         self.what = what          # what it found, for messages: "image ID"
 
-    @contextlib.contextmanager
-    def session(self, tools=None):
-        """What building needs across several builds: TOOLS if given."""
-        yield tools
+    def session(self):
+        """Hold what building needs across several builds of this thread."""
+        return contextlib.nullcontext()
+
+    def lend(self, podman):
+        """Build with PODMAN (the start-up's, in its workspace) in this
+        thread while held."""
+        return contextlib.nullcontext()
 
     def in_place(self, index):
         """Whether entry INDEX is built from what is here: nothing copied or
@@ -55,7 +60,7 @@ class Source:
         """The Layer of entry INDEX if it can be built in place, else None."""
         return self.build(index)
 
-    def build(self, index, tools=None):
+    def build(self, index):
         """The Layer of entry INDEX, built now; CdiError if it cannot be."""
         raise NotImplementedError
 
@@ -63,7 +68,7 @@ class Source:
         """What the export of entry INDEX will be, before it is built."""
         raise NotImplementedError
 
-    def read_members(self, indexes, tools=None):
+    def read_members(self, indexes):
         """{index: Layer} of INDEXES, entries not in place, built to see
         their members (a Layer may stand for two indexes)."""
         return {}

@@ -6,7 +6,8 @@ annotation, whatever its media type says), or the disks of a KubeVirt VM
 export (VEP 256), as they are or gzipped.  An archive holds an image,
 whose layers are served as tars, like podman's.  Everything is built, and
 checked, when the source is made (under the layout's lock): a blob that
-fails its check is fetched again, once, where the pull policy allows.
+fails its check raises BlobMismatch, and finding the image (image.py)
+fetches it again where the pull policy allows.
 """
 
 import logging
@@ -15,7 +16,7 @@ import re
 from ..disk import Choice, describe_file
 from ..errors import CdiError
 from ..layer import Member
-from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.blobs import Blobs
 from ..oci.layout import IMAGE_CONFIG_TYPES
 from ..progress import describe_size
 from . import Entry, Source
@@ -25,8 +26,6 @@ log = logging.getLogger("cdipy")
 TITLE = "org.opencontainers.image.title"
 KUBEVIRT_DISK = "application/vnd.kubevirt.disk."
 GZIPPED_DISK = "application/vnd.kubevirt.disk.raw+gzip"
-# How many times a blob that fails its check is fetched again.
-REFETCHES = 1
 
 
 class BlobSource(Source):
@@ -53,7 +52,7 @@ class BlobSource(Source):
         self.titles.append(title)
         self.entries.append(Entry(index, descriptor["digest"], names))
 
-    def build(self, index, tools=None):
+    def build(self, index):
         return self.layers[index]
 
     def choose_disk(self, layers):
@@ -83,32 +82,20 @@ class BlobSource(Source):
 
 class LayoutSource(BlobSource):
     """What FETCHED (an oci.fetch.Fetched) holds, checked unless
-    settings.verify is false, the checks remembered in RECORDS."""
+    settings.verify is false, the checks remembered in RECORDS;
+    BlobMismatch if a blob fails its check."""
 
     def __init__(self, fetched, settings, records):
         super().__init__(settings.name, f"{settings.name} in {fetched.layout.path}")
         blobs = Blobs(fetched.layout, records, settings.verify != "false")
-        for attempt in range(REFETCHES + 1):
-            blobs.fresh = fetched.fresh
-            try:
-                self.add_all(fetched, blobs)
-                return
-            except BlobMismatch as error:
-                self.close()
-                if fetched.fetch is None or attempt == REFETCHES:
-                    advice = ("pull=never forbids fetching it again: pass pull=missing"
-                              if settings.pull == "never"
-                              else fetched.layout.advice_on_damage())
-                    raise CdiError(f"{error}; {advice}") from None
-                log.debug(f"{error}: fetching it again")
-                fetched.layout.remove_blob(error.digest)
-                fetched.fetch_again()
-            except BaseException:
-                self.close()
-                raise
+        blobs.fresh = fetched.fresh
+        try:
+            self.add_all(fetched, blobs)
+        except BaseException:
+            self.close()
+            raise
 
     def add_all(self, fetched, blobs):
-        self.layers, self.entries, self.media_types, self.titles = [], [], [], []
         config = fetched.manifest.get("config") or {}
         descriptors = fetched.manifest.get("layers") or []
         if config.get("mediaType") in IMAGE_CONFIG_TYPES:

@@ -3,6 +3,7 @@ into nameless files in a workspace, each hashed as it is copied."""
 
 import contextlib
 import logging
+import threading
 
 from ..errors import CdiError
 from ..podman import Podman
@@ -23,15 +24,26 @@ class SavedSource(Source):
                          f"image {image['Id']}")
         self.image = image
         self.verify = settings.verify != "false"
+        self.local = threading.local()   # .podman: this thread's, in a session
 
     @contextlib.contextmanager
-    def session(self, tools=None):
-        """TOOLS (the start-up's podman), else podman in a workspace of its own."""
-        if tools is not None:
-            yield tools
+    def session(self):
+        """podman for this thread's builds: the one lent, or an outer
+        session's, else podman in a workspace of its own."""
+        if getattr(self.local, "podman", None) is not None:
+            yield
             return
-        with Workspace(self.image_name) as workspace:
-            yield Podman(workspace, self.image_name)
+        with Workspace(self.image_name) as workspace, self.lend(Podman(workspace,
+                                                                       self.image_name)):
+            yield
+
+    @contextlib.contextmanager
+    def lend(self, podman):
+        self.local.podman = podman
+        try:
+            yield
+        finally:
+            self.local.podman = None
 
     def in_place(self, index):
         return False
@@ -39,12 +51,13 @@ class SavedSource(Source):
     def build_in_place(self, index):
         return None
 
-    def build(self, index, tools=None, why="copy=true"):
+    def build(self, index, why="copy=true"):
         """Layer INDEX, copied; WHY it is copied, for the debug line."""
         diff_id = self.entries[index].digest
-        with self.session(tools) as podman:
+        with self.session():
             log.debug(f"layer {index}: {why}: copying the layer with podman save")
-            layer = next(saved_layers(podman, self.image, [index], self.verify), None)
+            layer = next(saved_layers(self.local.podman, self.image, [index], self.verify),
+                         None)
         if layer is None:
             raise CdiError(f"{self.image_name}: save: podman's archive has no layer {diff_id}")
         layer.description = self.describe_layer(layer)
@@ -57,14 +70,15 @@ class SavedSource(Source):
 
     pending_disk = "the VM disk file, found when first opened (with podman save)"
 
-    def read_members(self, indexes, tools=None):
+    def read_members(self, indexes):
         """The layers of INDEXES, from one podman save; a layer that is
         twice in the image is in podman's archive once."""
         log.debug(f"layers {indexes} are not in storage: reading them with podman save")
         layers = {}
         try:
-            with self.session(tools) as podman:
-                for layer in saved_layers(podman, self.image, indexes, self.verify):
+            with self.session():
+                for layer in saved_layers(self.local.podman, self.image, indexes,
+                                          self.verify):
                     layers[layer.index] = layer
         except BaseException:
             for layer in layers.values():

@@ -5,6 +5,16 @@ cannot serve is copied by the copy path instead, and says why."""
 from ..errors import StorageUnavailable
 from ..storage import storage_layer, storage_plans
 from . import Source
+from .saved import SavedSource
+
+
+def podman_image_source(image, settings, maps, graph_root=None):
+    """The source of IMAGE, podman's inspect record: in place from its
+    storage (GRAPH_ROOT, which vfs images do not tell), else copied
+    (copy=true)."""
+    copies = SavedSource(image, settings)
+    return copies if settings.copy else StorageSource(image, settings, maps, copies,
+                                                      graph_root)
 
 
 class StorageSource(Source):
@@ -25,8 +35,11 @@ class StorageSource(Source):
             self.plans = [None] * count
             self.not_in_storage = [f"cannot serve from podman's storage ({reason})"] * count
 
-    def session(self, tools=None):
-        return self.copies.session(tools)
+    def session(self):
+        return self.copies.session()
+
+    def lend(self, podman):
+        return self.copies.lend(podman)
 
     def in_place(self, index):
         return self.plans[index] is not None
@@ -45,9 +58,9 @@ class StorageSource(Source):
         layer.description = self.describe_layer(layer)
         return layer
 
-    def build(self, index, tools=None):
+    def build(self, index):
         return self.build_in_place(index) or self.copies.build(
-            index, tools, why=self.not_in_storage[index])
+            index, why=self.not_in_storage[index])
 
     def pending(self, index):
         return self.copies.pending(index, why=self.not_in_storage[index])
@@ -56,5 +69,5 @@ class StorageSource(Source):
     def pending_disk(self):
         return self.copies.pending_disk
 
-    def read_members(self, indexes, tools=None):
-        return self.copies.read_members(indexes, tools)
+    def read_members(self, indexes):
+        return self.copies.read_members(indexes)

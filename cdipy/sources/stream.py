@@ -92,7 +92,7 @@ class StreamSource(Source):
         layer = self.layers[index]
         return not isinstance(layer, StreamedLayer) or layer.stream.done
 
-    def build(self, index, tools=None):
+    def build(self, index):
         layer = self.layers[index]
         if isinstance(layer, StreamedLayer) and layer.description is None:
             try:

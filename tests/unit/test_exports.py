@@ -12,7 +12,7 @@ from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError, NoSuchExport
 from cdipy.exports import Exports
 from cdipy.parameters import Settings
-from cdipy.startup import choose_source
+from cdipy.sources.storage import podman_image_source
 from cdipy.verify import CheckRecords
 
 NAME = "quay.io/kubevirt/fedora-cloud-container-disk-demo"
@@ -24,7 +24,7 @@ RECORDS, MAPS = CheckRecords(PrivateCache(None)), PrivateCache(None)
 
 def table(settings, image):
     """The table start-up fills for IMAGE (with no podman: none is vfs)."""
-    return Exports(choose_source(image, settings, None, RECORDS, MAPS), settings, RECORDS)
+    return Exports(podman_image_source(image, settings, MAPS), settings, RECORDS)
 
 
 def image_record(layers=DIFF_IDS, driver=None):

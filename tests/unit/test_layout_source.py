@@ -13,10 +13,10 @@ import zstandard
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError, NoSuchExport
 from cdipy.exports import Exports
+from cdipy.image import layout_source
 from cdipy.oci.fetch import Fetched
 from cdipy.oci.layout import Layout
 from cdipy.parameters import Settings
-from cdipy.sources.layout import LayoutSource
 from cdipy.verify import CheckRecords
 from tars import directory, layer_tar, regular
 
@@ -66,7 +66,7 @@ def table(writer, manifest, fetch=None, **settings):
     """The table start-up fills for MANIFEST, found in the layout."""
     settings = Settings(name=NAME, cache=writer.layout.cache, **settings)
     records = CheckRecords(PrivateCache(os.path.join(writer.layout.cache, "checked")))
-    source = LayoutSource(Fetched(NAME, writer.layout, manifest, fetch), settings, records)
+    source = layout_source(Fetched(NAME, writer.layout, manifest, fetch), settings, records)
     exports = Exports(source, settings, records)
     exports.build_default()
     return exports
