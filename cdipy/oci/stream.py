@@ -256,6 +256,20 @@ class Stream:
                 self.condition.notify_all()
             log.debug(self.failure)
 
+    def take_the_rest(self, limit):
+        """If no more than LIMIT bytes of the blob are left to take in, take
+        them in (or wait for the thread that does); whether it is whole.
+        Why: a client that read the whole disk stops the server before the
+        tar's end has arrived, and that end is little."""
+        with self.condition:
+            if self.done or self.failure or self.size - self.received > limit:
+                return self.done
+        try:
+            self.wait_for(0, until=lambda: self.done)
+        except OSError as error:
+            log.debug(f"{self.name()}: not taken in to its end: {error.strerror}")
+        return self.done
+
     def stop(self, timeout=RETRY_SECONDS + 5):
         """Stop the thread, waiting TIMEOUT at most; whether it has (else
         its file must stay open)."""

@@ -37,6 +37,11 @@ from .registry import keep_manifest
 
 log = logging.getLogger("cdipy")
 
+# A stream with no more than this left to arrive when the server stops is
+# taken in to its end first, so that a client that read the whole disk
+# leaves the image whole in the cache.
+FINISH_AT_CLOSE = 4 << 20
+
 
 class StreamSource(Source):
     """The layers of REMOTE (an oci.fetch.RemoteImage), their checks
@@ -156,6 +161,8 @@ class StreamSource(Source):
             stream.start()
 
     def close(self):
+        for stream in self.streams:
+            stream.take_the_rest(FINISH_AT_CLOSE)
         for stream in self.streams:
             stream.stopping = True
         deadline = time.monotonic() + RETRY_SECONDS + 5

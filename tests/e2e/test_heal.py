@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbdkit_error, params, serve, sha256
+from conftest import nbdkit_error, params, run_nbdkit, serve, sha256
 from lab import MIB, Blob, export_digest, podman, push_artifact, wait_for
 
 KEPT = "is whole in the cache"
@@ -90,3 +90,22 @@ def test_offline_and_not_in_the_cache_says_so(lab, shapes, proxy, cache):
     assert (f"{proxy.address}/{name}: not in the cache {cache}, and its registry "
             f"{proxy.address} is unreachable: ") in error
     assert "podman" not in error
+
+
+def test_a_whole_copy_then_exit_leaves_the_cache_warm(lab, data, proxy, cache, tmp_path):
+    # The server stops as soon as the copy ends, before the rest of the
+    # layer (a file after the disk) has arrived over the slowed link: it
+    # takes in that little first.
+    image = lab.build(f"localhost/cdi-test/heal-{os.urandom(4).hex()}:1",
+                      [{"disk/disk.img": data, "zz/after": os.urandom(MIB)}])
+    name = "cdi-test/heal-trailed:1"
+    lab.push(image, f"{lab.registry}/{name}")
+    podman("rmi", "--force", image.id)
+    proxy.rate = 8 * MIB
+    copied = tmp_path / "disk.img"
+    result = run_nbdkit(*params(proxy, name, cache), "layer=disk",
+                        run=f'nbdcopy "$uri" {copied}')
+    assert result.returncode == 0, result.stderr
+    assert sha256(copied.read_bytes()) == sha256(data)
+    proxy.stop()
+    assert serve_whole(lab, proxy, name, cache, kept=False) == sha256(data)

@@ -288,3 +288,31 @@ def test_a_blob_that_is_not_zstd_is_a_clear_error(make):
     layer = make(blob=b"not zstd at all" * 100, media_type=ZSTD_LAYER_TYPE)
     with pytest.raises(OSError, match="is not a valid zstd stream"):
         layer.wait_whole()
+
+
+# ------------------------------------------------ when the server stops
+
+TRAILED = layer_tar([regular("disk/disk.img", DISK), regular("zz/after", os.urandom(4 * PIECE))])
+
+
+def test_a_layer_with_little_left_is_taken_in_to_its_end_at_close(image, tmp_path):
+    table = image([TRAILED])
+    assert read(table.open("disk"), 0, len(DISK)) == DISK
+    stream = table.source.streams[0]
+    assert not stream.done, "the whole layer arrived with the disk: nothing to show"
+    table.close()
+    assert stream.done
+    with Layout(str(tmp_path), NAME).locked() as layout:
+        assert layout.manifest(NAME) is not None, "the image is not whole in the cache"
+
+
+def test_a_layer_with_more_left_is_stopped_at_close(image, tmp_path, monkeypatch):
+    monkeypatch.setattr("cdipy.sources.stream.FINISH_AT_CLOSE", PIECE // 2)
+    table = image([TRAILED])
+    assert read(table.open("disk"), 0, len(DISK)) == DISK
+    stream = table.source.streams[0]
+    received = stream.received
+    table.close()
+    assert not stream.done and stream.received == received
+    with Layout(str(tmp_path), NAME).locked() as layout:
+        assert layout.manifest(NAME) is None
