@@ -47,9 +47,10 @@ class Exports:
         self.settings = settings
         self.records = records
         self.verifying = settings.verify != "false"
-        self.layers = [Export(str(entry.index), entry.index, entry.digest)
-                       for entry in source.entries]
-        self.aliases = {name: self.layers[entry.index]
+        # One Export per entry of the source, by index: "0", "1", ...
+        self.exports = [Export(str(entry.index), entry.index, entry.digest)
+                        for entry in source.entries]
+        self.aliases = {name: self.exports[entry.index]
                         for entry in source.entries for name in entry.names}
         self.disk = DiskExport(self)
         self.default_name = None   # the export named "", once chosen
@@ -59,13 +60,13 @@ class Exports:
     def build_default(self):
         """Choose and build the default export (for layer=auto and
         layer=disk, with the layers that decide which file is the VM disk)."""
-        count, layer = len(self.layers), self.settings.layer
+        count, layer = len(self.exports), self.settings.layer
         if layer in ("auto", "disk"):
             with self.disk.lock:
                 self.disk.build()
             self.default_name = str(self.disk.layer.index) if layer == "auto" else "disk"
         elif -count <= layer < count:
-            export = self.layers[layer % count]
+            export = self.exports[layer % count]
             self.default_name = export.name
             with export.lock:
                 self.build(export)
@@ -80,7 +81,7 @@ class Exports:
         unless it was checked already (or passed before, unchanged since)."""
         export = self.find("")
         if export is self.disk:
-            export = self.layers[export.layer.index]  # whose check covers the disk
+            export = self.exports[export.layer.index]  # whose check covers the disk
         if export.layer.verified or export.check_started:
             return
         export.check_started = True
@@ -91,7 +92,7 @@ class Exports:
         """Build every export the source holds in place, in a thread: a
         client asking for one meanwhile waits for that one alone."""
         def run():
-            for export in self.layers:
+            for export in self.exports:
                 with export.lock:
                     try:
                         self.build_in_place(export)
@@ -106,7 +107,7 @@ class Exports:
         """The Export NAME: "" (the default), an index (negative from the
         top), "disk", another name of the source's (a blob's title) or a
         digest; None if there is none."""
-        count = len(self.layers)
+        count = len(self.exports)
         if name == "":
             name = self.default_name or ""  # none before start-up chose it
         if name == "disk":
@@ -114,8 +115,8 @@ class Exports:
         if name in self.aliases:
             return self.aliases[name]
         if re.fullmatch(r"0|-?[1-9][0-9]{0,19}", name) and -count <= int(name) < count:
-            return self.layers[int(name) % count]
-        return next((export for export in self.layers if export.digest == name), None)
+            return self.exports[int(name) % count]
+        return next((export for export in self.exports if export.digest == name), None)
 
     def open(self, name):
         """The Layer of export NAME, built if it is not yet; starts its digest
@@ -142,7 +143,7 @@ class Exports:
         return layer
 
     def names(self):
-        names = [export.name for export in self.layers] + list(self.aliases)
+        names = [export.name for export in self.exports] + list(self.aliases)
         return names + ([] if self.disk.error else ["disk"])
 
     def listing(self):
@@ -162,7 +163,7 @@ class Exports:
             self.build_in_place(export)
             if export.layer is not None:
                 return export.layer.description
-            head = (f"{self.source.part} {export.index} of {len(self.layers)}: "
+            head = (f"{self.source.part} {export.index} of {len(self.exports)}: "
                     f"{export.digest}")
             if export.failure:
                 return f"{head}: cannot be served: {export.failure}"
@@ -171,7 +172,7 @@ class Exports:
     def close(self):
         """Close every layer, and the source; a check still reading a layer
         stops first."""
-        for export in [self.disk, *self.layers]:
+        for export in [self.disk, *self.exports]:
             with export.lock:
                 if export.layer is not None and export.layer.sources:
                     if export.check_thread is not None:
@@ -242,7 +243,7 @@ class DiskExport(Export):
         with self.lock:
             if self.layer is None and not self.error and all(
                     export.layer or table.source.in_place(export.index)
-                    for export in table.layers):
+                    for export in table.exports):
                 with contextlib.suppress(CdiError):  # then error says why
                     self.build()
             if self.layer is not None:
@@ -273,7 +274,7 @@ class DiskExport(Export):
                 self.error = str(error)
                 raise
             if window is None:
-                export = table.layers[choice.index]
+                export = table.exports[choice.index]
                 with export.lock:
                     table.build(export)
                     try:
@@ -293,7 +294,7 @@ class DiskExport(Export):
         that could be the disk are kept."""
         table = self.table
         members, missing = {}, []
-        for export in table.layers:
+        for export in table.exports:
             with export.lock:
                 if table.build_in_place(export) is not None:
                     members[export.index] = export.layer.members
@@ -304,7 +305,7 @@ class DiskExport(Export):
                 members[index] = layer.members
                 if layer.index != index:
                     continue  # a layer twice in the image: kept once
-                export = table.layers[index]
+                export = table.exports[index]
                 with export.lock:
                     if export.layer is None and any(member.kind == "file"
                                                     and is_candidate(member.name)
@@ -312,4 +313,4 @@ class DiskExport(Export):
                         table.keep(export, lambda layer=layer: layer)
                     else:
                         layer.close()
-        return [(export.index, members[export.index]) for export in table.layers]
+        return [(export.index, members[export.index]) for export in table.exports]

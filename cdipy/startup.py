@@ -32,7 +32,7 @@ def prepare(settings):
         source = find_source(settings, podman=podman, skopeo=Skopeo(workspace, settings.name),
                              held=held, admission=admission, caches=(records, maps))
         exports = Exports(source, settings, records)
-        log.debug(f"found {source.what} ({len(exports.layers)} {source.part}s) in "
+        log.debug(f"found {source.what} ({len(exports.exports)} {source.part}s) in "
                   f"{time.monotonic() - started:.2f} s")
         try:
             with source.lend(podman):

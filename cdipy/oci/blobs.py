@@ -225,7 +225,7 @@ class Blobs:
                 try:
                     magic = blob.read(4)
                     blob.seek(0)
-                    written = gunzip_sparse(blob, out_fd, blob_hash, unpacked_hash,
+                    written = decompress_sparse(blob, out_fd, blob_hash, unpacked_hash,
                                             compression="zstd" if magic == ZSTD_MAGIC
                                             else "gzip",
                                             what=f"{image_name}: blob {digest}", size=size)
@@ -318,7 +318,7 @@ def decompressor(compression):
     return Unzstd() if compression == "zstd" else Gunzip()
 
 
-def gunzip_sparse(source, out_fd, source_hash, output_hash, *, what, size=None,
+def decompress_sparse(source, out_fd, source_hash, output_hash, *, what, size=None,
                   compression="gzip"):
     """Decompress the gzip (or zstd) stream SOURCE into OUT_FD, leaving
     all-zero blocks as holes; update the two hashes; return the bytes

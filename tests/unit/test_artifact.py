@@ -10,7 +10,7 @@ import pytest
 
 from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError
-from cdipy.oci.blobs import gunzip_sparse
+from cdipy.oci.blobs import decompress_sparse
 from cdipy.oci.layout import Layout, is_artifact, reference
 from cdipy.podman import diagnose, summary
 from cdipy.sources.layout import usable_name
@@ -88,7 +88,7 @@ def gunzip(data, tmp_path):
     fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         source_hash, output_hash = hashlib.sha256(), hashlib.sha256()
-        size = gunzip_sparse(io.BytesIO(data), fd, source_hash, output_hash, what="blob")
+        size = decompress_sparse(io.BytesIO(data), fd, source_hash, output_hash, what="blob")
         return size, os.fstat(fd).st_blocks * 512, source_hash, output_hash
     finally:
         os.close(fd)

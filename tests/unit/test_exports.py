@@ -45,22 +45,22 @@ def exports():
 # --------------------------------------------------------------------- find
 
 def test_find_of_the_empty_name_is_the_default_export(exports):
-    assert exports.find("") is exports.layers[1]
+    assert exports.find("") is exports.exports[1]
 
 
 def test_find_of_an_index_is_that_layer(exports):
-    assert exports.find("0") is exports.layers[0]
-    assert exports.find("2") is exports.layers[2]
+    assert exports.find("0") is exports.exports[0]
+    assert exports.find("2") is exports.exports[2]
 
 
 def test_find_of_a_negative_index_counts_from_the_top(exports):
-    assert exports.find("-1") is exports.layers[2]
-    assert exports.find("-3") is exports.layers[0]
+    assert exports.find("-1") is exports.exports[2]
+    assert exports.find("-3") is exports.exports[0]
 
 
 def test_find_of_a_diff_id_is_the_layer_with_it(exports):
-    assert exports.find(DIFF_IDS[2]) is exports.layers[2]
-    assert exports.find(DIFF_IDS[0]) is exports.layers[0]
+    assert exports.find(DIFF_IDS[2]) is exports.exports[2]
+    assert exports.find(DIFF_IDS[0]) is exports.exports[0]
 
 
 @pytest.mark.parametrize("name", ["3", "-4", "x", "1" * 30, "sha256:" + "9" * 64, "1.0"])
@@ -69,7 +69,7 @@ def test_find_of_no_such_export_is_none(exports, name):
 
 
 def test_exports_hold_their_index_and_diff_id(exports):
-    assert [(export.index, export.digest) for export in exports.layers] == list(
+    assert [(export.index, export.digest) for export in exports.exports] == list(
         enumerate(DIFF_IDS))
 
 
@@ -87,13 +87,13 @@ def test_open_of_no_such_export_lists_the_exports(exports):
 # ----------------------------------------------------------------- describe
 
 def test_describe_of_a_layer_not_yet_copied_says_when_it_will_be(exports):
-    assert exports.describe(exports.layers[0]) == (
+    assert exports.describe(exports.exports[0]) == (
         f"layer 0 of 3: {DIFF_IDS[0]}: copied with podman save when first opened (copy=true)")
 
 
 def test_describe_of_a_layer_that_failed_says_why(exports):
-    exports.layers[2].failure = f"{NAME}: save: podman exit status 125: Error: boom"
-    assert exports.describe(exports.layers[2]) == (
+    exports.exports[2].failure = f"{NAME}: save: podman exit status 125: Error: boom"
+    assert exports.describe(exports.exports[2]) == (
         f"layer 2 of 3: {DIFF_IDS[2]}: cannot be served: "
         f"{NAME}: save: podman exit status 125: Error: boom")
 
@@ -132,7 +132,7 @@ def test_image_without_graph_driver_copies_every_layer():
 
 def test_describe_of_a_layer_storage_cannot_serve_says_why():
     exports = table(Settings(name=NAME), image_record(driver={"Name": "btrfs"}))
-    assert exports.describe(exports.layers[2]) == (
+    assert exports.describe(exports.exports[2]) == (
         f"layer 2 of 3: {DIFF_IDS[2]}: copied with podman save when first opened "
         "(cannot serve from podman's storage (storage driver 'btrfs' is not overlay or vfs))")
 
@@ -202,21 +202,21 @@ def test_layer_in_overlay_storage_is_planned_not_copied(stored_exports, tmp_path
 
 
 def test_describe_of_a_layer_in_storage_opens_it_to_tell(stored_exports):
-    assert stored_exports.describe(stored_exports.layers[0]) == (
+    assert stored_exports.describe(stored_exports.exports[0]) == (
         f"layer 0 of 1: {DIFF_IDS[0]}, 1.0 KiB: empty")
-    assert stored_exports.layers[0].layer.served_from == "storage"
+    assert stored_exports.exports[0].layer.served_from == "storage"
 
 
 def test_open_of_a_layer_built_from_storage_is_that_layer(stored_exports):
-    stored_exports.describe(stored_exports.layers[0])
-    assert stored_exports.open("") is stored_exports.layers[0].layer
+    stored_exports.describe(stored_exports.exports[0])
+    assert stored_exports.open("") is stored_exports.exports[0].layer
 
 
 def test_describe_of_a_layer_storage_fails_to_open_falls_back_to_copying(
         stored_exports, tmp_path):
     tar_split = tmp_path / "overlay-layers" / "L1.tar-split.gz"
     tar_split.unlink()
-    export = stored_exports.layers[0]
+    export = stored_exports.exports[0]
     assert stored_exports.describe(export) == (
         f"layer 0 of 1: {DIFF_IDS[0]}: copied with podman save when first opened "
         f"(cannot serve from podman's storage (cannot read {tar_split}: "
