@@ -33,7 +33,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from ..errors import RegistryError, Unsupported
+from ..errors import CdiError, RegistryError, Unsupported
 from .layout import INDEX_TYPES, MANIFEST_TYPES
 
 try:
@@ -52,6 +52,8 @@ TIMEOUTS = (10, 30)
 # Tokens are renewed this long before the registry says they expire.
 TOKEN_MARGIN = 10
 MAX_MANIFEST = 4 << 20
+# Seconds a credential helper may take to answer.
+HELPER_SECONDS = 30
 
 
 class Registry:
@@ -296,8 +298,10 @@ class ContextAdapter(HTTPAdapter):
 
 def credentials(host, repository, authfile=None):
     """(user, password) for HOST/REPOSITORY from the first auth file podman
-    would read that names it, or None; Unsupported for what only a
-    credential helper knows."""
+    would read that gives some, or None (anonymous).  In each file: its
+    credHelpers entry for HOST (that helper alone), else its auths entry
+    (the most specific key), else its credsStore helper.  Unsupported for
+    an identity token, which only podman can use."""
     for path in auth_files(authfile):
         try:
             with open(path, "rb") as file:
@@ -306,6 +310,14 @@ def credentials(host, repository, authfile=None):
             continue
         except (OSError, ValueError) as error:
             raise Unsupported(f"cannot read {path}: {error}") from None
+        if not isinstance(config, dict):
+            raise Unsupported(f"cannot read {path}: not a JSON object")
+        helper = (config.get("credHelpers") or {}).get(host)
+        if helper:
+            found = helper_credentials(helper, host, path)
+            if found:
+                return found
+            continue
         auths = {key_of(key): value for key, value in (config.get("auths") or {}).items()
                  if isinstance(value, dict)}
         for key in scopes(host, repository) + (DOCKER_HUB_KEYS if host == "docker.io" else []):
@@ -315,11 +327,45 @@ def credentials(host, repository, authfile=None):
             if entry and entry.get("auth"):
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
                 return user, password
-        if host in (config.get("credHelpers") or {}) or config.get("credsStore"):
-            raise Unsupported(f"{path} names a credential helper")
-        if authfile is not None:
-            return None  # authfile= is the only file podman then reads
+        if config.get("credsStore"):
+            found = helper_credentials(config["credsStore"], host, path)
+            if found:
+                return found
     return None
+
+
+# What a credential helper prints when it holds nothing for the registry.
+NOT_FOUND = "credentials not found in native keychain"
+
+
+def helper_credentials(name, host, path):
+    """(user, password) from credential helper NAME (docker-credential-NAME
+    get, HOST on its standard input), named in the auth file PATH; None if
+    it holds none for HOST.  CdiError with its own message if it fails."""
+    from ..workspace import run_briefly  # noqa: PLC0415 (the workspace is podman's)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise CdiError(f"{path}: credential helper {name!r} for {host} is not a helper's name")
+    program = f"docker-credential-{name}"
+    status, output, errors = run_briefly([program, "get"], host, HELPER_SECONDS)
+    if status != 0:
+        message = (errors.strip() or output.strip()).splitlines()
+        if output.strip() == NOT_FOUND or errors.strip() == NOT_FOUND:
+            log.debug(f"{program} holds no credentials for {host}")
+            return None
+        raise CdiError(f"credentials for {host}: {program} get (named in {path}) exited with "
+                       f"status {status}: {message[-1] if message else 'no message'}")
+    try:
+        answer = json.loads(output)
+        user, secret = answer["Username"], answer["Secret"]
+        if not isinstance(user, str) or not isinstance(secret, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CdiError(f"credentials for {host}: {program} get (named in {path}) printed no "
+                       "Username and Secret") from None
+    if user == "<token>":
+        raise Unsupported(f"{program} gives an identity token for {host}")
+    log.debug(f"credentials for {host} from {program}")
+    return user, secret
 
 
 def auth_files(authfile):

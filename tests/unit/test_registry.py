@@ -4,10 +4,11 @@ path.  Plain files in tmp_path; no network."""
 
 import base64
 import json
+import os
 
 import pytest
 
-from cdipy.errors import Unsupported
+from cdipy.errors import CdiError, Unsupported
 from cdipy.oci.fetch import api_host, is_compressed, lazily_servable, split_reference
 from cdipy.oci.registry import (
     Registry,
@@ -52,10 +53,79 @@ def test_no_entry_is_anonymous(tmp_path):
     assert credentials("ghcr.io", "org/disk", auth_file(tmp_path, {"auths": {}})) is None
 
 
-def test_a_credential_helper_cannot_be_honoured(tmp_path):
-    path = auth_file(tmp_path, {"auths": {}, "credHelpers": {"ecr.example": "ecr-login"}})
-    with pytest.raises(Unsupported, match="names a credential helper"):
-        credentials("ecr.example", "disk", path)
+def helper(tmp_path, monkeypatch, name, script):
+    """docker-credential-NAME on PATH: a shell script (its body SCRIPT) that
+    keeps what it was given on stdin in tmp_path/asked."""
+    directory = tmp_path / "bin"
+    directory.mkdir(exist_ok=True)
+    program = directory / f"docker-credential-{name}"
+    program.write_text(f"#!/bin/sh\ncat > {tmp_path}/asked; echo \"$@\" >> {tmp_path}/asked\n"
+                       + script)
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+
+
+ANSWER = 'echo \'{"ServerURL": "x", "Username": "robot", "Secret": "s3cret"}\'\n'
+
+
+def test_a_credential_helper_is_asked_for_its_registry(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "ecr-login", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"ecr.example": {"auth": secret("no", "no")}},
+                                "credHelpers": {"ecr.example": "ecr-login"}})
+    assert credentials("ecr.example", "org/disk", path) == ("robot", "s3cret")
+    assert (tmp_path / "asked").read_text() == "ecr.exampleget\n"
+
+
+def test_creds_store_serves_a_registry_the_file_does_not_name(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "desktop", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"quay.io": {"auth": secret("q", "1")}},
+                                "credsStore": "desktop"})
+    assert credentials("quay.io", "org/disk", path) == ("q", "1")
+    assert credentials("gcr.example", "org/disk", path) == ("robot", "s3cret")
+
+
+def test_a_helper_that_holds_nothing_is_anonymous(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "pass",
+           "echo 'credentials not found in native keychain'; exit 1\n")
+    path = auth_file(tmp_path, {"credHelpers": {"h": "pass"}})
+    assert credentials("h", "disk", path) is None
+
+
+def test_a_failing_helper_says_why(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "broken", "echo 'token expired, log in again' >&2; exit 3\n")
+    path = auth_file(tmp_path, {"credHelpers": {"h": "broken"}})
+    with pytest.raises(CdiError) as error:
+        credentials("h", "disk", path)
+    assert str(error.value) == (f"credentials for h: docker-credential-broken get (named in "
+                                f"{path}) exited with status 3: token expired, log in again")
+
+
+def test_a_missing_helper_says_what_to_install(tmp_path):
+    path = auth_file(tmp_path, {"credHelpers": {"h": "absent-helper"}})
+    with pytest.raises(CdiError, match="docker-credential-absent-helper: command not found"):
+        credentials("h", "disk", path)
+
+
+def test_a_helpers_name_is_never_a_path(tmp_path):
+    path = auth_file(tmp_path, {"credHelpers": {"h": "../../bin/sh"}})
+    with pytest.raises(CdiError, match="is not a helper's name"):
+        credentials("h", "disk", path)
+
+
+def test_a_helper_that_hangs_is_stopped(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "slow", "exec sleep 30\n")
+    monkeypatch.setattr("cdipy.oci.registry.HELPER_SECONDS", 0.5)
+    path = auth_file(tmp_path, {"credHelpers": {"h": "slow"}})
+    with pytest.raises(CdiError, match="docker-credential-slow: no answer after 0.5 s"):
+        credentials("h", "disk", path)
+
+
+def test_an_identity_token_from_a_helper_cannot_be_honoured(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "acr",
+           'echo \'{"Username": "<token>", "Secret": "refresh"}\'\n')
+    path = auth_file(tmp_path, {"credHelpers": {"acr.example": "acr"}})
+    with pytest.raises(Unsupported, match="gives an identity token for acr.example"):
+        credentials("acr.example", "disk", path)
 
 
 def test_an_identity_token_cannot_be_honoured(tmp_path):
