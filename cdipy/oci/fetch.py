@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from ..errors import CdiError, PolicyRefusal, RegistryError, Unsupported
+from ..errors import CdiError, NoSource, PolicyRefusal, RegistryError, Unsupported
 from .blobs import zstd_available
 from .layout import DIGEST, IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
@@ -171,7 +171,7 @@ def from_registry(settings, local, layout, admission):
     from .registry import Registry  # noqa: PLC0415
     host, repository, reference = split_reference(local)
     try:
-        registry = Registry(host, repository, settings.name, settings, api_host(host))
+        registry = Registry(host, repository, settings.name, settings, reference)
         data, digest, manifest = read_manifest(registry, reference)
         if settings.pull_into == "cache" and is_image_index(manifest):
             entry = platform_entry(manifest, settings.platform)
@@ -196,8 +196,8 @@ def from_registry(settings, local, layout, admission):
                                config, config_data)
     except Unsupported as reason:
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
-    except PolicyRefusal:
-        raise
+    except (PolicyRefusal, NoSource):
+        raise  # podman would be refused, or fail, alike
     except (CdiError, ValueError) as error:
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")
     return None

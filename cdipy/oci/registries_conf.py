@@ -105,13 +105,13 @@ class RegistriesConf:
         return best
 
 
-def load(environ=None, home=None, system_file=SYSTEM_FILE, system_directory=SYSTEM_DIRECTORY):
-    """The RegistriesConf of the files containers/image would read for
-    ENVIRON (default os.environ) and HOME (default ~); CdiError, naming the
-    file, for one it would refuse."""
-    environ = os.environ if environ is None else environ
+def load(home=None, system_file=SYSTEM_FILE, system_directory=SYSTEM_DIRECTORY):
+    """The RegistriesConf of the files containers/image would read for the
+    user whose home is HOME (default ~); CdiError, naming the file, for one
+    it would refuse."""
     home = os.path.expanduser("~") if home is None else home
-    main, required, directories = config_files(environ, home, system_file, system_directory)
+    main, required, directories = config_files(
+        os.environ.get("CONTAINERS_REGISTRIES_CONF"), home, system_file, system_directory)
     entries = {}
     try:
         found = read_file(main, drop_in=False)
@@ -160,12 +160,13 @@ def pull_sources(config, host, repository, reference):
 
 # ------------------------------------------------------------- the files
 
-def config_files(environ, home, system_file, system_directory):
-    """(main file, whether it must exist, [drop-in directories])."""
+def config_files(chosen, home, system_file, system_directory):
+    """(main file, whether it must exist, [drop-in directories]), CHOSEN
+    the file CONTAINERS_REGISTRIES_CONF names, if any."""
     user_file = os.path.join(home, USER_FILE)
     user_directory = os.path.join(home, USER_DIRECTORY)
-    if environ.get("CONTAINERS_REGISTRIES_CONF"):
-        return environ["CONTAINERS_REGISTRIES_CONF"], True, [system_directory, user_directory]
+    if chosen:
+        return chosen, True, [system_directory, user_directory]
     if os.path.exists(user_file):
         return user_file, True, [user_directory]  # the system's are not read
     return system_file, False, [system_directory, user_directory]

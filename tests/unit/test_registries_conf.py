@@ -11,18 +11,23 @@ DIGEST = "sha256:" + "a" * 64
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, monkeypatch):
     """(write, config): write(relative path, text) puts a file under
-    tmp_path; config(**environ) loads what containers/image would, with
-    tmp_path/etc for /etc/containers and tmp_path/home for ~."""
+    tmp_path; config(CONTAINERS_REGISTRIES_CONF=...) loads what
+    containers/image would, with tmp_path/etc for /etc/containers and
+    tmp_path/home for ~."""
     def write(path, text):
         target = tmp_path / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         return str(target)
 
-    def config(**environ):
-        return load(environ, str(tmp_path / "home"), str(tmp_path / "etc/registries.conf"),
+    def config(CONTAINERS_REGISTRIES_CONF=None):  # noqa: N803 (the variable's name)
+        if CONTAINERS_REGISTRIES_CONF:
+            monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", CONTAINERS_REGISTRIES_CONF)
+        else:
+            monkeypatch.delenv("CONTAINERS_REGISTRIES_CONF", raising=False)
+        return load(str(tmp_path / "home"), str(tmp_path / "etc/registries.conf"),
                     str(tmp_path / "etc/registries.conf.d"))
     return write, config
 
