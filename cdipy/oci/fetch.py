@@ -269,11 +269,12 @@ def image_config(registry, manifest, image_name):
 
 def probe_ranges(registry, manifest, layout):
     """Unsupported if the registry ignores Range (it says so now, not at
-    every read); what it cannot tell yet, the reads will try again."""
+    every read: the last byte is asked for, which a whole answer is not);
+    what it cannot tell yet, the reads will try again."""
     for layer in manifest["layers"]:
         if layer["size"] and not os.path.exists(layout.blob_path(layer["digest"])):
             try:
-                registry.blob_range(layer["digest"], 0, 1)
+                registry.blob_range(layer["digest"], layer["size"] - 1, layer["size"])
             except RegistryError as error:
                 if not error.transient:
                     raise

@@ -197,6 +197,11 @@ class Endpoint:
                                                         "Accept-Encoding": "identity"},
                             what=f"blob {digest} bytes {start}-{end - 1}", stream=True)
         with contextlib.closing(response):
+            if start == 0 and response.status_code == 200 \
+                    and "Content-Range" not in response.headers:
+                # The blob's start is the answer's: what a pull-through
+                # cache sends while it fetches the blob itself.
+                return self.read_exactly(response, digest, start, end, whole=True)
             if response.status_code != 206:
                 raise Unsupported(f"{self.api_host} answered a range of blob {digest} with "
                                   f"HTTP {response.status_code}, not 206")
@@ -206,11 +211,17 @@ class Endpoint:
                 raise RegistryError(f"{self.image_name}: the registry sent "
                                     f"{response.headers.get('Content-Range')!r} for bytes "
                                     f"{start}-{end - 1} of {digest}")
-            try:
-                data = response.raw.read(end - start + 1, decode_content=False)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-                raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
-                                    transient=True) from None
+            return self.read_exactly(response, digest, start, end)
+
+    def read_exactly(self, response, digest, start, end, whole=False):
+        """The END - START bytes RESPONSE's body holds: a range answer must
+        hold no more (one byte more is asked to see), a WHOLE blob's rest
+        is left unread."""
+        try:
+            data = response.raw.read(end - start + (0 if whole else 1), decode_content=False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
+                                transient=True) from None
         if len(data) != end - start:
             raise RegistryError(f"{self.image_name}: the registry sent {len(data)} bytes of "
                                 f"{end - start} of blob {digest}", transient=True)
