@@ -106,12 +106,11 @@ class Admission:
 
     def registry(self):
         """A client of the image's registry, to read its signatures."""
-        from .oci.fetch import api_host, split_reference  # noqa: PLC0415
+        from .oci.fetch import split_reference  # noqa: PLC0415
         from .oci.registry import Registry  # noqa: PLC0415
-        host, repository, _ = split_reference(local_reference(self.settings.name))
+        host, repository, reference = split_reference(local_reference(self.settings.name))
         try:
-            return Registry(host, repository, self.settings.name, self.settings,
-                            api_host(host))
+            return Registry(host, repository, self.settings.name, self.settings, reference)
         except (Unsupported, RegistryError) as error:
             raise self.trust.refusal(f"its signatures cannot be read: {error}") from None
 

@@ -22,6 +22,12 @@ class RegistryError(CdiError):
         self.status = status
 
 
+class NoSource(RegistryError):
+    """No source of the image can give it: registries.conf blocks it, or
+    each of its mirrors and its primary failed.  podman would fail alike,
+    so the whole fetch is not tried."""
+
+
 class PolicyRefusal(CdiError):
     """The signature policy does not accept the image: never a reason to
     try another way of getting it."""

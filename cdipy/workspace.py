@@ -136,6 +136,26 @@ class Workspace:
         return process
 
 
+def run_briefly(argv, text, timeout):
+    """Run ARGV, a short helper that needs no workspace (a credential
+    helper), with TEXT on its standard input; (exit status, stdout,
+    stderr).  CdiError if it is not installed, or still runs after TIMEOUT
+    seconds (then it is killed)."""
+    log.debug("running: " + " ".join(argv))
+    program = shutil.which(argv[0])
+    if program is None:
+        raise CdiError(f"{argv[0]}: command not found (install {argv[0]})")
+    try:
+        done = subprocess.run([*PARENT_DEATH_SIGNAL, program, *argv[1:]], input=text.encode(),
+                              capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise CdiError(f"{argv[0]}: no answer after {timeout} s") from None
+    except OSError as error:
+        raise CdiError(f"{argv[0]}: cannot run it: {error.strerror}") from None
+    return (done.returncode, done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"))
+
+
 def memory_file(name):
     """A file in memory for a child's output: TMPDIR may be full, and then
     the child's message saying so must still reach the user."""

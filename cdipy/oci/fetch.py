@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from ..errors import CdiError, PolicyRefusal, RegistryError, Unsupported
+from ..errors import CdiError, NoSource, PolicyRefusal, RegistryError, Unsupported
 from .blobs import zstd_available
 from .layout import DIGEST, IMAGE_CONFIG_TYPES, ArtifactStore, is_artifact
 
@@ -173,7 +173,7 @@ def from_registry(settings, local, layout, admission):
     from .registry import Registry  # noqa: PLC0415
     host, repository, reference = split_reference(local)
     try:
-        registry = Registry(host, repository, settings.name, settings, api_host(host))
+        registry = Registry(host, repository, settings.name, settings, reference)
         data, digest, manifest = read_manifest(registry, reference)
         if settings.pull_into == "cache" and is_image_index(manifest):
             entry = platform_entry(manifest, settings.platform)
@@ -198,8 +198,8 @@ def from_registry(settings, local, layout, admission):
                                config, config_data)
     except Unsupported as reason:
         log.debug(f"{settings.name}: {reason}: fetching it whole instead")
-    except PolicyRefusal:
-        raise
+    except (PolicyRefusal, NoSource):
+        raise  # podman would be refused, or fail, alike
     except RegistryError as error:
         if error.transient and error.status is None:  # no answer at all
             where = (f"not in the cache {settings.cache_directory()}"
@@ -279,11 +279,12 @@ def image_config(registry, manifest, image_name):
 
 def probe_ranges(registry, manifest, layout):
     """Unsupported if the registry ignores Range (it says so now, not at
-    every read); what it cannot tell yet, the reads will try again."""
+    every read: the last byte is asked for, which a whole answer is not);
+    what it cannot tell yet, the reads will try again."""
     for layer in manifest["layers"]:
         if layer["size"] and not os.path.exists(layout.blob_path(layer["digest"])):
             try:
-                registry.blob_range(layer["digest"], 0, 1)
+                registry.blob_range(layer["digest"], layer["size"] - 1, layer["size"])
             except RegistryError as error:
                 if not error.transient:
                     raise

@@ -1,17 +1,26 @@
-"""The registry itself, over HTTP: manifests, and ranges of blobs, with the
-credentials and TLS settings podman would use.
+"""The registry itself, over HTTP: manifests, and ranges of blobs, from
+the sources registries.conf gives the image (its mirrors, then the
+primary; see registries_conf.py), each with the credentials and TLS
+settings podman would use for it.
 
 What podman would use: the credentials of authfile=, else of podman's own
 auth files (REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
-~/.config/containers/auth.json, ~/.docker/config.json); the certificates
-of cert-dir=, else of /etc/containers/certs.d/HOST (CAs *.crt, a client
-certificate *.cert with its *.key); tls-verify=, else registries.conf's
-"insecure" for the registry (then plain HTTP is tried too).  Every
-registry's token flow (Bearer, anonymous too) and basic auth are spoken
-here; a redirect to blob storage never carries our Authorization (requests
-drops it for another host).  What this cannot honour (a credential helper,
-a mirror, a blocked registry) raises Unsupported, so that the caller takes
-the whole fetch instead.
+~/.config/containers/auth.json, ~/.docker/config.json), a file's
+credential helper (credHelpers, credsStore) asked for its host; the
+certificates of cert-dir=, else of /etc/containers/certs.d/HOST (CAs
+*.crt, a client certificate *.cert with its *.key); tls-verify=, else the
+source's "insecure" (then plain HTTP is tried too).  Credentials and
+certificates are the source's own host's: a mirror never receives the
+primary's.  Every registry's token flow (Bearer, anonymous too) and basic
+auth are spoken here; a redirect to blob storage never carries our
+Authorization (requests drops it for another host).
+
+The manifest comes from the first source that gives it, as containers/image
+does; blobs from that source, and, where it fails, from the next: every
+byte is checked against a digest, so a blob begun on a mirror that dies may
+end on the primary (containers/image gives up there).  What this cannot
+honour (an identity token, an HTTP proxy in the environment) raises
+Unsupported, so that the caller takes the whole fetch instead.
 """
 
 import base64
@@ -33,16 +42,10 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from ..errors import RegistryError, Unsupported
+from ..errors import CdiError, NoSource, RegistryError, Unsupported
+from . import registries_conf
+from .fetch import api_host
 from .layout import INDEX_TYPES, MANIFEST_TYPES
-
-try:
-    import tomllib  # Python 3.11
-except ImportError:  # before: Debian's python3-tomli, if it is there
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
 
 log = logging.getLogger("cdipy")
 
@@ -52,28 +55,118 @@ TIMEOUTS = (10, 30)
 # Tokens are renewed this long before the registry says they expire.
 TOKEN_MARGIN = 10
 MAX_MANIFEST = 4 << 20
+# Seconds a credential helper may take to answer.
+HELPER_SECONDS = 30
 
 
 class Registry:
-    """Repository REPOSITORY of registry HOST (host[:port], as the image's
-    name says it: registries.conf and auth files name it so), for image
-    IMAGE_NAME, as SETTINGS (parameters.Settings) say to reach it.  Its API
-    is at API_HOST (Docker Hub's is elsewhere), HOST if not given."""
+    """Image IMAGE_NAME, repository REPOSITORY of registry HOST (host[:port],
+    as the image's name says it: registries.conf and auth files name it so)
+    at REFERENCE (a tag or a digest), from its sources, as SETTINGS
+    (parameters.Settings) and registries.conf say to reach them.  A source
+    is reached (its credentials asked for) only once it is tried."""
 
-    def __init__(self, host, repository, image_name, settings, api_host=None):
+    def __init__(self, host, repository, image_name, settings, reference="latest"):
         self.host, self.repository, self.image_name = host, repository, image_name
-        self.api_host = api_host or host
-        config = registry_config(host, repository)
-        if config.get("blocked"):
-            raise Unsupported(f"registries.conf blocks {host}")
-        if config.get("mirrors") or config.get("location", host) != host:
-            raise Unsupported(f"registries.conf gives {host} a mirror or another location")
-        if urllib.request.getproxies() and not urllib.request.proxy_bypass(host.split(":")[0]):
-            raise Unsupported("the environment names an HTTP proxy")
+        self.reference, self.settings = reference, settings
+        config = registries_conf.load()
+        self.sources = registries_conf.pull_sources(config, host, repository, reference)
+        for source in self.sources:
+            if urllib.request.getproxies() and \
+                    not urllib.request.proxy_bypass(source.host.split(":")[0]):
+                raise Unsupported("the environment names an HTTP proxy")
+        self.lock = threading.Lock()
+        self.endpoints = {}          # source index -> its Endpoint, once tried
+        self.preferred = 0           # the source that answered last: tried first
+
+    def manifest(self, reference):
+        """(bytes, media type, digest) of manifest REFERENCE (a tag or digest),
+        checked against the digest when REFERENCE is one; the image's own
+        reference is asked of each source as that source names it."""
+        return self.attempt(
+            lambda endpoint, source: endpoint.manifest(
+                source.reference if reference == self.reference else reference),
+            f"manifest {reference}")
+
+    def blob_range(self, digest, start, end):
+        """Bytes START to END (excluded) of blob DIGEST, from the source that
+        answered last, else the next that answers."""
+        return self.attempt(lambda endpoint, _: endpoint.blob_range(digest, start, end),
+                            f"blob {digest} bytes {start}-{end - 1}")
+
+    def blob_pieces(self, digest, start, piece):
+        """Yield blob DIGEST from byte START to its end, PIECE bytes at a
+        time, from the first source that answers; RegistryError (transient)
+        if the answer breaks off (asked again, the next source may answer)."""
+        endpoint, response = self.attempt(
+            lambda endpoint, _: (endpoint, endpoint.open_blob(digest, start)),
+            f"blob {digest} from byte {start}")
+        yield from endpoint.read_pieces(response, digest, start, piece)
+
+    def attempt(self, call, what):
+        """CALL(endpoint, source) on the preferred source, then on each other
+        in order, until one returns; that one is preferred from then on.
+        If every one fails: one source's error as it is; several, NoSource
+        (or Unsupported, if each was) naming each source and its error."""
+        preferred = self.preferred
+        order = [preferred] + [index for index in range(len(self.sources))
+                               if index != preferred]
+        failures = []
+        for index in order:
+            source = self.sources[index]
+            try:
+                if source.blocked:
+                    raise NoSource(f"{self.image_name}: {what}: {source.blocked}")
+                result = call(self.endpoint(index), source)
+            except (CdiError, Unsupported) as error:
+                log.debug(f"{self.image_name}: {what}: {source.name()} failed: {error}")
+                failures.append((source, error))
+                continue
+            if failures and index != preferred:
+                log.debug(f"{self.image_name}: {what}: continuing from {source.name()}: "
+                          "every byte is checked against its digest, so a blob begun on "
+                          "one source may end on another (containers/image would give up)")
+            self.preferred = index
+            return result
+        if len(failures) == 1:
+            raise failures[0][1]
+        said = "; ".join(f"[{source.name()}: {self.unprefixed(error, what)}]"
+                         for source, error in failures)
+        message = f"{self.image_name}: {what}: every source failed: {said}"
+        if all(isinstance(error, Unsupported) for _, error in failures):
+            raise Unsupported(message)
+        raise NoSource(message, transient=any(getattr(error, "transient", False)
+                                              for _, error in failures))
+
+    def unprefixed(self, error, what):
+        """ERROR's message without the image's name and WHAT, said once."""
+        message = str(error)
+        for prefix in (f"{self.image_name}: ", f"{what}: "):
+            message = message[len(prefix):] if message.startswith(prefix) else message
+        return message
+
+    def endpoint(self, index):
+        """The Endpoint of source INDEX, made at its first use."""
+        with self.lock:
+            endpoint = self.endpoints.get(index)
+            if endpoint is None:
+                endpoint = Endpoint(self.sources[index], self.image_name, self.settings)
+                self.endpoints[index] = endpoint
+            return endpoint
+
+
+class Endpoint:
+    """One source of an image (a registries_conf.Source), for IMAGE_NAME, as
+    SETTINGS say to reach it: its own credentials, certificates and TLS."""
+
+    def __init__(self, source, image_name, settings):
+        self.host, self.repository, self.image_name = \
+            source.host, source.repository, image_name
+        self.api_host = api_host(source.host)
         self.insecure = (not settings.tls_verify if settings.tls_verify is not None
-                         else bool(config.get("insecure")))
-        self.credentials = credentials(host, repository, settings.authfile)
-        self.certificates = certificates(host, settings.cert_dir)
+                         else source.insecure)
+        self.credentials = credentials(source.host, source.repository, settings.authfile)
+        self.certificates = certificates(source.host, settings.cert_dir)
         self.scheme = "https"
         self.scheme_known = False    # once a request succeeded, never changed
         self.lock = threading.Lock()
@@ -104,6 +197,11 @@ class Registry:
                                                         "Accept-Encoding": "identity"},
                             what=f"blob {digest} bytes {start}-{end - 1}", stream=True)
         with contextlib.closing(response):
+            if start == 0 and response.status_code == 200 \
+                    and "Content-Range" not in response.headers:
+                # The blob's start is the answer's: what a pull-through
+                # cache sends while it fetches the blob itself.
+                return self.read_exactly(response, digest, start, end, whole=True)
             if response.status_code != 206:
                 raise Unsupported(f"{self.api_host} answered a range of blob {digest} with "
                                   f"HTTP {response.status_code}, not 206")
@@ -113,41 +211,64 @@ class Registry:
                 raise RegistryError(f"{self.image_name}: the registry sent "
                                     f"{response.headers.get('Content-Range')!r} for bytes "
                                     f"{start}-{end - 1} of {digest}")
-            try:
-                data = response.raw.read(end - start + 1, decode_content=False)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-                raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
-                                    transient=True) from None
+            return self.read_exactly(response, digest, start, end)
+
+    def read_exactly(self, response, digest, start, end, whole=False):
+        """The END - START bytes RESPONSE's body holds: a range answer must
+        hold no more (one byte more is asked to see), a WHOLE blob's rest
+        is left unread."""
+        try:
+            data = response.raw.read(end - start + (0 if whole else 1), decode_content=False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
+                                transient=True) from None
         if len(data) != end - start:
             raise RegistryError(f"{self.image_name}: the registry sent {len(data)} bytes of "
                                 f"{end - start} of blob {digest}", transient=True)
         return data
 
-    def blob_pieces(self, digest, start, piece):
-        """Yield blob DIGEST from byte START to its end, PIECE bytes at a
-        time (the last may be short), as stored; RegistryError (transient)
-        if the answer breaks off."""
+    def open_blob(self, digest, start):
+        """The answer that holds blob DIGEST from byte START, as stored."""
         headers = {"Accept-Encoding": "identity"}
         if start:
             headers["Range"] = f"bytes={start}-"
         response = self.get(f"blobs/{digest}", headers=headers,
                             what=f"blob {digest} from byte {start}", stream=True)
+        whole = response.status_code == 200 and "Content-Range" not in response.headers
+        if start and not whole and (response.status_code != 206 or not response.headers.get(
+                "Content-Range", "").startswith(f"bytes {start}-")):
+            response.close()
+            raise RegistryError(f"{self.image_name}: {self.api_host} answered bytes "
+                                f"{start}- of blob {digest} with HTTP "
+                                f"{response.status_code} "
+                                f"{response.headers.get('Content-Range')!r}")
+        return response
+
+    def read_pieces(self, response, digest, start, piece):
+        """Yield RESPONSE's body from byte START of blob DIGEST, PIECE bytes
+        at a time; a whole blob (a pull-through cache answers a Range so
+        while it fetches the blob itself) read up to START first."""
+        skip = start if start and response.status_code == 200 else 0
+        if skip:
+            log.debug(f"{self.api_host} answered bytes {start}- of {digest} with the whole "
+                      "blob: skipping what has arrived already")
         with contextlib.closing(response):
-            if start and (response.status_code != 206 or not response.headers.get(
-                    "Content-Range", "").startswith(f"bytes {start}-")):
-                raise RegistryError(f"{self.image_name}: {self.api_host} answered bytes "
-                                    f"{start}- of blob {digest} with HTTP "
-                                    f"{response.status_code} "
-                                    f"{response.headers.get('Content-Range')!r}")
             while True:
                 try:
-                    data = response.raw.read(piece, decode_content=False)
+                    data = response.raw.read(piece if not skip else min(piece, skip),
+                                             decode_content=False)
                 except (requests.RequestException, urllib3.exceptions.HTTPError,
                         OSError) as error:
                     raise RegistryError(f"{self.image_name}: reading blob {digest}: {error}",
                                         transient=True) from None
                 if not data:
+                    if skip:
+                        raise RegistryError(f"{self.image_name}: reading blob {digest}: the "
+                                            f"answer ends before byte {start}", transient=True)
                     return
+                if skip:
+                    skip -= len(data)
+                    continue
                 yield data
 
     def get(self, path, headers, what, stream=False):
@@ -296,8 +417,10 @@ class ContextAdapter(HTTPAdapter):
 
 def credentials(host, repository, authfile=None):
     """(user, password) for HOST/REPOSITORY from the first auth file podman
-    would read that names it, or None; Unsupported for what only a
-    credential helper knows."""
+    would read that gives some, or None (anonymous).  In each file: its
+    credHelpers entry for HOST (that helper alone), else its auths entry
+    (the most specific key), else its credsStore helper.  Unsupported for
+    an identity token, which only podman can use."""
     for path in auth_files(authfile):
         try:
             with open(path, "rb") as file:
@@ -306,6 +429,14 @@ def credentials(host, repository, authfile=None):
             continue
         except (OSError, ValueError) as error:
             raise Unsupported(f"cannot read {path}: {error}") from None
+        if not isinstance(config, dict):
+            raise Unsupported(f"cannot read {path}: not a JSON object")
+        helper = (config.get("credHelpers") or {}).get(host)
+        if helper:
+            found = helper_credentials(helper, host, path)
+            if found:
+                return found
+            continue
         auths = {key_of(key): value for key, value in (config.get("auths") or {}).items()
                  if isinstance(value, dict)}
         for key in scopes(host, repository) + (DOCKER_HUB_KEYS if host == "docker.io" else []):
@@ -315,11 +446,45 @@ def credentials(host, repository, authfile=None):
             if entry and entry.get("auth"):
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
                 return user, password
-        if host in (config.get("credHelpers") or {}) or config.get("credsStore"):
-            raise Unsupported(f"{path} names a credential helper")
-        if authfile is not None:
-            return None  # authfile= is the only file podman then reads
+        if config.get("credsStore"):
+            found = helper_credentials(config["credsStore"], host, path)
+            if found:
+                return found
     return None
+
+
+# What a credential helper prints when it holds nothing for the registry.
+NOT_FOUND = "credentials not found in native keychain"
+
+
+def helper_credentials(name, host, path):
+    """(user, password) from credential helper NAME (docker-credential-NAME
+    get, HOST on its standard input), named in the auth file PATH; None if
+    it holds none for HOST.  CdiError with its own message if it fails."""
+    from ..workspace import run_briefly  # noqa: PLC0415 (the workspace is podman's)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise CdiError(f"{path}: credential helper {name!r} for {host} is not a helper's name")
+    program = f"docker-credential-{name}"
+    status, output, errors = run_briefly([program, "get"], host, HELPER_SECONDS)
+    if status != 0:
+        message = (errors.strip() or output.strip()).splitlines()
+        if output.strip() == NOT_FOUND or errors.strip() == NOT_FOUND:
+            log.debug(f"{program} holds no credentials for {host}")
+            return None
+        raise CdiError(f"credentials for {host}: {program} get (named in {path}) exited with "
+                       f"status {status}: {message[-1] if message else 'no message'}")
+    try:
+        answer = json.loads(output)
+        user, secret = answer["Username"], answer["Secret"]
+        if not isinstance(user, str) or not isinstance(secret, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CdiError(f"credentials for {host}: {program} get (named in {path}) printed no "
+                       "Username and Secret") from None
+    if user == "<token>":
+        raise Unsupported(f"{program} gives an identity token for {host}")
+    log.debug(f"credentials for {host} from {program}")
+    return user, secret
 
 
 def auth_files(authfile):
@@ -359,51 +524,3 @@ def certificates(host, cert_dir=None):
                      for path in sorted(glob.glob(os.path.join(directory, "*.cert")))]
             return authorities, next((pair for pair in pairs if os.path.exists(pair[1])), None)
     return [], None
-
-
-def registry_config(host, repository):
-    """What registries.conf says of HOST/REPOSITORY: insecure, blocked,
-    location, mirrors (the entry with the longest matching prefix)."""
-    best, best_length = {}, -1
-    for path in registries_files():
-        try:
-            config = read_toml(path)
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as error:
-            raise Unsupported(f"cannot read {path}: {error}") from None
-        version1 = config.get("registries") or {}
-        if host in ((version1.get("block") or {}).get("registries") or []):
-            raise Unsupported(f"{path} blocks {host}")
-        insecure = (version1.get("insecure") or {}).get("registries") or []
-        if host in insecure and best_length < len(host):
-            best, best_length = {"insecure": True}, len(host)
-        for entry in config.get("registry") or []:
-            prefix = entry.get("prefix") or entry.get("location") or ""
-            if prefix.startswith("*.") and host.split(":")[0].endswith(prefix[1:]):
-                raise Unsupported(f"{path} has a wildcard entry for {host} ({prefix})")
-            reference = f"{host}/{repository}"
-            if (reference == prefix or reference.startswith(prefix.rstrip("/") + "/")
-                    or host == prefix) and len(prefix) > best_length:
-                best, best_length = {"insecure": entry.get("insecure", False),
-                                     "blocked": entry.get("blocked", False),
-                                     "location": entry.get("location", prefix),
-                                     "mirrors": entry.get("mirror") or []}, len(prefix)
-    return best
-
-
-def registries_files():
-    if os.environ.get("CONTAINERS_REGISTRIES_CONF"):
-        return [os.environ["CONTAINERS_REGISTRIES_CONF"]]
-    user = os.path.join(os.path.expanduser("~"), ".config/containers/registries.conf")
-    if os.geteuid() != 0 and os.path.exists(user):
-        return [user]
-    return (["/etc/containers/registries.conf"]
-            + sorted(glob.glob("/etc/containers/registries.conf.d/*.conf")))
-
-
-def read_toml(path):
-    if tomllib is None:
-        raise Unsupported("no TOML reader for registries.conf (Python < 3.11 without tomli)")
-    with open(path, "rb") as file:
-        return tomllib.load(file)

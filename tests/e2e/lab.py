@@ -426,11 +426,12 @@ class Registry:
 
 
 @contextlib.contextmanager
-def registry(workdir, name, auth=False, token=None, tls=None):
+def registry(workdir, name, auth=False, token=None, tls=None, *, proxy_of=None):
     """A Distribution registry on 127.0.0.1 with its data in WORKDIR/NAME,
     requiring REGISTRY_USER's password with AUTH, or tokens from TOKEN (an
     httplab.TokenIssuer); speaking HTTPS with TLS, (certificate, key)
-    files; yields a Registry."""
+    files; a pull-through cache of the registry at PROXY_OF (host:port,
+    plain HTTP) if given; yields a Registry."""
     address = f"127.0.0.1:{free_port()}"
     root = Path(workdir) / name
     root.mkdir()
@@ -443,6 +444,8 @@ def registry(workdir, name, auth=False, token=None, tls=None):
         config.append(f"auth: {{htpasswd: {{realm: cdi-test, path: {root}/htpasswd}}}}")
     if token:
         config.append(token.registry_config())
+    if proxy_of:
+        config.append(f"proxy: {{remoteurl: 'http://{proxy_of}'}}")
     (root / "config.yml").write_text("\n".join(config) + "\n")
     with open(root / "log", "wb") as log:
         process = subprocess.Popen(

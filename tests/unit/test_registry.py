@@ -4,17 +4,17 @@ path.  Plain files in tmp_path; no network."""
 
 import base64
 import json
+import os
 
 import pytest
 
-from cdipy.errors import Unsupported
+from cdipy.errors import CdiError, NoSource, RegistryError, Unsupported
 from cdipy.oci.fetch import api_host, is_compressed, lazily_servable, split_reference
 from cdipy.oci.registry import (
     Registry,
     certificates,
     credentials,
     key_of,
-    registry_config,
     scopes,
 )
 from cdipy.parameters import Settings
@@ -52,10 +52,79 @@ def test_no_entry_is_anonymous(tmp_path):
     assert credentials("ghcr.io", "org/disk", auth_file(tmp_path, {"auths": {}})) is None
 
 
-def test_a_credential_helper_cannot_be_honoured(tmp_path):
-    path = auth_file(tmp_path, {"auths": {}, "credHelpers": {"ecr.example": "ecr-login"}})
-    with pytest.raises(Unsupported, match="names a credential helper"):
-        credentials("ecr.example", "disk", path)
+def helper(tmp_path, monkeypatch, name, script):
+    """docker-credential-NAME on PATH: a shell script (its body SCRIPT) that
+    keeps what it was given on stdin in tmp_path/asked."""
+    directory = tmp_path / "bin"
+    directory.mkdir(exist_ok=True)
+    program = directory / f"docker-credential-{name}"
+    program.write_text(f"#!/bin/sh\ncat > {tmp_path}/asked; echo \"$@\" >> {tmp_path}/asked\n"
+                       + script)
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+
+
+ANSWER = 'echo \'{"ServerURL": "x", "Username": "robot", "Secret": "s3cret"}\'\n'
+
+
+def test_a_credential_helper_is_asked_for_its_registry(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "ecr-login", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"ecr.example": {"auth": secret("no", "no")}},
+                                "credHelpers": {"ecr.example": "ecr-login"}})
+    assert credentials("ecr.example", "org/disk", path) == ("robot", "s3cret")
+    assert (tmp_path / "asked").read_text() == "ecr.exampleget\n"
+
+
+def test_creds_store_serves_a_registry_the_file_does_not_name(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "desktop", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"quay.io": {"auth": secret("q", "1")}},
+                                "credsStore": "desktop"})
+    assert credentials("quay.io", "org/disk", path) == ("q", "1")
+    assert credentials("gcr.example", "org/disk", path) == ("robot", "s3cret")
+
+
+def test_a_helper_that_holds_nothing_is_anonymous(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "pass",
+           "echo 'credentials not found in native keychain'; exit 1\n")
+    path = auth_file(tmp_path, {"credHelpers": {"h": "pass"}})
+    assert credentials("h", "disk", path) is None
+
+
+def test_a_failing_helper_says_why(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "broken", "echo 'token expired, log in again' >&2; exit 3\n")
+    path = auth_file(tmp_path, {"credHelpers": {"h": "broken"}})
+    with pytest.raises(CdiError) as error:
+        credentials("h", "disk", path)
+    assert str(error.value) == (f"credentials for h: docker-credential-broken get (named in "
+                                f"{path}) exited with status 3: token expired, log in again")
+
+
+def test_a_missing_helper_says_what_to_install(tmp_path):
+    path = auth_file(tmp_path, {"credHelpers": {"h": "absent-helper"}})
+    with pytest.raises(CdiError, match="docker-credential-absent-helper: command not found"):
+        credentials("h", "disk", path)
+
+
+def test_a_helpers_name_is_never_a_path(tmp_path):
+    path = auth_file(tmp_path, {"credHelpers": {"h": "../../bin/sh"}})
+    with pytest.raises(CdiError, match="is not a helper's name"):
+        credentials("h", "disk", path)
+
+
+def test_a_helper_that_hangs_is_stopped(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "slow", "exec sleep 30\n")
+    monkeypatch.setattr("cdipy.oci.registry.HELPER_SECONDS", 0.5)
+    path = auth_file(tmp_path, {"credHelpers": {"h": "slow"}})
+    with pytest.raises(CdiError, match="docker-credential-slow: no answer after 0.5 s"):
+        credentials("h", "disk", path)
+
+
+def test_an_identity_token_from_a_helper_cannot_be_honoured(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "acr",
+           'echo \'{"Username": "<token>", "Secret": "refresh"}\'\n')
+    path = auth_file(tmp_path, {"credHelpers": {"acr.example": "acr"}})
+    with pytest.raises(Unsupported, match="gives an identity token for acr.example"):
+        credentials("acr.example", "disk", path)
 
 
 def test_an_identity_token_cannot_be_honoured(tmp_path):
@@ -75,28 +144,6 @@ def test_certificates_of_a_cert_dir(tmp_path):
         (tmp_path / name).write_text("x")
     assert certificates("h", str(tmp_path)) == (
         [str(tmp_path / "ca.crt")], (str(tmp_path / "client.cert"), str(tmp_path / "client.key")))
-
-
-def test_registries_conf_insecure_mirror_and_blocked(tmp_path, monkeypatch):
-    conf = tmp_path / "registries.conf"
-    conf.write_text('unqualified-search-registries = []\n'
-                    '[[registry]]\nlocation = "h:5000"\ninsecure = true\n'
-                    '[[registry]]\nprefix = "quay.io/mirrored"\nlocation = "quay.io/mirrored"\n'
-                    '[[registry.mirror]]\nlocation = "mirror.example/quay"\n'
-                    '[[registry]]\nlocation = "blocked.example"\nblocked = true\n')
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
-    assert registry_config("h:5000", "a/b")["insecure"] is True
-    assert registry_config("quay.io", "mirrored/disk")["mirrors"]
-    assert registry_config("quay.io", "other/disk") == {}
-    assert registry_config("blocked.example", "x")["blocked"] is True
-
-
-def test_a_damaged_registries_conf_cannot_be_honoured(tmp_path, monkeypatch):
-    conf = tmp_path / "registries.conf"
-    conf.write_text("[[registry]\n")
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
-    with pytest.raises(Unsupported, match="cannot read"):
-        registry_config("h", "x")
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -165,7 +212,8 @@ def test_an_http_proxy_in_the_environment_cannot_be_honoured(tmp_path, monkeypat
     settings = Settings(name="x", authfile=auth_file(tmp_path, {"auths": {}}))
     with pytest.raises(Unsupported, match="the environment names an HTTP proxy"):
         Registry("quay.io", "org/disk", "quay.io/org/disk:1", settings)
-    assert Registry("127.0.0.1:5000", "a/b", "127.0.0.1:5000/a/b:1", settings).scheme == "https"
+    assert Registry("127.0.0.1:5000", "a/b", "127.0.0.1:5000/a/b:1", settings).endpoint(0) \
+        .scheme == "https"
 
 
 def test_without_authfile_podmans_own_auth_files_are_read_in_its_order(tmp_path, monkeypatch):
@@ -185,3 +233,112 @@ def test_without_authfile_podmans_own_auth_files_are_read_in_its_order(tmp_path,
     chosen.write_text(json.dumps({"auths": {"quay.io": {"auth": secret("chosen", "3")}}}))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(chosen))
     assert credentials("quay.io", "org/disk") == ("chosen", "3")
+
+
+# ------------------------------------------------ the sources, in order
+
+class FakeEndpoint:
+    """A source's endpoint that answers from ANSWERS (name -> bytes, or an
+    exception to raise) and records what it was asked."""
+
+    def __init__(self, source, answers, asked):
+        self.source, self.answers, self.asked = source, answers, asked
+
+    def answer(self, what):
+        self.asked.append((self.source.host, what))
+        found = self.answers.get((self.source.host, what), self.answers.get(self.source.host))
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def manifest(self, reference):
+        return self.answer(reference), "t", "d"
+
+    def blob_range(self, digest, start, end):
+        return self.answer("blob")
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """make(answers): a Registry of quay.io/org/disk:1 whose sources are
+    mirror.one, mirror.two (registries.conf) and quay.io, answering as
+    ANSWERS says; and the list of what each was asked."""
+    conf = tmp_path / "registries.conf"
+    conf.write_text('[[registry]]\nlocation = "quay.io/org"\n'
+                    '[[registry.mirror]]\nlocation = "mirror.one/q"\n'
+                    '[[registry.mirror]]\nlocation = "mirror.two/q"\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    asked = []
+
+    def make(answers):
+        registry = Registry("quay.io", "org/disk", "quay.io/org/disk:1",
+                            Settings(name="quay.io/org/disk:1"), "1")
+        monkeypatch.setattr(registry, "endpoint", lambda index: FakeEndpoint(
+            registry.sources[index], answers, asked))
+        return registry
+    return make, asked
+
+
+def refused(host):
+    return RegistryError(f"quay.io/org/disk:1: manifest 1: {host}: connection refused",
+                         transient=True)
+
+
+def test_the_manifest_comes_from_the_first_source_that_answers(sources):
+    make, asked = sources
+    registry = make({"mirror.one": refused("mirror.one"), "mirror.two": b"{}"})
+    assert registry.manifest("1")[0] == b"{}"
+    assert asked == [("mirror.one", "1"), ("mirror.two", "1")]
+    assert registry.sources[registry.preferred].host == "mirror.two"
+
+
+def test_a_blob_continues_from_the_next_source_and_says_so(sources, caplog):
+    make, asked = sources
+    registry = make({"mirror.one": b"{}", ("mirror.one", "blob"): refused("mirror.one"),
+                     ("mirror.two", "blob"): refused("mirror.two"), "quay.io": b"bytes"})
+    registry.manifest("1")
+    caplog.set_level("DEBUG", logger="cdipy")
+    assert registry.blob_range("sha256:" + "1" * 64, 0, 5) == b"bytes"
+    assert "continuing from quay.io/org/disk:1: every byte is checked" in caplog.text
+    asked.clear()
+    registry.blob_range("sha256:" + "1" * 64, 5, 10)
+    assert asked == [("quay.io", "blob")], "the source that answered is tried first"
+
+
+def test_when_every_source_fails_the_error_names_each(sources):
+    make, _ = sources
+    registry = make({host: refused(host) for host in ("mirror.one", "mirror.two")}
+                    | {"quay.io": RegistryError("quay.io/org/disk:1: manifest 1: quay.io "
+                                                "answered HTTP 404 not found")})
+    with pytest.raises(NoSource) as error:
+        registry.manifest("1")
+    assert str(error.value) == (
+        "quay.io/org/disk:1: manifest 1: every source failed: "
+        "[mirror.one/q/disk:1: mirror.one: connection refused]; "
+        "[mirror.two/q/disk:1: mirror.two: connection refused]; "
+        "[quay.io/org/disk:1: quay.io answered HTTP 404 not found]")
+    assert error.value.transient
+
+
+def test_a_blocked_registry_is_refused_without_a_request(tmp_path, monkeypatch):
+    conf = tmp_path / "registries.conf"
+    conf.write_text('[[registry]]\nlocation = "bad.example"\nblocked = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    registry = Registry("bad.example", "x", "bad.example/x:1", Settings(name="x"), "1")
+    with pytest.raises(NoSource) as error:
+        registry.manifest("1")
+    assert str(error.value) == (f"bad.example/x:1: manifest 1: registry bad.example is blocked "
+                                f"in {conf} or {tmp_path}/.config/containers/registries.conf.d")
+    assert registry.endpoints == {}
+
+
+def test_a_mirror_never_receives_the_primarys_credentials(sources, tmp_path):
+    make, _ = sources
+    path = auth_file(tmp_path, {"auths": {"quay.io": {"auth": secret("primary", "1")},
+                                          "mirror.two": {"auth": secret("two", "2")}}})
+    settings = Settings(name="quay.io/org/disk:1", authfile=path)
+    registry = Registry("quay.io", "org/disk", settings.name, settings, "1")
+    assert [registry.endpoint(index).credentials for index in range(3)] == [
+        None, ("two", "2"), ("primary", "1")]

@@ -1,0 +1,224 @@
+"""registries.conf's mirrors, blocked registries and credential helpers in
+cdi.py's own reads: an artifact read lazily and a gzip containerdisk
+streamed through a pull-through cache (the real Distribution in proxy
+mode) with the primary unreachable, the mirror down and the primary up,
+pull-from-mirror, a blocked registry, credentials from a helper, and a
+mirror killed mid-blob with the rest read from the primary.
+
+Each test writes a registries.conf of its own and passes it to the plugin
+in CONTAINERS_REGISTRIES_CONF; the primary named "unreachable" is a port
+nothing listens on, so the mirror is the only way.
+"""
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import nbdkit_error, run_nbdkit
+from httplab import Proxy
+from lab import (
+    MIB,
+    REGISTRY_PASSWORD,
+    REGISTRY_USER,
+    Blob,
+    free_port,
+    podman,
+    push_artifact,
+    registry,
+    sha256,
+    wait_for,
+)
+
+ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
+SIZE = 8 * MIB
+DIGEST_RUN = 'nbdcopy "$uri" - | sha256sum'
+
+
+@pytest.fixture(scope="module")
+def pull_through(lab):
+    """The address of a Distribution in proxy mode: a pull-through cache
+    of the lab's open registry."""
+    with registry(lab.workdir, f"pull-through-{os.urandom(3).hex()}",
+                  proxy_of=lab.registry) as running:
+        yield running.address
+
+
+@pytest.fixture(scope="module")
+def artifact(lab):
+    """(repository:tag in the open registry, the disk's bytes): an ORAS
+    artifact of one raw disk."""
+    data = os.urandom(SIZE)
+    path = Path(lab.workdir, "mirrored.img")
+    path.write_bytes(data)
+    name = f"cdi-test/mirrored-{os.urandom(4).hex()}:1"
+    try:
+        push_artifact(lab.workdir, f"{lab.registry}/{name}", [Blob(ORAS_LAYER, path, "disk.img")])
+    finally:
+        path.unlink()
+    return name, data
+
+
+@pytest.fixture(scope="module")
+def containerdisk(lab):
+    """(repository:tag in the open registry, the disk's bytes): a
+    containerdisk of one gzip layer, disk/disk.img, gone from podman's
+    storage."""
+    data = os.urandom(SIZE // 2) + bytes(SIZE // 2)
+    image = lab.build(f"localhost/cdi-test/mirrored-cd-{os.urandom(4).hex()}:1",
+                      [{"disk/disk.img": data}])
+    name = f"cdi-test/mirrored-cd-{os.urandom(4).hex()}:1"
+    lab.push(image, f"{lab.registry}/{name}")
+    podman("rmi", "--force", image.id)
+    return name, data
+
+
+@pytest.fixture
+def unreachable():
+    """host:port of a registry that is not there."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def conf(tmp_path, text):
+    """The environment of a plugin reading registries.conf TEXT."""
+    path = tmp_path / "registries.conf"
+    path.write_text("unqualified-search-registries = []\n" + text)
+    return dict(os.environ, CONTAINERS_REGISTRIES_CONF=str(path))
+
+
+def mirrored(primary, *mirrors, primary_insecure=False, how=""):
+    """registries.conf's entry for PRIMARY with MIRRORS (plain HTTP)."""
+    text = f'[[registry]]\nlocation = "{primary}"\ninsecure = {str(primary_insecure).lower()}\n'
+    for mirror in mirrors:
+        text += f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+        text += f'pull-from-mirror = "{how}"\n' if how else ""
+    return text
+
+
+def disk_digest(name, cache, env, *more):
+    result = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk", *more, run=DIGEST_RUN,
+                        env=env, verbose=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[0], result.stderr
+
+
+# --------------------------------------------------- air-gapped: the mirror alone
+
+def test_an_artifact_is_read_lazily_through_a_pull_through_cache(
+        artifact, pull_through, unreachable, cache, tmp_path):
+    name, data = artifact
+    env = conf(tmp_path, mirrored(unreachable, pull_through))
+    digest, log = disk_digest(f"{unreachable}/{name}", cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"from {unreachable} as it is read" in log, log
+    assert "skopeo" not in log and "podman pull" not in log
+
+
+def test_a_containerdisk_streams_through_a_pull_through_cache(
+        containerdisk, pull_through, unreachable, cache, tmp_path):
+    name, data = containerdisk
+    env = conf(tmp_path, mirrored(unreachable, pull_through))
+    digest, log = disk_digest(f"{unreachable}/{name}", cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"streamed from {unreachable} into the cache" in log, log
+    assert "podman pull" not in log
+
+
+# ---------------------------------------------------------- order, and failures
+
+def test_the_mirror_down_the_primary_answers(lab, artifact, unreachable, cache, tmp_path):
+    name, data = artifact
+    env = conf(tmp_path, mirrored(lab.registry, unreachable, primary_insecure=True))
+    digest, log = disk_digest(f"{lab.registry}/{name}", cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"{unreachable}/{name} failed: " in log, log
+
+
+def test_every_source_failing_names_each(lab, artifact, cache, tmp_path):
+    name = artifact[0]
+    mirror, primary = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = conf(tmp_path, mirrored(primary, mirror))
+    message = nbdkit_error(f"name={primary}/{name}", f"cache={cache}", env=env)
+    tag = name.split(":")[1]
+    assert f"error: {primary}/{name}: manifest {tag}: every source failed: " \
+           f"[{mirror}/{name}: " in message, message
+    assert f"]; [{primary}/{name}: " in message, message
+    assert "podman" not in message
+
+
+def test_a_blocked_registry_is_refused_as_podman_refuses_it(lab, artifact, unreachable, cache,
+                                                            tmp_path):
+    name = artifact[0]
+    env = conf(tmp_path, f'[[registry]]\nlocation = "{unreachable}"\nblocked = true\n')
+    message = nbdkit_error(f"name={unreachable}/{name}", f"cache={cache}", env=env)
+    drop_ins = os.path.expanduser("~/.config/containers/registries.conf.d")
+    assert f"error: {unreachable}/{name}: manifest 1: registry {unreachable} is blocked in " \
+           f"{tmp_path}/registries.conf or {drop_ins}\n" in message, message
+
+
+@pytest.mark.parametrize("by_digest", [False, True])
+def test_a_digest_only_mirror_serves_digests_alone(lab, artifact, cache, tmp_path, by_digest):
+    name, data = artifact
+    reference = name
+    if by_digest:
+        raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                              f"docker://{lab.registry}/{name}"],
+                             check=True, capture_output=True).stdout
+        reference = f"{name.split(':')[0]}@{sha256(raw)}"
+    with Proxy(lab.registry) as mirror:
+        env = conf(tmp_path, mirrored(lab.registry, mirror.address, primary_insecure=True,
+                                      how="digest-only"))
+        digest, _ = disk_digest(f"{lab.registry}/{reference}", cache, env)
+        assert digest == sha256(data)[len("sha256:"):]
+        assert (mirror.blob_requests > 0) is by_digest
+
+
+def test_a_mirror_killed_mid_blob_the_rest_comes_from_the_primary(lab, containerdisk, cache,
+                                                                  tmp_path):
+    name, data = containerdisk
+    with Proxy(lab.registry) as mirror:
+        mirror.rate = 2 * MIB
+        env = conf(tmp_path, mirrored(lab.registry, mirror.address, primary_insecure=True))
+
+        def kill_mirror():
+            wait_for(lambda: mirror.blob_bytes > 1 * MIB, 60, "the blob never began")
+            mirror.stop()
+        killer = threading.Thread(target=kill_mirror)
+        killer.start()
+        try:
+            digest, log = disk_digest(f"{lab.registry}/{name}", cache, env)
+        finally:
+            killer.join()
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"continuing from {lab.registry}/{name}: every byte is checked" in log, log
+
+
+# ------------------------------------------------------------ credential helpers
+
+def test_credentials_come_from_a_credential_helper(lab, cache, tmp_path):
+    data = os.urandom(MIB)
+    path = tmp_path / "private.img"
+    path.write_bytes(data)
+    name = f"{lab.auth_registry}/cdi-test/helped-{os.urandom(4).hex()}:1"
+    push_artifact(lab.workdir, name, [Blob(ORAS_LAYER, path, "disk.img")],
+                  authfile=lab.authfile)
+    helpers = tmp_path / "bin"
+    helpers.mkdir()
+    helper = helpers / "docker-credential-cditest"
+    answer = json.dumps({"ServerURL": lab.auth_registry, "Username": REGISTRY_USER,
+                         "Secret": REGISTRY_PASSWORD})
+    helper.write_text(f'#!/bin/sh\n[ "$1" = get ] && [ "$(cat)" = "{lab.auth_registry}" ] '
+                      f"|| {{ echo 'asked for something else' >&2; exit 1; }}\n"
+                      f"echo '{answer}'\n")
+    helper.chmod(0o755)
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"credHelpers": {lab.auth_registry: "cditest"}}))
+    env = dict(os.environ, PATH=f"{helpers}:{os.environ['PATH']}",
+               REGISTRY_AUTH_FILE=str(auth))
+    digest, log = disk_digest(name, cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert "credentials for " + lab.auth_registry + " from docker-credential-cditest" in log
+    assert "as it is read" in log
