@@ -12,7 +12,6 @@ its check is fetched again here, once, where the pull policy allows."""
 import contextlib
 import json
 import logging
-import os
 import re
 
 from .errors import CdiError
@@ -189,8 +188,7 @@ def cached(settings, held, admission):
     """(the cache's layout, locked by HELD, the manifest there) if it holds
     the artifact settings.name and the signature policy (ADMISSION) lets it
     be served from there; else None."""
-    directory = settings.cache_directory()
-    if directory is None or not os.path.exists(os.path.join(directory, "oci", "index.json")):
+    if settings.cache_directory() is None or not layout_of(settings).has_index():
         return None
     with contextlib.ExitStack() as lock:
         layout = lock.enter_context(layout_of(settings).locked())

@@ -3,11 +3,10 @@ parameters -> the signature policy -> find the image and its source -> fill the 
 
 import contextlib
 import logging
-import os
 import time
 
 from .admission import Admission
-from .cache import PrivateCache
+from .cache import Cache
 from .exports import Exports
 from .image import find_source
 from .podman import Podman, Skopeo
@@ -53,9 +52,6 @@ def prepare(settings):
 def caches(settings):
     """The check records, the maps of big layers, and the signatures that
     passed the signature policy, in the cache directory."""
-    directory = settings.cache_directory()
-
-    def entries(name):
-        return PrivateCache(os.path.join(directory, name) if directory else None)
-
-    return CheckRecords(entries("checked")), entries("maps"), entries("signatures")
+    cache = Cache(settings.cache_directory())
+    return (CheckRecords(cache.entries("checked")), cache.entries("maps"),
+            cache.entries("signatures"))

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 
+from .cache import file_name
 from .errors import CdiError
 from .layer import identity
 from .progress import Progress
@@ -166,4 +167,4 @@ def entry_name(diff_id):
     sha256, which must never become a path."""
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", diff_id):
         return None
-    return diff_id.replace(":", "-") + ".json"
+    return file_name(diff_id) + ".json"

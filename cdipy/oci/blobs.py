@@ -9,7 +9,6 @@ checked: no reader ever finds half of one.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -19,7 +18,7 @@ import stat
 import tempfile
 import zlib
 
-from ..cache import PrivateCache, make_private, remove_leftovers
+from ..cache import file_name
 from ..errors import CdiError
 from ..layer import FileSegment, Layer
 from ..progress import Progress, describe_size
@@ -52,8 +51,7 @@ class Blobs:
         self.layout = layout
         self.records = records
         self.verify = verify
-        self.unpacked = PrivateCache(os.path.join(layout.cache, "unpacked")
-                                     if layout.cache else None)
+        self.unpacked = layout.cache.entries("unpacked")
         self.fresh = set()  # digests of files just written, and checked as they were
 
     def blob_layer(self, index, descriptor):
@@ -171,25 +169,15 @@ class Blobs:
         if self.unpacked.directory is None:
             raise CdiError(f"{self.layout.image_name}: no cache directory to unpack gzip "
                            "blobs into: HOME is not set; pass cache=DIR")
-        try:
-            make_private(self.unpacked.directory)
-            fd = os.open(self.unpacked.directory + ".lock",
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise CdiError(f"{self.layout.image_name}: cannot unpack in "
-                           f"{self.unpacked.directory}: {error.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            remove_leftovers(self.unpacked.directory, PARTIAL, "an unpacking cut short")
+        with self.layout.cache.locked("unpacked", self.layout.image_name,
+                                      (PARTIAL, "an unpacking cut short")):
             yield
-        finally:
-            os.close(fd)
 
     def unpacked_copy(self, index, digest):
         """The checked Layer of blob DIGEST unpacked, or None if there is
         none (or it is damaged: then it is removed)."""
-        name = digest.replace(":", "-")
-        path = os.path.join(self.unpacked.directory, name)
+        name = file_name(digest)
+        path = self.unpacked.path(name)
         try:
             unpacked_digest = json.loads(self.unpacked.read(name + ".json") or "{}")["digest"]
             layer = self.open_layer(index, unpacked_digest, path, "unpacked")
@@ -209,7 +197,7 @@ class Blobs:
         """Decompress gzip blob DIGEST into the cache, sparse, checking the
         blob against DIGEST as it is read."""
         image_name = self.layout.image_name
-        name = digest.replace(":", "-")
+        name = file_name(digest)
         blob_hash, unpacked_hash = hashlib.sha256(), hashlib.sha256()
         # Under a temporary name until whole and checked; one left by a
         # process killed meanwhile is removed under the next lock.
@@ -225,10 +213,10 @@ class Blobs:
                 try:
                     magic = blob.read(4)
                     blob.seek(0)
-                    written = decompress_sparse(blob, out_fd, blob_hash, unpacked_hash,
-                                            compression="zstd" if magic == ZSTD_MAGIC
-                                            else "gzip",
-                                            what=f"{image_name}: blob {digest}", size=size)
+                    written = decompress_sparse(
+                        blob, out_fd, blob_hash, unpacked_hash,
+                        compression="zstd" if magic == ZSTD_MAGIC else "gzip",
+                        what=f"{image_name}: blob {digest}", size=size)
                 except CdiError:
                     # A blob damaged in the cache is fetched again; one
                     # damaged at its source is an error.
@@ -237,7 +225,7 @@ class Blobs:
                     raise
             if "sha256:" + blob_hash.hexdigest() != digest:
                 raise mismatch
-            os.replace(temporary, os.path.join(self.unpacked.directory, name))
+            os.replace(temporary, self.unpacked.path(name))
             temporary = None
         except OSError as error:
             raise CdiError(f"{image_name}: cannot unpack {digest} in "

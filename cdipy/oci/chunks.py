@@ -2,7 +2,7 @@
 as clients ask for it and, behind them, in order until it is whole; kept
 in the cache as it comes, so that a restart resumes where it stopped.
 
-CACHE/partial/sha256-HEX holds the blob's bytes (sparse: what has not
+CACHE/partial/sha256-HEX (cache.py names it) holds the blob's bytes (sparse: what has not
 arrived is a hole) and sha256-HEX.chunks one byte per chunk, set once that
 chunk is written and synced, never before: a process killed at any point
 leaves a record that tells only the truth, and a blob no one names whole.
@@ -24,7 +24,7 @@ import os
 import threading
 import time
 
-from ..cache import make_private
+from ..cache import file_name, locked_file, make_private
 from ..errors import CdiError, RegistryError, Unsupported
 from ..layer import DATA, FileSegment, Layer, merge_runs
 from ..progress import describe_size
@@ -52,8 +52,9 @@ CLIENT, AHEAD = 0, 1
 
 
 class PartialBlob:
-    """Blob DIGEST of SIZE bytes, in DIRECTORY (the cache's partial/) for
-    IMAGE_NAME: its bytes (fd) and which chunks it holds (held).
+    """Blob DIGEST of SIZE bytes, in the partial/ area of CACHE (a
+    cache.Cache) for IMAGE_NAME: its bytes (fd) and which chunks it holds
+    (held).
 
     sha256-HEX.lock, never removed, is what processes lock: shared while
     one writes a chunk, exclusive while one opens the files, makes them
@@ -61,11 +62,14 @@ class PartialBlob:
     lock is taken on a descriptor of its own, so that threads of one
     process exclude each other as processes do."""
 
-    def __init__(self, directory, digest, size, image_name):
+    def __init__(self, cache, digest, size, image_name):
         self.digest, self.size, self.image_name = digest, size, image_name
         self.count = -(-size // CHUNK)
-        self.path = os.path.join(directory, digest.replace(":", "-"))
-        self.record_path, self.lock_path = self.path + ".chunks", self.path + ".lock"
+        name = file_name(digest)
+        directory = cache.path("partial")
+        self.path = cache.path("partial", name)
+        self.record_path = cache.path("partial", name + ".chunks")
+        self.lock_path = cache.path("partial", name + ".lock")
         self.fd = self.record_fd = None
         try:
             make_private(directory)
@@ -95,14 +99,8 @@ class PartialBlob:
             os.ftruncate(self.fd, self.size)
         return held
 
-    @contextlib.contextmanager
     def locked(self, how):
-        fd = open_private(self.lock_path)
-        try:
-            fcntl.flock(fd, how)
-            yield
-        finally:
-            os.close(fd)
+        return locked_file(self.lock_path, how)
 
     def holds(self, chunk):
         """Whether CHUNK is here, written by us or another process."""

@@ -11,17 +11,14 @@ the temporary files of a skopeo killed mid-copy are removed under it.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import stat
-import tempfile
 import time
 
-from ..cache import make_private, only_ours, remove_leftovers
+from ..cache import Cache, write_whole
 from ..errors import CdiError
 from ..parameters import local_reference
 
@@ -40,8 +37,8 @@ IMAGE_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
 
 
 class OciLayout:
-    """The blobs of the OCI layout at PATH, for image IMAGE_NAME; CACHE is
-    the cache directory (None: none), where gzip blobs are unpacked."""
+    """The blobs of the OCI layout at PATH, for image IMAGE_NAME; CACHE (a
+    cache.Cache) is where gzip blobs are unpacked."""
     # How its blobs are named in messages, and where they are served from.
     blob_words = "the cached blob"
     served_from = "cache"
@@ -90,8 +87,9 @@ class ArtifactStore(OciLayout):
     blob_words = "the blob in podman's artifact store"
     served_from = "artifact store"
 
-    def __init__(self, graph_root, image_name, cache):
-        super().__init__(os.path.join(graph_root, "artifacts"), image_name, cache)
+    def __init__(self, graph_root, image_name, cache_directory):
+        super().__init__(os.path.join(graph_root, "artifacts"), image_name,
+                         Cache(cache_directory))
 
     def advice_on_damage(self):
         return f"remove it with podman artifact rm {self.image_name} and pull it again"
@@ -116,36 +114,23 @@ class Layout(OciLayout):
         if cache_directory is None:
             raise CdiError(f"{image_name}: no cache directory for the artifact: "
                            "HOME is not set; pass cache=DIR")
-        super().__init__(os.path.join(cache_directory, "oci"), image_name, cache_directory)
+        cache = Cache(cache_directory)
+        super().__init__(cache.path("oci"), image_name, cache)
         self.platform = platform
 
     @contextlib.contextmanager
     def locked(self):
         """Hold the layout's lock (waiting for another nbdkit's), with the
         cache made private and the leftovers of killed copies removed."""
-        try:
-            make_private(self.path)  # and the cache's root, its parent
-        except OSError as error:
-            raise CdiError(f"{self.image_name}: cache directory {self.path}: "
-                           f"{error.strerror}") from None
-        for directory in (self.cache, self.path):
-            refuse_unless_private(directory, self.image_name)
-        fd = os.open(os.path.join(self.cache, "oci.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.debug(f"waiting for another nbdkit's copy into {self.path}")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            remove_leftovers(self.path, PARTIAL_BLOB, "a copy cut short")
+        with self.cache.locked("oci", self.image_name, (PARTIAL_BLOB, "a copy cut short")):
             yield self
-        finally:
-            os.close(fd)
 
     def destination(self, name):
         """skopeo's name for NAME's place in the layout."""
         return f"oci:{self.path}:{reference(name, self.platform)}"
+
+    def has_index(self):
+        return os.path.exists(os.path.join(self.path, "index.json"))
 
     def manifest(self, name):
         """(digest, manifest) of NAME as last copied, or None (under the
@@ -226,19 +211,6 @@ class Layout(OciLayout):
             os.unlink(self.blob_path(digest))
 
 
-def write_whole(path, data):
-    """Make PATH hold DATA, written under a temporary name then renamed."""
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".new-")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def reference(name, platform=None):
     """The ref.name in index.json for image NAME of PLATFORM: a digest of
     the name (the same with or without docker://), which may hold
@@ -260,14 +232,3 @@ def is_artifact(manifest):
     if config_type is None:  # a schema 1 image has no config
         return bool(manifest.get("artifactType"))
     return config_type not in IMAGE_CONFIG_TYPES
-
-
-def refuse_unless_private(path, image_name):
-    """CdiError unless PATH is a directory only this user can write to."""
-    try:
-        status = os.stat(path, follow_symlinks=False)
-    except OSError as error:
-        raise CdiError(f"{image_name}: cache directory {path}: {error.strerror}") from None
-    if not stat.S_ISDIR(status.st_mode) or not only_ours(status):
-        raise CdiError(f"{image_name}: cache directory {path} is not a directory that "
-                       f"only this user can write to: chmod 700 it, or pass cache=DIR")

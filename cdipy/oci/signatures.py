@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from ..cache import file_name
 from ..errors import CdiError, RegistryError
 
 __all__ = ["Reference", "SignatureCheck", "identity_accepts", "parse_reference",
@@ -243,7 +244,7 @@ class SignatureCheck:
         reason = self.reason(signatures, manifest_digest)
         if reason is not None:
             raise self.trust.refusal(reason)
-        self.records.write(manifest_digest.replace(":", "-"), json.dumps(
+        self.records.write(file_name(manifest_digest), json.dumps(
             [{"payload": base64.b64encode(payload).decode(), "signature": signature}
              for payload, signature in signatures]).encode())
         log.debug(f"{self.trust.image_name}: the signature of {manifest_digest} is verified "
@@ -252,7 +253,7 @@ class SignatureCheck:
     def check_recorded(self, manifest_digest):
         """None if the signatures kept for MANIFEST_DIGEST satisfy the policy
         now; else why not."""
-        data = self.records.read(manifest_digest.replace(":", "-"))
+        data = self.records.read(file_name(manifest_digest))
         try:
             signatures = [(base64.b64decode(entry["payload"]), entry["signature"])
                           for entry in json.loads(data)] if data else []
@@ -277,7 +278,7 @@ class SignatureCheck:
 def attached_signatures(registry, manifest_digest, image_name):
     """[(payload, base64 signature)] of the cosign attachment of
     MANIFEST_DIGEST in REGISTRY's repository; [] if there is none."""
-    tag = manifest_digest.replace(":", "-") + ".sig"
+    tag = file_name(manifest_digest) + ".sig"  # cosign's tag, which is the same
     try:
         data, _, _ = registry.manifest(tag)
     except RegistryError as error:

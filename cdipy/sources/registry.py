@@ -29,7 +29,6 @@ class RegistrySource(BlobSource):
         layout = remote.layout
         with layout.locked():
             pass  # the cache made, and refused unless it is ours alone
-        partial = os.path.join(layout.cache, "partial")
         blobs = Blobs(layout, records, settings.verify != "false")
         descriptors = remote.manifest.get("layers") or []
         try:
@@ -43,7 +42,8 @@ class RegistrySource(BlobSource):
                     how = f"{describe_size(size)}, from the cache"
                 else:
                     layer = RemoteBlob(len(self.layers), remote.registry,
-                                       PartialBlob(partial, digest, size, settings.name),
+                                       PartialBlob(layout.cache, digest, size,
+                                                   settings.name),
                                        self.blob_whole)
                     how = f"{describe_size(size)}, from {remote.registry.host} as it is read"
                 self.add_blob(descriptor, len(descriptors), layer, how)

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 
-from ..cache import make_private
+from ..cache import file_name, link_whole, make_private
 from ..disk import choose_disk
 from ..errors import CdiError
 from ..layer import Window
@@ -184,20 +184,11 @@ class StreamSource(Source):
         costs a stream next time, never correctness: a failure is a debug
         line."""
         self.check_early_choice(stream)
-        blobs, name = self.blobs, stream.digest.replace(":", "-")
-        path = os.path.join(blobs.unpacked.directory, name)
+        blobs, name = self.blobs, file_name(stream.digest)
+        path = blobs.unpacked.path(name)
         try:
             with blobs.unpacking():
-                temporary = f".partial-{name}"
-                directory = os.open(blobs.unpacked.directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    # A name for the nameless file: linkat(AT_SYMLINK_FOLLOW),
-                    # which os.link uses only when given a directory fd.
-                    os.link(f"/proc/self/fd/{stream.fd}", temporary, dst_dir_fd=directory,
-                            follow_symlinks=True)
-                    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
-                finally:
-                    os.close(directory)
+                link_whole(stream.fd, path, f".partial-{name}")
                 blobs.unpacked.write(name + ".json",
                                      json.dumps({"digest": stream.diff_id}).encode())
                 copy = blobs.open_layer(stream.index, stream.diff_id, path, "unpacked")
@@ -212,12 +203,11 @@ class StreamSource(Source):
     def keep_manifest_if_whole(self):
         """Once the cache holds every layer unpacked, keep the manifest and
         config in its layout; a failure is a debug line."""
-        directory = self.blobs.unpacked.directory
-        names = [descriptor["digest"].replace(":", "-")
+        unpacked = self.blobs.unpacked
+        names = [file_name(descriptor["digest"])
                  for descriptor in self.remote.manifest["layers"]]
-        if not all(os.path.exists(os.path.join(directory, name))
-                   and os.path.exists(os.path.join(directory, name + ".json"))
-                   for name in names):
+        if not all(os.path.exists(unpacked.path(name))
+                   and os.path.exists(unpacked.path(name + ".json")) for name in names):
             return
         try:
             with self.remote.layout.locked():

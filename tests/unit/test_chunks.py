@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from cdipy.cache import Cache
 from cdipy.layer import DATA, Member, Window
 from cdipy.oci import chunks
 from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
@@ -36,7 +37,7 @@ def make(tmp_path, data):
 
     def make_blob(registry=None, digest=None):
         registry = registry or Registry(data)
-        partial = PartialBlob(str(tmp_path / "partial"), digest or digest_of(data), SIZE,
+        partial = PartialBlob(Cache(str(tmp_path)), digest or digest_of(data), SIZE,
                               "img")
         blob = RemoteBlob(0, registry, partial, lambda layer, zeros: wholes.append(zeros))
         made.append(blob)

@@ -10,7 +10,6 @@ import os
 import pytest
 import zstandard
 
-from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError, NoSuchExport
 from cdipy.exports import Exports
 from cdipy.image import layout_source
@@ -64,8 +63,8 @@ def writer(tmp_path):
 
 def table(writer, manifest, fetch=None, **settings):
     """The table start-up fills for MANIFEST, found in the layout."""
-    settings = Settings(name=NAME, cache=writer.layout.cache, **settings)
-    records = CheckRecords(PrivateCache(os.path.join(writer.layout.cache, "checked")))
+    settings = Settings(name=NAME, cache=writer.layout.cache.directory, **settings)
+    records = CheckRecords(writer.layout.cache.entries("checked"))
     source = layout_source(Fetched(NAME, writer.layout, manifest, fetch), settings, records)
     exports = Exports(source, settings, records)
     exports.build_default()
