@@ -14,11 +14,13 @@ the way in, and what must be handed to podman or skopeo.
           verify it, whole
 """
 
+import dataclasses
 import logging
 
-from .errors import PolicyRefusal, RegistryError, Unsupported
+from .errors import CdiError, PolicyRefusal, RegistryError, Unsupported
 from .parameters import local_reference, registry_host, split_transport
 from .policy import docker_scopes, path_scopes, registries_d_attachments
+from .reference import parse_reference
 
 __all__ = ["Admission"]
 
@@ -31,7 +33,7 @@ class Admission:
 
     def __init__(self, policy, settings, records):
         self.settings, self.records = settings, records
-        self.trust = trust_of(policy, settings)
+        self.trust, self.reference = trust_of(policy, settings)
         self.how = self.trust.how
         if self.how != "accept":
             log.debug(f"{settings.name}: the signature policy {policy.path} asks for "
@@ -39,14 +41,20 @@ class Admission:
                       + {"reject": "refused", "verify": "verified by cdi.py",
                          "hand": "fetched whole and verified by podman or skopeo"}[self.how])
         if self.how == "reject":
-            raise self.trust.refusal("the policy rejects it")
+            raise self.trust.refusal(self.trust.why or "the policy rejects it")
 
     def check_remote(self, registry, manifest_digest):
         """Verify the manifest MANIFEST_DIGEST just read from REGISTRY (an
-        oci.registry.Registry), before any of its blobs is read."""
+        oci.registry.Registry), before any of its blobs is read: whatever
+        goes wrong is a refusal, never a reason to fetch it another way."""
         if self.how != "verify":
             return
-        self.checker().check_registry(registry, manifest_digest)
+        try:
+            self.checker().check_registry(registry, manifest_digest)
+        except PolicyRefusal:
+            raise
+        except (CdiError, Unsupported) as error:
+            raise self.trust.refusal(f"its signatures cannot be checked: {error}") from None
 
     def check_here(self, manifest_digests, where):
         """Whether what is already here (WHERE, in words), as one of
@@ -63,6 +71,14 @@ class Admission:
         digests = [digest for digest in dict.fromkeys(manifest_digests) if digest]
         if not digests:
             raise self.trust.refusal(f"the manifest of the copy in {where} is not known")
+        try:
+            return self.check_here_signed(digests, where)
+        except PolicyRefusal:
+            raise
+        except (CdiError, Unsupported) as error:
+            raise self.trust.refusal(f"its signatures cannot be checked: {error}") from None
+
+    def check_here_signed(self, digests, where):
         checker = self.checker()
         reasons = [checker.check_recorded(digest) for digest in digests]
         if None in reasons:
@@ -85,54 +101,59 @@ class Admission:
     def checker(self):
         # Imported here: cryptography and the registry client are for
         # policies that ask for signatures alone.
-        from .oci.signatures import SignatureCheck, parse_reference  # noqa: PLC0415
-        local = local_reference(self.settings.name)
-        try:
-            image = parse_reference(local)
-        except ValueError:
-            raise self.trust.refusal(f"{local!r} names no registry, so no signature "
-                                     "can be found for it") from None
-        if image.tag is None and image.digest is None:
-            image = type(image)(image.name, "latest")
-        return SignatureCheck(self.trust, image, self.records, self.attachments_enabled())
-
-    def attachments_enabled(self):
-        """Whether registries.d lets signatures be read from the image's
-        repository, as containers/image decides."""
-        from .oci.fetch import split_reference  # noqa: PLC0415
-        host, repository, reference = split_reference(local_reference(self.settings.name))
-        identity, namespaces = docker_scopes(host, repository, *tag_or_digest(reference))
-        return registries_d_attachments(identity, namespaces)
+        from .oci.signatures import SignatureCheck  # noqa: PLC0415
+        image = self.reference
+        if image.name_only():
+            image = dataclasses.replace(image, tag="latest")
+        return SignatureCheck(self.trust, image, self.records, registries_d_attachments(
+            *docker_scopes(image.host, image.repository, image.tag, image.digest)))
 
     def registry(self):
         """A client of the image's registry, to read its signatures."""
-        from .oci.fetch import split_reference  # noqa: PLC0415
         from .oci.registry import Registry  # noqa: PLC0415
-        host, repository, reference = split_reference(local_reference(self.settings.name))
+        image = self.reference
         try:
-            return Registry(host, repository, self.settings.name, self.settings, reference)
+            return Registry(image.host, image.repository, self.settings.name, self.settings,
+                            image.digest or image.tag or "latest")
         except (Unsupported, RegistryError) as error:
             raise self.trust.refusal(f"its signatures cannot be read: {error}") from None
 
 
 def trust_of(policy, settings):
-    """The policy's Trust for settings.name: a docker reference's scopes
-    for a name with a registry, a file's for an archive; a short name or
-    a local one only the docker transport's "" scope, or the default."""
+    """(the policy's Trust for settings.name, its parsed Reference or None).
+
+    A name with a registry is judged by its reference's scopes, parsed and
+    normalized as containers/image does (index.docker.io is docker.io; a
+    digest is the identity); an archive by its path's.  A short name is
+    resolved by podman: if the policy sets scopes of its own for the
+    docker transport, what podman resolves it to may fall under one, so
+    nothing already here is served as it is and podman pulls and verifies
+    it ("hand").  A name that is no reference cannot be placed in a scope:
+    refused unless the policy accepts every docker image alike."""
     name = settings.name
     transport, rest = split_transport(name)
     if transport in ("oci", "oci-archive", "docker-archive", "dir"):
         path = rest.split(":", 1)[0] if transport != "dir" else rest
-        return policy.trust(name, transport, *path_scopes(path))
-    host = registry_host(name)
-    if host is None:
-        return policy.trust(name, "docker", None, [])
-    from .oci.fetch import split_reference  # noqa: PLC0415
-    host, repository, reference = split_reference(local_reference(name))
-    return policy.trust(name, "docker", *docker_scopes(host, repository,
-                                                       *tag_or_digest(reference)))
+        return policy.trust(name, transport, *path_scopes(path)), None
+    if transport == "docker-daemon":
+        return policy.trust(name, transport, None, []), None
+    return docker_trust(policy, name)
 
 
-def tag_or_digest(reference):
-    """(tag, digest) of a manifest REFERENCE, one of them None."""
-    return (None, reference) if reference.startswith("sha256:") else (reference, None)
+def docker_trust(policy, name):
+    """trust_of for NAME, a name of the docker transport."""
+    anywhere = policy.trust(name, "docker", None, [])
+    uniform = not (policy.scopes("docker") - {""})
+    if registry_host(name) is None:
+        if uniform or anywhere.how == "reject":
+            return anywhere, None
+        return dataclasses.replace(anywhere, how="hand"), None
+    try:
+        reference = parse_reference(local_reference(name))
+    except ValueError:
+        if uniform and anywhere.how == "accept":
+            return anywhere, None
+        return dataclasses.replace(anywhere, how="reject", why=(
+            "it is not an image reference, so no scope of the policy can be told")), None
+    return policy.trust(name, "docker", *docker_scopes(
+        reference.host, reference.repository, reference.tag, reference.digest)), reference

@@ -124,8 +124,9 @@ class Finder:
         cache (pull-into=cache); another artifact with podman artifact pull
         where podman can, else with skopeo into the cache; another image
         with podman pull.  What the signature policy hands to podman and
-        skopeo is never read by cdi.py itself, and artifacts then go to
-        skopeo, which verifies them."""
+        skopeo is never read by cdi.py itself; an artifact cdi.py does not
+        read itself goes to skopeo unless the policy accepts anything
+        (podman artifact pull takes no --signature-policy)."""
         settings, name, how = self.settings, self.name, self.admission.how
         if local is not None and registry_host(name) is not None:
             if settings.cache_directory() is not None and how != "hand":
@@ -134,8 +135,9 @@ class Finder:
                     return REMOTE_SOURCES[read.kind](read, settings, self.records)
             manifest = inspect_remote(self.skopeo, settings, f"docker://{local}")
             if manifest is not None and is_artifact(manifest):
-                # podman artifact pull takes no platform: an index goes to skopeo.
-                pulled = None if "manifests" in manifest or how == "hand" \
+                # podman artifact pull takes no platform: an index goes to
+                # skopeo; nor a signature policy.
+                pulled = None if "manifests" in manifest or how != "accept" \
                     else pull_artifact(self.podman, settings, local)
                 if pulled is not None:
                     return self.layout_source(pulled)

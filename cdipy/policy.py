@@ -46,6 +46,13 @@ IDENTITY_TYPES = ("matchExact", "matchRepoDigestOrExact", "matchRepository",
 IDENTITY_FIELDS = {"exactReference": ("dockerReference",),
                    "exactRepository": ("dockerRepository",),
                    "remapIdentity": ("prefix", "signedPrefix")}
+# The fields each requirement may have: containers/image refuses a policy
+# with any other (a misspelt signedIdentity must not pass as the default).
+REQUIREMENT_FIELDS = {
+    "insecureAcceptAnything": (), "reject": (),
+    "signedBy": ("keyType", "keyPath", "keyPaths", "keyData", "signedIdentity"),
+    "sigstoreSigned": (*KEY_FIELDS, *KEYLESS_FIELDS, "signedIdentity"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Trust:
     scope: str
     requirements: tuple
     how: str            # "accept", "verify", "hand" or "reject"
+    why: str = None     # a reason to reject other than the policy's own
 
     def refusal(self, reason):
         """The error for an image this policy does not accept, for REASON."""
@@ -101,6 +109,10 @@ class SignaturePolicy:
         check_policy(policy, path)
         return cls(path, policy)
 
+    def scopes(self, transport):
+        """The scopes the policy names for TRANSPORT."""
+        return set(self.policy.get("transports", {}).get(transport, {}))
+
     def trust(self, image_name, transport, identity, namespaces):
         """The Trust of IMAGE_NAME, of TRANSPORT ("docker", "oci-archive"...),
         whose scope IDENTITY is most specific and NAMESPACES follow."""
@@ -131,8 +143,9 @@ def make_trust(image_name, path, scope, requirements):
 
 def docker_scopes(host, repository, tag=None, digest=None):
     """(identity, namespaces) of a docker reference, as containers/image
-    orders them: host/repo:tag (or @digest); host/repo, its parents, the
-    host; then *.domain wildcards of the host without its port."""
+    orders them: host/repo@digest, else host/repo:tag; host/repo, its
+    parents, the host; then *.domain wildcards of the host without its
+    port."""
     name = f"{host}/{repository}"
     identity = f"{name}@{digest}" if digest else f"{name}:{tag or 'latest'}"
     namespaces = []
@@ -246,6 +259,9 @@ def check_requirements(requirements, where, fail):
         kind = requirement.get("type") if isinstance(requirement, dict) else None
         if kind not in KNOWN_TYPES:
             fail(f"{where}: unknown requirement type {kind!r}")
+        unknown = sorted(set(requirement) - {"type", *REQUIREMENT_FIELDS[kind]})
+        if unknown:
+            fail(f"{where}: {kind} has no field {unknown[0]!r}")
         if kind != "sigstoreSigned":
             continue
         given = [field for field in KEY_FIELDS if field in requirement]
@@ -257,6 +273,10 @@ def check_requirements(requirements, where, fail):
         if identity is not None and (not isinstance(identity, dict)
                                      or identity.get("type") not in IDENTITY_TYPES):
             fail(f"{where}: unknown signedIdentity {identity!r}")
-        for field in IDENTITY_FIELDS.get((identity or {}).get("type"), ()):
+        fields = IDENTITY_FIELDS.get((identity or {}).get("type"), ())
+        for field in fields:
             if not isinstance(identity.get(field), str) or not identity[field]:
                 fail(f"{where}: signedIdentity {identity['type']} needs {field}")
+        unknown = sorted(set(identity or {}) - {"type", *fields})
+        if unknown:
+            fail(f"{where}: signedIdentity {identity['type']} has no field {unknown[0]!r}")

@@ -201,10 +201,13 @@ def from_registry(settings, local, layout, admission):
     except (PolicyRefusal, NoSource):
         raise  # podman would be refused, or fail, alike
     except RegistryError as error:
-        if error.transient and error.status is None:  # no answer at all
+        if error.transient and error.status is None and settings.pull_into == "cache":
+            # No answer at all, and nothing that podman would do better.
             where = (f"not in the cache {settings.cache_directory()}"
                      if settings.pull == "missing" else "pull=always")
-            reason = str(error).removeprefix(f"{settings.name}: ")
+            # The system's words ("Connection refused"), not urllib3's story.
+            found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+            reason = found.group(1) if found else str(error).removeprefix(f"{settings.name}: ")
             raise CdiError(f"{settings.name}: {where}, and its registry {host} is "
                            f"unreachable: {reason}") from None
         log.debug(f"cannot read the manifest of {local} from {host}: {error}")

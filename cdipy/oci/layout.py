@@ -139,11 +139,13 @@ class Layout(OciLayout):
         wanted = reference(name, self.platform)
         for entry in self.index().get("manifests", []):
             if (entry.get("annotations") or {}).get(REF_NAME) == wanted:
+                digest = entry.get("digest")
                 try:
-                    return entry["digest"], self.json_blob(entry["digest"])
+                    return digest, self.json_blob(digest)
                 except CdiError as error:
-                    log.debug(f"{error}: removed, and fetched again")
-                    self.remove_blob(entry["digest"])
+                    log.debug(f"{error}: fetched again")
+                    if isinstance(digest, str) and DIGEST.fullmatch(digest):
+                        self.remove_blob(digest)
                     return None
         return None
 

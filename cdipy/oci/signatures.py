@@ -18,12 +18,9 @@ refuses what it no longer accepts.
 """
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
-import re
-from typing import Optional
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from ..cache import file_name
 from ..errors import CdiError, RegistryError
+from ..reference import DIGEST, parse_reference
 
-__all__ = ["Reference", "SignatureCheck", "identity_accepts", "parse_reference",
-           "verify_requirement"]
+__all__ = ["SignatureCheck", "identity_accepts", "verify_requirement"]
 
 log = logging.getLogger("cdipy")
 
@@ -42,54 +39,7 @@ SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIGNATURE_TYPE = "cosign container image signature"
 # containers/image's limit on a signature's size.
 MAX_PAYLOAD = 4 << 20
-DOCKER_HUB = "docker.io"
-# The grammar of distribution/reference, without IPv6 hosts.
-HOST = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*"
-                  r"[a-zA-Z0-9])?)*(?::[0-9]+)?")
-PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-TAG = re.compile(r"[\w][\w.-]{0,127}")
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 NO_SIGNATURE = "A signature was required, but no signature exists"
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """A docker reference, normalized as containers/image does: NAME is
-    host/repository (docker.io/library/ for Docker Hub's short names)."""
-    name: str
-    tag: Optional[str] = None
-    digest: Optional[str] = None
-
-    def __str__(self):
-        return self.name + (f":{self.tag}" if self.tag else "") + \
-            (f"@{self.digest}" if self.digest else "")
-
-    def name_only(self):
-        return self.tag is None and self.digest is None
-
-
-def parse_reference(text):
-    """The Reference TEXT names; ValueError if it is not one."""
-    if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a docker reference")
-    name, at, digest = text.partition("@")
-    tag = None
-    if name.rfind(":") > name.rfind("/"):
-        name, _, tag = name.rpartition(":")
-    components = name.split("/")
-    if len(components) > 1 and ("." in components[0] or ":" in components[0]
-                                or components[0] == "localhost"):
-        host = components.pop(0)
-    else:
-        host = DOCKER_HUB
-    if not HOST.fullmatch(host) or not all(PATH_COMPONENT.fullmatch(part)
-                                           for part in components) \
-            or (tag is not None and not TAG.fullmatch(tag)) \
-            or (at and not DIGEST.fullmatch(digest)):
-        raise ValueError(f"{text!r} is not a docker reference")
-    if host == DOCKER_HUB and len(components) == 1:
-        components.insert(0, "library")
-    return Reference(f"{host}/{'/'.join(components)}", tag, digest or None)
 
 
 def identity_accepts(identity, image, signed):

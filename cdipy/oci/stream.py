@@ -20,6 +20,7 @@ import logging
 import os
 import tarfile
 import threading
+import time
 
 from ..errors import CdiError, RegistryError
 from ..layer import (
@@ -83,11 +84,13 @@ class Stream:
 
     # ------------------------------------------------------- taking in
 
-    def advance(self):
-        """Take in one piece, retrying with backoff; CdiError if the stream
-        failed or the registry stays away (then it is stalled)."""
+    def advance(self, until=None):
+        """Take in one piece, retrying with backoff (until UNTIL, a monotonic
+        time, if given); CdiError if the stream failed or the registry stays
+        away (then it is stalled)."""
         try:
-            data = retried(self.next_piece, lambda: self.stopping)
+            data = retried(self.next_piece, lambda: self.stopping or (
+                until is not None and time.monotonic() > until))
         except RegistryError as error:
             if not error.transient:
                 self.fail(str(error))
@@ -256,18 +259,32 @@ class Stream:
                 self.condition.notify_all()
             log.debug(self.failure)
 
-    def take_the_rest(self, limit):
+    def take_the_rest(self, limit, deadline):
         """If no more than LIMIT bytes of the blob are left to take in, take
-        them in (or wait for the thread that does); whether it is whole.
-        Why: a client that read the whole disk stops the server before the
-        tar's end has arrived, and that end is little."""
+        them in, or wait for the thread that does, until DEADLINE (a
+        monotonic time) at most; whether it is whole.  A thread that gave
+        up is not started again.  Why: a client that read the whole disk
+        stops the server before the tar's end has arrived, and that end is
+        little."""
         with self.condition:
-            if self.done or self.failure or self.size - self.received > limit:
+            if self.done or self.failure or self.size - self.received > limit or (
+                    self.thread is not None and not self.thread.is_alive()):
                 return self.done
-        try:
-            self.wait_for(0, until=lambda: self.done)
-        except OSError as error:
-            log.debug(f"{self.name()}: not taken in to its end: {error.strerror}")
+        while time.monotonic() < deadline:
+            with self.condition:
+                if self.done or self.failure:
+                    break
+                if self.thread is not None:
+                    if not self.thread.is_alive():
+                        break
+                    self.condition.wait(timeout=deadline - time.monotonic())
+                    continue
+            try:
+                self.advance(until=deadline)
+            except CdiError:
+                break
+        if self.done:
+            log.debug(f"{self.name()}: taken in to its end as the server stops")
         return self.done
 
     def stop(self, timeout=RETRY_SECONDS + 5):

@@ -39,11 +39,11 @@ class SavedSource(Source):
 
     @contextlib.contextmanager
     def lend(self, podman):
-        self.local.podman = podman
+        before, self.local.podman = getattr(self.local, "podman", None), podman
         try:
             yield
         finally:
-            self.local.podman = None
+            self.local.podman = before
 
     def in_place(self, index):
         return False

@@ -38,9 +38,11 @@ from .registry import keep_manifest
 log = logging.getLogger("cdipy")
 
 # A stream with no more than this left to arrive when the server stops is
-# taken in to its end first, so that a client that read the whole disk
-# leaves the image whole in the cache.
+# taken in to its end first, for this long at most (all streams together),
+# so that a client that read the whole disk leaves the image whole in the
+# cache.
 FINISH_AT_CLOSE = 4 << 20
+FINISH_SECONDS = 10.0
 
 
 class StreamSource(Source):
@@ -161,8 +163,9 @@ class StreamSource(Source):
             stream.start()
 
     def close(self):
+        deadline = time.monotonic() + FINISH_SECONDS
         for stream in self.streams:
-            stream.take_the_rest(FINISH_AT_CLOSE)
+            stream.take_the_rest(FINISH_AT_CLOSE, deadline)
         for stream in self.streams:
             stream.stopping = True
         deadline = time.monotonic() + RETRY_SECONDS + 5

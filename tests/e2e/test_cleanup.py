@@ -260,7 +260,8 @@ def test_normal_run_leaves_nothing(three, plugin_tmpdir, copy):
     (["name={three}", "layer=7"], "layer=7 is out of range: the image has 3 layers"),
     (["name=localhost/cdi-test/absent:1", "pull=never"],
      "image not found in local storage nor in the cache (pull=never)"),
-    (["name=127.0.0.1:1/cdi-test/absent:1"], "pull: registry 127.0.0.1:1 unreachable"),
+    (["name=127.0.0.1:1/cdi-test/absent:1"],
+     "and its registry 127.0.0.1:1 is unreachable: Connection refused"),
 ], ids=["layer-out-of-range", "not-in-local-storage", "pull-fails"])
 def test_failed_run_leaves_nothing(three, plugin_tmpdir, params, message):
     result = run_nbdkit(*(param.format(three=three.name) for param in params))

@@ -150,6 +150,15 @@ def test_image_missing_from_registry_quotes_podman(lab):
 def test_closed_port_says_registry_unreachable():
     port = free_port()
     message = user_error(f"name=127.0.0.1:{port}/cdi-test/three:1", "tls-verify=false")
+    assert message.endswith(f"127.0.0.1:{port}/cdi-test/three:1: not in the cache "
+                            f"{os.environ['XDG_CACHE_HOME']}/cdi-py, and its registry "
+                            f"127.0.0.1:{port} is unreachable: Connection refused"), message
+
+
+def test_closed_port_pulled_by_podman_says_registry_unreachable():
+    port = free_port()
+    message = user_error(f"name=127.0.0.1:{port}/cdi-test/three:1", "tls-verify=false",
+                         "pull-into=podman")
     assert f"pull: registry 127.0.0.1:{port} unreachable" in message
 
 

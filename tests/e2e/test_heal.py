@@ -103,9 +103,11 @@ def test_a_whole_copy_then_exit_leaves_the_cache_warm(lab, data, proxy, cache, t
     podman("rmi", "--force", image.id)
     proxy.rate = 8 * MIB
     copied = tmp_path / "disk.img"
-    result = run_nbdkit(*params(proxy, name, cache), "layer=disk",
+    result = run_nbdkit(*params(proxy, name, cache), "layer=disk", verbose=True,
                         run=f'nbdcopy "$uri" {copied}')
     assert result.returncode == 0, result.stderr
+    assert "taken in to its end as the server stops" in result.stderr, \
+        "the layer had arrived before the server stopped: nothing shown"
     assert sha256(copied.read_bytes()) == sha256(data)
     proxy.stop()
     assert serve_whole(lab, proxy, name, cache, kept=False) == sha256(data)

@@ -12,6 +12,7 @@ and pushed beside the image, as cosign would; where Debian has cosign
 """
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -29,6 +30,9 @@ from signing import Key, attachment, attachment_tag, signature
 ACCEPT = [{"type": "insecureAcceptAnything"}]
 REJECT = [{"type": "reject"}]
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+VM_EXPORT = {"artifact_type": "application/vnd.kubevirt.virtualmachine.v1",
+             "config_type": "application/vnd.kubevirt.virtualmachine.config.v1+json",
+             "config": b'{"name": "vm"}'}
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json,"
                   "application/vnd.docker.distribution.manifest.v2+json")
 KEPT = "is whole in the cache"
@@ -365,6 +369,23 @@ def test_an_image_in_podmans_storage_is_served_once_its_signature_verifies(
 
 
 # ------------------------------------------------ handed to podman, skopeo
+
+def test_a_compressed_artifact_cdipy_cannot_read_lazily_is_checked_by_skopeo(
+        setup, disk_data, tmp_path):
+    # Not podman artifact pull, which takes no --signature-policy: the
+    # system's policy here accepts anything.
+    name = "cdi-test/sig-gzip-artifact:1"
+    push_artifact(setup.lab.workdir, f"{setup.lab.registry}/{name}",
+                  [Blob("application/vnd.kubevirt.disk.raw+gzip", gzip.compress(disk_data, 1),
+                        "rootdisk")], **VM_EXPORT)
+    policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
+    result = run_nbdkit(*setup.params(name, f"signature-policy={policy}"), verbose=True,
+                        env=environment(setup.home))
+    assert result.returncode != 0
+    assert f"{setup.proxy.address}/{name}: copy with skopeo: " in result.stderr
+    assert "Source image rejected" in result.stderr
+    assert "running: podman artifact pull" not in result.stderr
+
 
 GPG = [{"type": "signedBy", "keyType": "GPGKeys", "keyPath": "/dev/null"}]
 

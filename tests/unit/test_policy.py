@@ -79,6 +79,13 @@ def test_a_missing_file_is_named(tmp_path):
     ({"default": [{"type": "sigstoreSigned", "keyPath": "/k",
                    "signedIdentity": {"type": "exactReference"}}]},
      "default: signedIdentity exactReference needs dockerReference"),
+    ({"default": [{"type": "sigstoreSigned", "keyPath": "/k",
+                   "signedidentity": {"type": "matchRepository"}}]},
+     "default: sigstoreSigned has no field 'signedidentity'"),
+    ({"default": [{"type": "sigstoreSigned", "keyPath": "/k",
+                   "signedIdentity": {"type": "matchRepository", "prefix": "x"}}]},
+     "default: signedIdentity matchRepository has no field 'prefix'"),
+    ({"default": [{"type": "reject", "keyPath": "/k"}]}, "default: reject has no field 'keyPath'"),
 ])
 def test_a_malformed_policy_is_refused_saying_where(tmp_path, policy, message):
     with pytest.raises(CdiError) as error:
@@ -117,34 +124,34 @@ def test_a_digest_is_the_identity_of_a_digested_name():
 ])
 def test_the_matching_scope_decides(tmp_path, scope, name):
     policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {scope: REJECT}}})
-    trust = trust_of(policy, settings(name))
+    trust = trust_of(policy, settings(name))[0]
     assert (trust.how, trust.scope) == ("reject", f'transport docker scope "{scope}"')
 
 
 def test_the_most_specific_scope_wins(tmp_path):
     policy = load(tmp_path, {"default": REJECT, "transports": {"docker": {
         "quay.io": REJECT, "quay.io/org/disk": ACCEPT}}})
-    assert trust_of(policy, settings("quay.io/org/disk:1")).how == "accept"
-    assert trust_of(policy, settings("quay.io/org/other:1")).how == "reject"
+    assert trust_of(policy, settings("quay.io/org/disk:1"))[0].how == "accept"
+    assert trust_of(policy, settings("quay.io/org/other:1"))[0].how == "reject"
 
 
 def test_the_transports_empty_scope_before_the_default(tmp_path):
     policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {"": REJECT}}})
-    trust = trust_of(policy, settings("quay.io/org/disk:1"))
+    trust = trust_of(policy, settings("quay.io/org/disk:1"))[0]
     assert (trust.how, trust.scope) == ("reject", 'transport docker, scope ""')
 
 
 def test_another_transports_scopes_do_not_apply(tmp_path):
     policy = load(tmp_path, {"default": ACCEPT, "transports": {"oci-archive": {"": REJECT}}})
-    assert trust_of(policy, settings("quay.io/org/disk:1")).how == "accept"
+    assert trust_of(policy, settings("quay.io/org/disk:1"))[0].how == "accept"
 
 
 def test_an_archive_is_judged_by_its_path(tmp_path):
     archive = tmp_path / "images" / "disk.tar"
     policy = load(tmp_path, {"default": ACCEPT, "transports": {
         "oci-archive": {str(tmp_path / "images"): REJECT}}})
-    assert trust_of(policy, settings(f"oci-archive:{archive}")).how == "reject"
-    assert trust_of(policy, settings(f"oci-archive:{tmp_path}/else.tar")).how == "accept"
+    assert trust_of(policy, settings(f"oci-archive:{archive}"))[0].how == "reject"
+    assert trust_of(policy, settings(f"oci-archive:{tmp_path}/else.tar"))[0].how == "accept"
 
 
 @pytest.mark.parametrize(("requirements", "how"), [
@@ -159,7 +166,7 @@ def test_an_archive_is_judged_by_its_path(tmp_path):
 ])
 def test_how_each_requirement_is_honoured(tmp_path, requirements, how):
     policy = load(tmp_path, {"default": requirements})
-    assert trust_of(policy, settings("quay.io/org/disk:1")).how == how
+    assert trust_of(policy, settings("quay.io/org/disk:1"))[0].how == how
 
 
 def test_reject_refuses_naming_the_image_and_the_file(tmp_path):
@@ -260,3 +267,46 @@ def test_accept_serves_what_is_here(tmp_path):
     admission = Admission(load(tmp_path, {"default": ACCEPT}), settings("quay.io/org/disk:1"),
                           PrivateCache(None))
     assert admission.check_here([None], "the cache")
+
+
+# ------------------------------------------- names, as containers/image reads them
+
+@pytest.mark.parametrize("name", [
+    "index.docker.io/library/busybox:1",          # Docker Hub under another name
+    "docker.io/busybox:1",                        # its short repository
+    f"docker.io/library/busybox:1@{DIGEST}",      # a tag and a digest: the digest
+])
+def test_spellings_of_one_repository_share_its_scope(tmp_path, name):
+    policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {
+        "docker.io/library/busybox": REJECT}}})
+    assert trust_of(policy, settings(name))[0].how == "reject"
+
+
+@pytest.mark.parametrize("name", ["quay.io/x/../protected/img:1", "quay.io/protected%2fimg:1",
+                                  "quay.io/Protected/img:1"])
+def test_a_name_that_is_no_reference_is_refused_where_scopes_differ(tmp_path, name):
+    policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {
+        "quay.io/protected/img": REJECT}}})
+    with pytest.raises(PolicyRefusal) as error:
+        Admission(policy, settings(name), PrivateCache(None))
+    assert str(error.value).endswith(
+        "(default): it is not an image reference, so no scope of the policy can be told")
+
+
+def test_a_name_that_is_no_reference_passes_a_policy_that_accepts_all(tmp_path):
+    policy = load(tmp_path, {"default": ACCEPT})
+    assert trust_of(policy, settings("quay.io/a$(true)/b:1"))[0].how == "accept"
+
+
+def test_a_short_name_is_handed_to_podman_where_the_policy_has_scopes(tmp_path):
+    policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {
+        "registry.redhat.io": [{"type": "signedBy", "keyType": "GPGKeys",
+                                "keyPath": "/k.gpg"}]}}})
+    assert trust_of(policy, settings("rhel9/rhel-guest-image"))[0].how == "hand"
+
+
+def test_a_short_name_under_a_uniform_policy_is_judged_by_it(tmp_path):
+    policy = load(tmp_path, {"default": REJECT})
+    assert trust_of(policy, settings("rhel9/rhel-guest-image"))[0].how == "reject"
+    policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {"": ACCEPT}}})
+    assert trust_of(policy, settings("rhel9/rhel-guest-image"))[0].how == "accept"
