@@ -588,6 +588,21 @@ def write_oci_layout(path, tag, blobs, *, config_type=EMPTY_CONFIG, config=b"{}"
     (Path(path) / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 
+def push_raw_disk(lab, what, size):
+    """(name in LAB's open registry, its bytes): an ORAS artifact of one
+    raw disk of SIZE random bytes, its repository named for WHAT."""
+    data = os.urandom(size)
+    path = Path(lab.workdir, f"{what}.img")
+    path.write_bytes(data)
+    name = f"cdi-test/{what}-{os.urandom(4).hex()}:1"
+    try:
+        push_artifact(lab.workdir, f"{lab.registry}/{name}",
+                      [Blob("application/vnd.oci.image.layer.v1.tar", path, "disk.img")])
+    finally:
+        path.unlink()
+    return name, data
+
+
 def push_artifact(workdir, remote, blobs, authfile=None, **manifest):
     """Push an artifact of BLOBS (see write_oci_layout) to REMOTE."""
     layout = Path(tempfile.mkdtemp(prefix="layout-", dir=workdir))

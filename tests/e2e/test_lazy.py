@@ -40,6 +40,7 @@ from lab import (
     Blob,
     export_digest,
     push_artifact,
+    push_raw_disk,
     registry,
     wait_for,
     write_oci_layout,
@@ -56,15 +57,7 @@ KEPT = "is whole in the cache"  # checked, and a blob of the cache's layout
 def blob(lab):
     """(name in the open registry, its bytes): an ORAS artifact of one raw
     disk, SIZE random bytes."""
-    data = os.urandom(SIZE)
-    path = Path(lab.workdir, "lazy.img")
-    path.write_bytes(data)
-    name = f"cdi-test/lazy-{os.urandom(4).hex()}:1"
-    try:
-        push_artifact(lab.workdir, f"{lab.registry}/{name}", [Blob(ORAS_LAYER, path, "disk.img")])
-    finally:
-        path.unlink()
-    return name, data
+    return push_raw_disk(lab, "lazy", SIZE)
 
 
 def copy_all(server, export="disk"):

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -28,6 +27,7 @@ from lab import (
     free_port,
     podman,
     push_artifact,
+    push_raw_disk,
     registry,
     sha256,
     wait_for,
@@ -51,15 +51,7 @@ def pull_through(lab):
 def artifact(lab):
     """(repository:tag in the open registry, the disk's bytes): an ORAS
     artifact of one raw disk."""
-    data = os.urandom(SIZE)
-    path = Path(lab.workdir, "mirrored.img")
-    path.write_bytes(data)
-    name = f"cdi-test/mirrored-{os.urandom(4).hex()}:1"
-    try:
-        push_artifact(lab.workdir, f"{lab.registry}/{name}", [Blob(ORAS_LAYER, path, "disk.img")])
-    finally:
-        path.unlink()
-    return name, data
+    return push_raw_disk(lab, "mirrored", SIZE)
 
 
 @pytest.fixture(scope="module")

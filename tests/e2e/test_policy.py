@@ -182,9 +182,12 @@ def assert_nothing_kept(cache):
     assert kept == [], f"kept in the cache before the policy accepted it: {kept}"
 
 
-def serve_digest(setup, name, policy):
-    """(the digest of the disk export, the server's log) of NAME under POLICY."""
-    with serve(setup.lab, *setup.params(name, f"signature-policy={policy}"), "layer=disk",
+def serve_digest(setup, name, policy, registry=None):
+    """(the digest of the disk export, the server's log) of NAME under
+    POLICY, through the proxy, else in REGISTRY (host:port) if given."""
+    names = setup.params(name) if registry is None else (f"name={registry}/{name}",
+                                                         f"cache={setup.cache}")
+    with serve(setup.lab, *names, f"signature-policy={policy}", "layer=disk",
                env=environment(setup.home), verbose=True) as server:
         digest = export_digest(server.uri())
     return digest, server.log()
@@ -357,11 +360,9 @@ def test_an_image_in_podmans_storage_is_served_once_its_signature_verifies(
     attach(registry, signed, [signature(setup.keys[0], manifest_digest(registry, signed),
                                         f"{registry}/{signed}")])
     policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
-    with serve(setup.lab, f"name={registry}/{signed}", f"cache={setup.cache}",
-               f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
-               verbose=True) as server:
-        assert export_digest(server.uri()) == sha256(disk_data)
-    assert "from local storage" in server.log()
+    digest, log = serve_digest(setup, signed, policy, registry=registry)
+    assert digest == sha256(disk_data)
+    assert "from local storage" in log
     error = nbdkit_error(f"name={registry}/{unsigned}", f"cache={setup.cache}",
                          f"signature-policy={policy}", env=environment(setup.home))
     assert (f"{registry}/{unsigned}: rejected by the signature policy {policy} (default): "
@@ -452,12 +453,10 @@ def test_an_artifact_signed_by_cosign_is_verified(setup, artifact, artifact_data
     shutil.copy(tmp_path / "cosign.pub", setup.home / "key.pub")
     # cosign signs the repository alone: matchRepository accepts it.
     policy = write_policy(setup.home, signed_by_key(setup.home, type="matchRepository"))
-    with serve(setup.lab, f"name={registry}/{artifact}", f"cache={setup.cache}",
-               f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
-               verbose=True) as server:
-        assert export_digest(server.uri()) == sha256(artifact_data)
-    assert f"the signature of {digest} is verified" in server.log()
-    assert "as it is read" in server.log()
+    found, log = serve_digest(setup, artifact, policy, registry=registry)
+    assert found == sha256(artifact_data)
+    assert f"the signature of {digest} is verified" in log
+    assert "as it is read" in log
 
 
 @pytest.mark.requires("podman-artifact")
@@ -468,11 +467,9 @@ def test_an_artifact_in_podmans_store_is_served_once_its_signature_verifies(
     attach(registry, artifact, [signature(setup.keys[0], manifest_digest(registry, artifact),
                                           f"{registry}/{artifact}")])
     policy = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[0])
-    with serve(setup.lab, f"name={registry}/{artifact}", f"cache={setup.cache}",
-               f"signature-policy={policy}", "layer=disk", env=environment(setup.home),
-               verbose=True) as server:
-        assert export_digest(server.uri()) == sha256(artifact_data)
-    assert "from podman's artifact store" in server.log()
+    digest, log = serve_digest(setup, artifact, policy, registry=registry)
+    assert digest == sha256(artifact_data)
+    assert "from podman's artifact store" in log
     other = write_policy(setup.home, signed_by_key(setup.home), key=setup.keys[1],
                          name="other.json")
     error = nbdkit_error(f"name={registry}/{artifact}", f"cache={setup.cache}",
