@@ -59,7 +59,8 @@ DATA, HOLE, ZERO = "data", "hole", "zero"
 
 
 class Layer:
-    """The bytes of layer INDEX, whose digest is DIFF_ID, from SERVED_FROM
+    """The bytes of layer INDEX, whose digest is DIGEST (an image layer's
+    diffID, an artifact blob's digest), from SERVED_FROM
     (for messages: "storage", "copy", "cache", "artifact store" or
     "registry").  OPENER, if given, opens its files on demand (see
     storage.LazyFiles); otherwise every file is open."""
@@ -69,9 +70,9 @@ class Layer:
     # A layer that checks its digest itself, once all its bytes are here.
     checked_when_whole = False
 
-    def __init__(self, index, diff_id, served_from, opener=None):
+    def __init__(self, index, digest, served_from, opener=None):
         self.index = index
-        self.diff_id = diff_id
+        self.digest = digest
         self.served_from = served_from
         self.opener = opener
         self.starts = []      # offset in the layer of each segment
@@ -224,7 +225,7 @@ class Window(Layer):
     are its too.  WHY says, for its description, why this file."""
 
     def __init__(self, parent, member, why):
-        super().__init__(parent.index, parent.diff_id, parent.served_from)
+        super().__init__(parent.index, parent.digest, parent.served_from)
         self.parent, self.member, self.why = parent, member, why
         self.through = parent if parent.reads_through_windows else None
         if self.through:

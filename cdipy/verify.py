@@ -59,7 +59,7 @@ def check_and_remember(layer, image_name, records):
     """check_digest, then remember that LAYER passed (with its zeros)."""
     before = fingerprint(layer)
     layer.learn_zeros(check_digest(layer, image_name))
-    records.store(layer.diff_id, before, layer.zeros)
+    records.store(layer.digest, before, layer.zeros)
 
 
 def recall_check(layer, records):
@@ -67,7 +67,7 @@ def recall_check(layer, records):
     check; if so, LAYER learns its known zeros and counts as verified.  A
     file that cannot be read fails LAYER."""
     try:
-        zeros = records.lookup(layer.diff_id, fingerprint(layer))
+        zeros = records.lookup(layer.digest, fingerprint(layer))
     except OSError as error:
         layer.fail(f"cannot read layer {layer.index} ({error.strerror})")
         raise CdiError(layer.failure) from None
@@ -83,7 +83,7 @@ def fingerprint(layer):
     """What identifies the bytes LAYER reads: its diffID, where its map came
     from (the tar-split, and so the headers and offsets) and the identity
     of each of its files, which a lazily opened file must then keep."""
-    digest = hashlib.sha256(repr((layer.diff_id, layer.origin, layer.size)).encode())
+    digest = hashlib.sha256(repr((layer.digest, layer.origin, layer.size)).encode())
     for segment in layer.files():
         with layer.holding(segment) as fd:
             segment.identity = identity(os.fstat(fd))
@@ -116,9 +116,9 @@ def check_digest(layer, image_name):
                    f"({error.strerror}); refusing to serve it")
         raise CdiError(layer.failure) from None
     actual = "sha256:" + digest.hexdigest()
-    if actual != layer.diff_id:
+    if actual != layer.digest:
         layer.fail(f"{image_name}: verify: layer {layer.index} hashes to "
-                   f"{actual} but the image says {layer.diff_id}; refusing to "
+                   f"{actual} but the image says {layer.digest}; refusing to "
                    "serve it (verify=false skips this check)")
         raise CdiError(layer.failure)
     layer.verified = True

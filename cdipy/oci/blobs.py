@@ -80,10 +80,10 @@ class Blobs:
                 if layer is None:
                     raise CdiError(f"{self.layout.image_name}: cannot find {digest} unpacked "
                                    f"in {self.unpacked.directory}")
-        if expected is not None and layer.diff_id != expected:
+        if expected is not None and layer.digest != expected:
             layer.close()
             raise CdiError(f"{self.layout.image_name}: verify: blob {digest} unpacks to "
-                           f"{layer.diff_id} but the image says {expected}; refusing "
+                           f"{layer.digest} but the image says {expected}; refusing "
                            "to serve it")
         return layer
 
@@ -149,18 +149,18 @@ class Blobs:
         unpacked here), or hash it now."""
         if not self.verify or recall_check(layer, self.records):
             return
-        if layer.diff_id in self.fresh:
+        if layer.digest in self.fresh:
             layer.verified = True
-            self.records.store(layer.diff_id, fingerprint(layer), [])
+            self.records.store(layer.digest, fingerprint(layer), [])
             return
         log.debug(f"checking {what}: not checked before, or changed since")
         try:
             zeros = check_digest(layer, self.layout.image_name)
         except CdiError as error:
             raise BlobMismatch(f"{self.layout.image_name}: {what} no longer matches its "
-                               f"digest ({error})", layer.diff_id) from None
+                               f"digest ({error})", layer.digest) from None
         layer.learn_zeros(zeros)
-        self.records.store(layer.diff_id, fingerprint(layer), zeros)
+        self.records.store(layer.digest, fingerprint(layer), zeros)
 
     @contextlib.contextmanager
     def unpacking(self):

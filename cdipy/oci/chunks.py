@@ -265,13 +265,13 @@ class RemoteBlob(Layer):
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
         except Exception as error:  # a bug must not look like zeros or a hang
-            raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.diff_id}: "
+            raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.digest}: "
                                      f"{error!r}") from error
 
     def download(self, chunk):
         start, end = self.partial.span(chunk)
         try:
-            return retried(lambda: self.registry.blob_range(self.diff_id, start, end),
+            return retried(lambda: self.registry.blob_range(self.digest, start, end),
                            lambda: self.stopping)
         except Unsupported as error:  # the registry ignored Range
             raise CdiError(f"{self.registry.image_name}: {error}") from None
@@ -336,7 +336,7 @@ class RemoteBlob(Layer):
                 self.in_flight.add(chunk)
             self.fetch_for_others(chunk)
             if chunk in self.failed:
-                log.debug(f"the fill of {self.diff_id} stops: {self.failed[chunk]}")
+                log.debug(f"the fill of {self.digest} stops: {self.failed[chunk]}")
                 return
         self.finish()
 
@@ -360,10 +360,10 @@ class RemoteBlob(Layer):
                     note_zeros(buffer, len(view), offset, zeros)
             except OSError as error:
                 # Nothing is named whole: the next start checks it again.
-                log.debug(f"cannot check {self.diff_id} in the cache: {error.strerror}")
+                log.debug(f"cannot check {self.digest} in the cache: {error.strerror}")
                 return
-            if "sha256:" + digest.hexdigest() != self.diff_id:
-                self.fail(f"{self.registry.image_name}: verify: blob {self.diff_id} from "
+            if "sha256:" + digest.hexdigest() != self.digest:
+                self.fail(f"{self.registry.image_name}: verify: blob {self.digest} from "
                           f"{self.registry.host} hashes to sha256:{digest.hexdigest()}; "
                           "refusing to serve it")
                 log.debug(self.failure)
@@ -371,7 +371,7 @@ class RemoteBlob(Layer):
                 return
         self.learn_zeros([tuple(zero) for zero in zeros])
         self.verified = True
-        log.debug(f"{self.diff_id} is whole and matches its digest")
+        log.debug(f"{self.digest} is whole and matches its digest")
         self.whole(self, self.zeros)
 
     def close(self):
@@ -385,7 +385,7 @@ class RemoteBlob(Layer):
             if thread is not threading.current_thread():
                 thread.join(timeout=RETRY_SECONDS + 5)
         if any(thread.is_alive() for thread in self.threads):
-            log.debug(f"{self.diff_id}: a fetch still runs: its files stay open")
+            log.debug(f"{self.digest}: a fetch still runs: its files stay open")
             return
         if not self.failure and not self.finished and not self.partial.missing():
             with contextlib.suppress(CdiError, OSError):

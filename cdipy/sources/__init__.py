@@ -88,7 +88,7 @@ class Source:
 
     def describe_disk(self, window):
         """The description of the disk export, WINDOW."""
-        return (f"{window.member.name} of layer {window.index} ({window.diff_id}), "
+        return (f"{window.member.name} of layer {window.index} ({window.digest}), "
                 f"{SERVED_FROM[window.served_from]}: {describe_file(window)}")
 
     def start_background(self):
@@ -100,5 +100,5 @@ class Source:
 
     def describe_layer(self, layer):
         """The description of the export of LAYER, a tar, once built."""
-        return (f"layer {layer.index} of {len(self.entries)}: {layer.diff_id}, "
+        return (f"layer {layer.index} of {len(self.entries)}: {layer.digest}, "
                 f"{describe_size(layer.size)}: {describe_contents(layer)}")

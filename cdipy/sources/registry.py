@@ -76,14 +76,14 @@ class RegistrySource(BlobSource):
         layout = self.remote.layout
         try:
             with layout.locked():
-                linked = layout.keep_blob(layer.diff_id, layer.partial.path)
+                linked = layout.keep_blob(layer.digest, layer.partial.path)
             with layer.partial.locked(fcntl.LOCK_EX):
                 layer.partial.remove()
             if linked:  # else another nbdkit kept it, and its record
                 # Its names changed its ctime: the record is of the file after.
-                self.records.store(layer.diff_id, fingerprint(layer), zeros)
+                self.records.store(layer.digest, fingerprint(layer), zeros)
         except (CdiError, OSError) as error:
-            log.debug(f"cannot keep {layer.diff_id} in the cache: {error}")
+            log.debug(f"cannot keep {layer.digest} in the cache: {error}")
             return
         self.keep_manifest_if_whole()
 

@@ -84,7 +84,7 @@ class SavedSource(Source):
             for layer in layers.values():
                 layer.close()
             raise
-        by_diff_id = {layer.diff_id: layer for layer in layers.values()}
+        by_diff_id = {layer.digest: layer for layer in layers.values()}
         for index in indexes:
             diff_id = self.entries[index].digest
             if diff_id not in by_diff_id:

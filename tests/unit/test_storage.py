@@ -224,7 +224,7 @@ def test_tar_split_every_single_byte_flip_is_refused_or_harmless():
 def test_storage_layer_rebuilds_the_original_tar_exactly(stored):
     tar, plan = stored
     with contextlib.closing(storage_layer(2, DIFF_ID, plan)) as layer:
-        assert (layer.index, layer.diff_id, layer.served_from) == (2, DIFF_ID, "storage")
+        assert (layer.index, layer.digest, layer.served_from) == (2, DIFF_ID, "storage")
         assert layer.size == len(tar)
         assert read_all(layer) == tar
 

@@ -37,7 +37,7 @@ def test_check_finds_the_all_zero_blocks_of_the_layer(disk_layer):
 
 
 def test_check_of_a_layer_not_matching_its_diff_id_fails_every_read(disk_layer):
-    disk_layer.diff_id = "sha256:" + "0" * 64
+    disk_layer.digest = "sha256:" + "0" * 64
     with pytest.raises(CdiError, match="img: verify: layer 0 hashes to sha256:"):
         check_digest(disk_layer, "img")
     with pytest.raises(OSError, match="refusing to serve it"):
