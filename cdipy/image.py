@@ -1,6 +1,6 @@
 """Finding the image, and the source to serve it from, by the pull policy
 and the signature policy: in podman's local storage, in
-the cache (streamed there from its registry, see sources/stream.py), or
+the cache (streamed there from its registry, see sources/streamed_image.py), or
 pulled by podman (pull-into=podman, or what cdi.py cannot stream).  An
 OCI artifact: in podman's artifact store (podman >= 5.4), pulled there by
 podman; where podman has no artifact store (podman 4), or for a
@@ -27,10 +27,10 @@ from .oci.fetch import (
 )
 from .oci.layout import Layout, is_artifact
 from .parameters import local_reference, registry_host, split_transport
-from .sources.layout import LayoutSource
-from .sources.registry import RegistrySource
-from .sources.storage import podman_image_source
-from .sources.stream import StreamSource
+from .sources.in_place import podman_image_source
+from .sources.layout_blobs import LayoutSource
+from .sources.lazy_artifact import RegistrySource
+from .sources.streamed_image import StreamSource
 
 log = logging.getLogger("cdipy")
 

@@ -1,10 +1,10 @@
 """Sources: the ways of getting an image's layers, or an artifact's blobs,
 as Layers.  The table of exports (exports.py) asks a source, and knows
-nothing of podman, skopeo or layouts; start-up (startup.py) chooses the
-source, in one place.
+nothing of podman, skopeo or layouts; finding the image (image.py) makes
+the source, where it finds it.
 
-The sources are storage, saved, layout, registry and stream, each
-described in the module map of docs/how-it-works.md.
+The sources are in_place, copied, layout_blobs, lazy_artifact and
+streamed_image, each described in the module map of docs/how-it-works.md.
 
 Each offers what Source below does.  The table calls build,
 build_in_place and read_members of an entry under that entry's export's

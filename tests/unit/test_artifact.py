@@ -13,7 +13,7 @@ from cdipy.errors import CdiError
 from cdipy.oci.blobs import decompress_sparse
 from cdipy.oci.layout import Layout, is_artifact, reference
 from cdipy.podman import diagnose, summary
-from cdipy.sources.layout import usable_name
+from cdipy.sources.layout_blobs import usable_name
 
 MIB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

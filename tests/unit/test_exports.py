@@ -12,7 +12,7 @@ from cdipy.cache import PrivateCache
 from cdipy.errors import CdiError, NoSuchExport
 from cdipy.exports import Exports
 from cdipy.parameters import Settings
-from cdipy.sources.storage import podman_image_source
+from cdipy.sources.in_place import podman_image_source
 from cdipy.verify import CheckRecords
 
 NAME = "quay.io/kubevirt/fedora-cloud-container-disk-demo"

@@ -25,7 +25,7 @@ from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE, RemoteImage
 from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
 from cdipy.parameters import Settings
-from cdipy.sources.stream import StreamSource
+from cdipy.sources.streamed_image import StreamSource
 from cdipy.verify import CheckRecords
 from fakes import Registry
 from tars import directory, layer_tar, regular
@@ -307,7 +307,7 @@ def test_a_layer_with_little_left_is_taken_in_to_its_end_at_close(image, tmp_pat
 
 
 def test_a_layer_with_more_left_is_stopped_at_close(image, tmp_path, monkeypatch):
-    monkeypatch.setattr("cdipy.sources.stream.FINISH_AT_CLOSE", PIECE // 2)
+    monkeypatch.setattr("cdipy.sources.streamed_image.FINISH_AT_CLOSE", PIECE // 2)
     table = image([TRAILED])
     assert read(table.open("disk"), 0, len(DISK)) == DISK
     stream = table.source.streams[0]

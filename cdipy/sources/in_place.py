@@ -5,7 +5,7 @@ cannot serve is copied by the copy path instead, and says why."""
 from ..errors import StorageUnavailable
 from ..storage import storage_layer, storage_plans
 from . import Source
-from .saved import SavedSource
+from .copied import SavedSource
 
 
 def podman_image_source(image, settings, maps, graph_root=None):

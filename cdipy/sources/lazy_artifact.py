@@ -2,7 +2,7 @@
 they arrive (oci/chunks.py), ready once the manifest is read.  A blob the
 cache's layout holds whole already is served from there; one that arrives
 whole and matches its digest joins the layout, and once every blob has,
-the manifest does too: the next start is the warm path (sources/layout.py),
+the manifest does too: the next start is the warm path (sources/layout_blobs.py),
 with no network."""
 
 import fcntl
@@ -14,7 +14,7 @@ from ..oci.blobs import BlobMismatch, Blobs
 from ..oci.chunks import PartialBlob, RemoteBlob
 from ..progress import describe_size
 from ..verify import fingerprint
-from .layout import BlobSource
+from .layout_blobs import BlobSource
 
 log = logging.getLogger("cdipy")
 

@@ -7,7 +7,7 @@ podman's storage is not touched.
 Each layer whole and checked becomes an unpacked copy in the cache (as a
 gzip blob of an archive does), and once all have, the image's config and
 manifest join the cache's layout: the next start is the warm path
-(sources/layout.py), with no network.  A layer the cache holds already is
+(sources/layout_blobs.py), with no network.  A layer the cache holds already is
 served from there.
 
 The disk is chosen as disk.py chooses it, from every entry of every layer
@@ -33,7 +33,7 @@ from ..progress import describe_size
 from ..save import open_nameless_file
 from ..verify import fingerprint
 from . import Entry, Source
-from .registry import keep_manifest
+from .lazy_artifact import keep_manifest
 
 log = logging.getLogger("cdipy")
 
