@@ -170,7 +170,9 @@ def test_in_the_background_a_thread_takes_in_the_rest(make):
     layer.stream.start()
     layer.wait_whole()
     assert read(window, 0, len(DISK)) == DISK
-    assert layer.stream.thread is not None and not layer.stream.thread.is_alive()
+    # Whole, the thread ends: it says so before it returns.
+    layer.stream.thread.join(timeout=30)
+    assert not layer.stream.thread.is_alive()
 
 
 # ------------------------------------------------- the source and its disk
