@@ -11,6 +11,12 @@ chunks, the same bytes, and reads the record before fetching.  Once every
 chunk is held the blob is hashed against its digest; if it matches, it
 becomes a blob of the cache's layout (the warm path), if not every read
 fails from then on and the partial files are removed.
+
+A pull-through cache that does not hold the blob yet answers a range with
+the whole blob (HTTP 200): that answer is kept, every chunk of it stored
+as it arrives, the same way, and nothing else is fetched meanwhile, so that
+the blob is sent once; once the cache holds it, ranges are answered as
+ranges.
 """
 
 import contextlib
@@ -189,6 +195,11 @@ class RemoteBlob(Layer):
         self.queue = []                # (priority, order, chunk) for the workers
         self.order = itertools.count()
         self.in_flight = set()
+        # Until a source answered a range of the blob as a range, one fetch
+        # at a time: a pull-through cache that does not hold it yet would
+        # send the whole blob to each (and fetch it for each).
+        self.ranges_answered = False
+        self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
         self.failed = {}               # chunk -> why its last fetch failed
         self.threads = []
         self.stopping = False
@@ -232,7 +243,7 @@ class RemoteBlob(Layer):
             return
         if not self.threads:
             for chunk in wanted:
-                self.fetch_now(chunk)
+                self.fetch_now(chunk, last=wanted[-1])
             return
         with self.condition:
             for chunk in wanted:
@@ -257,24 +268,81 @@ class RemoteBlob(Layer):
             self.failed.pop(chunk, None)
             heapq.heappush(self.queue, (priority, next(self.order), chunk))
 
-    def fetch_now(self, chunk):
+    def fetch_now(self, chunk, last=None):
         """Fetch CHUNK, retried for RETRY_SECONDS; OSError (EIO) if it
-        cannot be."""
+        cannot be.  A whole blob answered instead is kept to its end, or,
+        before the workers run, to chunk LAST."""
         try:
-            self.partial.store(chunk, self.download(chunk))
+            retried(lambda: self.download(chunk, last), lambda: self.stopping)
+        except Unsupported as error:
+            raise OSError(errno.EIO, f"{self.registry.image_name}: {error}") from None
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
         except Exception as error:  # a bug must not look like zeros or a hang
             raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.digest}: "
                                      f"{error!r}") from error
 
-    def download(self, chunk):
+    def download(self, chunk, last):
+        if self.partial.holds(chunk):
+            return  # a whole answer that broke off brought it
         start, end = self.partial.span(chunk)
+        answer = self.registry.blob_range_or_whole(self.digest, start, end, CHUNK)
+        if isinstance(answer, (bytes, bytearray)):
+            self.partial.store(chunk, answer)
+            with self.condition:
+                self.ranges_answered = True
+                self.condition.notify_all()
+            return
+        with self.condition:
+            running = self.whole_answer
+            self.whole_answer = True
+        if running:  # another whole answer brings this chunk: wait for it
+            answer.close()
+            with self.condition:
+                self.condition.wait_for(lambda: not self.whole_answer or self.stopping)
+            if not self.partial.holds(chunk):
+                raise RegistryError(f"{self.registry.image_name}: blob {self.digest}: the "
+                                    f"whole answer ended before chunk {chunk}", transient=True)
+            return
         try:
-            return retried(lambda: self.registry.blob_range(self.digest, start, end),
-                           lambda: self.stopping)
-        except Unsupported as error:  # the registry ignored Range
-            raise CdiError(f"{self.registry.image_name}: {error}") from None
+            self.keep_whole(answer, last)
+        finally:
+            with self.condition:
+                self.whole_answer = False
+                self.condition.notify_all()
+
+    def keep_whole(self, answer, last):
+        """Store each chunk of ANSWER (the whole blob, from a source that
+        ignored the range) as it arrives, waking the readers waiting for
+        it; to the end, or to chunk LAST.  The workers fetch nothing
+        meanwhile: every chunk missing comes in this answer."""
+        log.debug(f"{self.registry.host} sends the whole of {self.digest} for a range: "
+                  "keeping every chunk of it as it arrives")
+        chunk, pending = 0, bytearray()
+        with contextlib.closing(answer):
+            for piece in answer:
+                pending += piece
+                while chunk < self.partial.count and len(pending) >= self.length(chunk):
+                    length = self.length(chunk)
+                    if not self.partial.holds(chunk):
+                        self.partial.store(chunk, bytes(pending[:length]))
+                    del pending[:length]
+                    with self.condition:
+                        self.condition.notify_all()
+                    if chunk == last:
+                        return
+                    chunk += 1
+                if chunk == self.partial.count and pending:
+                    raise RegistryError(f"{self.registry.image_name}: the registry sent more "
+                                        f"than the {self.size} bytes of blob {self.digest}")
+        if chunk < self.partial.count:
+            raise RegistryError(f"{self.registry.image_name}: the registry sent "
+                                f"{chunk * CHUNK + len(pending)} bytes of the {self.size} of "
+                                f"blob {self.digest}", transient=True)
+
+    def length(self, chunk):
+        start, end = self.partial.span(chunk)
+        return end - start
 
     # ------------------------------------------------------ in the background
 
@@ -295,7 +363,8 @@ class RemoteBlob(Layer):
     def work(self):
         while True:
             with self.condition:
-                while not self.queue and not self.stopping:
+                while (not self.queue or self.whole_answer
+                       or (self.in_flight and not self.ranges_answered)) and not self.stopping:
                     self.condition.wait()
                 if self.stopping:
                     return
