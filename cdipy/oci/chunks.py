@@ -200,6 +200,7 @@ class RemoteBlob(Layer):
         # send the whole blob to each (and fetch it for each).
         self.ranges_answered = False
         self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
+        self.parked = None             # (answer, next chunk, bytes beyond it): read on later
         self.failed = {}               # chunk -> why its last fetch failed
         self.threads = []
         self.stopping = False
@@ -285,6 +286,11 @@ class RemoteBlob(Layer):
     def download(self, chunk, last):
         if self.partial.holds(chunk):
             return  # a whole answer that broke off brought it
+        with self.condition:
+            parked, self.parked = self.parked, None
+        if parked:
+            self.keep_whole(*parked, last)
+            return
         start, end = self.partial.span(chunk)
         answer = self.registry.blob_range_or_whole(self.digest, start, end, CHUNK)
         if isinstance(answer, (bytes, bytearray)):
@@ -304,41 +310,48 @@ class RemoteBlob(Layer):
                 raise RegistryError(f"{self.registry.image_name}: blob {self.digest}: the "
                                     f"whole answer ended before chunk {chunk}", transient=True)
             return
-        try:
-            self.keep_whole(answer, last)
-        finally:
-            with self.condition:
-                self.whole_answer = False
-                self.condition.notify_all()
-
-    def keep_whole(self, answer, last):
-        """Store each chunk of ANSWER (the whole blob, from a source that
-        ignored the range) as it arrives, waking the readers waiting for
-        it; to the end, or to chunk LAST.  The workers fetch nothing
-        meanwhile: every chunk missing comes in this answer."""
         log.debug(f"{self.registry.host} sends the whole of {self.digest} for a range: "
                   "keeping every chunk of it as it arrives")
-        chunk, pending = 0, bytearray()
-        with contextlib.closing(answer):
-            for piece in answer:
-                pending += piece
+        self.keep_whole(answer, 0, b"", last)
+
+    def keep_whole(self, answer, chunk, pending, last):
+        """Store each chunk of ANSWER (the whole blob, from a source that
+        ignored the range; CHUNK the next to arrive, PENDING its bytes
+        arrived) as it arrives, waking the readers waiting for it; to the
+        end, or to chunk LAST: then the answer is parked, read on by the
+        next fetch (the workers', once they run).  The workers fetch
+        nothing meanwhile: every chunk missing comes in this answer."""
+        pending, pieces, parked = bytearray(pending), iter(answer), False
+        try:
+            while not self.stopping:
                 while chunk < self.partial.count and len(pending) >= self.length(chunk):
                     length = self.length(chunk)
                     if not self.partial.holds(chunk):
                         self.partial.store(chunk, bytes(pending[:length]))
                     del pending[:length]
+                    chunk += 1
                     with self.condition:
                         self.condition.notify_all()
-                    if chunk == last:
-                        return
-                    chunk += 1
+                        if chunk - 1 == last and chunk < self.partial.count:
+                            self.parked, parked = (answer, chunk, bytes(pending)), True
+                            return
                 if chunk == self.partial.count and pending:
                     raise RegistryError(f"{self.registry.image_name}: the registry sent more "
                                         f"than the {self.size} bytes of blob {self.digest}")
-        if chunk < self.partial.count:
-            raise RegistryError(f"{self.registry.image_name}: the registry sent "
-                                f"{chunk * CHUNK + len(pending)} bytes of the {self.size} of "
-                                f"blob {self.digest}", transient=True)
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                pending += piece
+            if chunk < self.partial.count and not self.stopping:
+                raise RegistryError(f"{self.registry.image_name}: the registry sent "
+                                    f"{chunk * CHUNK + len(pending)} bytes of the {self.size} "
+                                    f"of blob {self.digest}", transient=True)
+        finally:
+            if not parked:
+                answer.close()
+                with self.condition:
+                    self.whole_answer = False
+                    self.condition.notify_all()
 
     def length(self, chunk):
         start, end = self.partial.span(chunk)
@@ -357,6 +370,11 @@ class RemoteBlob(Layer):
             self.threads.append(thread)
         fill = threading.Thread(target=self.fill, name=f"fill-{self.index}", daemon=True)
         self.threads.append(fill)
+        if self.parked:  # a whole answer begun at start-up: read on (the socket survived the fork)
+            chunk = self.parked[1]
+            self.in_flight.add(chunk)
+            self.threads.append(threading.Thread(target=self.fetch_for_others, args=(chunk,),
+                                                 name=f"whole-{self.index}", daemon=True))
         for thread in self.threads:
             thread.start()
 
@@ -453,6 +471,9 @@ class RemoteBlob(Layer):
         for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=RETRY_SECONDS + 5)
+        if self.parked:
+            self.parked[0].close()
+            self.parked = None
         if any(thread.is_alive() for thread in self.threads):
             log.debug(f"{self.digest}: a fetch still runs: its files stay open")
             return

@@ -218,10 +218,33 @@ def test_a_whole_answer_cut_short_leaves_the_rest_to_ranges(make, data, monkeypa
                                             (4 * CHUNK, 5 * CHUNK), (5 * CHUNK, SIZE)]
 
 
-def test_a_whole_answer_before_the_workers_run_is_kept_to_the_chunk_read(make, data):
+def test_a_whole_answer_at_start_up_is_read_on_by_the_workers(make, data):
     blob = make(Registry(data, whole=1))
     assert read(blob, 2 * CHUNK, 10) == data[2 * CHUNK:2 * CHUNK + 10]
-    assert list(blob.partial.held) == [1, 1, 1, 0, 0, 0]
+    assert list(blob.partial.held) == [1, 1, 1, 0, 0, 0], "kept beyond the chunk read"
     assert read(blob, 4 * CHUNK, 10) == data[4 * CHUNK:4 * CHUNK + 10]
+    assert list(blob.partial.held) == [1, 1, 1, 1, 1, 0]
+    blob.start()
+    assert read(blob, 0, SIZE) == data
+    blob.close()
     assert blob.registry.wholes == [(2 * CHUNK, 3 * CHUNK)]
-    assert blob.registry.ranges == [(4 * CHUNK, 5 * CHUNK)]
+    assert blob.registry.ranges == [], "a chunk was asked twice"
+    assert len(make.wholes) == 1
+
+
+def test_a_whole_answer_never_read_on_is_closed_with_the_blob(make, data):
+    closed = []
+
+    def answer():
+        try:
+            yield data
+        finally:
+            closed.append(True)
+
+    registry = Registry(data)
+    registry.blob_range_or_whole = lambda *_: answer()
+    blob = make(registry)
+    read(blob, 0, 10)
+    assert blob.parked and not closed
+    blob.close()
+    assert closed == [True] and blob.parked is None
