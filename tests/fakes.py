@@ -9,15 +9,40 @@ class Registry:
     """Registry IMAGE_NAME holding BLOBS, {digest: bytes}, or one blob
     (bytes) answered whatever digest is asked.  The first FAILURES requests
     fail as a cut connection; with AWAY set, every request is refused; the
-    first answer of blob_pieces breaks off after CUT bytes, if given.  It
-    records the ranges (blob_range) and the starts (blob_pieces) asked."""
+    first answer of blob_pieces breaks off after CUT bytes, if given.  The
+    first WHOLE ranges asked of blob_range_or_whole are answered with the
+    whole blob, as a pull-through cache that does not hold it yet answers
+    (the first of them breaking off after CUT bytes, if given; each piece
+    after the first waiting for HELD_BACK, an Event, if given).  It records
+    the ranges (blob_range) and the starts (blob_pieces) asked, and the
+    ranges answered whole (wholes)."""
     host = "registry.example"
 
     def __init__(self, blobs, image_name="registry.example/disk:1", *, failures=0, cut=None,
-                 away=False):
+                 away=False, whole=0, held_back=None):
         self.blobs, self.image_name = blobs, image_name
         self.failures, self.cut, self.away = failures, cut, away
-        self.ranges, self.starts = [], []
+        self.whole, self.held_back = whole, held_back
+        self.ranges, self.starts, self.wholes = [], [], []
+
+    def blob_range_or_whole(self, digest, start, end, piece):
+        if self.whole:
+            self.answer()
+            self.whole -= 1
+            self.wholes.append((start, end))
+            return self.whole_answer(self.blob(digest), piece)
+        return self.blob_range(digest, start, end)
+
+    def whole_answer(self, data, piece):
+        end = len(data)
+        if self.cut is not None:
+            end, self.cut = self.cut, None
+        for offset in range(0, end, piece):
+            if offset and self.held_back is not None:
+                assert self.held_back.wait(30), "the whole answer was held back for 30 s"
+            yield data[offset:min(offset + piece, end)]
+        if end < len(data):
+            raise RegistryError("the connection was cut", transient=True)
 
     def blob_range(self, digest, start, end):
         self.answer()

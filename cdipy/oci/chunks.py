@@ -11,6 +11,12 @@ chunks, the same bytes, and reads the record before fetching.  Once every
 chunk is held the blob is hashed against its digest; if it matches, it
 becomes a blob of the cache's layout (the warm path), if not every read
 fails from then on and the partial files are removed.
+
+A pull-through cache that does not hold the blob yet answers a range with
+the whole blob (HTTP 200): that answer is kept, every chunk of it stored
+as it arrives, the same way, and nothing else is fetched meanwhile, so that
+the blob is sent once; once the cache holds it, ranges are answered as
+ranges.
 """
 
 import contextlib
@@ -189,6 +195,12 @@ class RemoteBlob(Layer):
         self.queue = []                # (priority, order, chunk) for the workers
         self.order = itertools.count()
         self.in_flight = set()
+        # Until a source answered a range of the blob as a range, one fetch
+        # at a time: a pull-through cache that does not hold it yet would
+        # send the whole blob to each (and fetch it for each).
+        self.ranges_answered = False
+        self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
+        self.parked = None             # (answer, next chunk, bytes beyond it): read on later
         self.failed = {}               # chunk -> why its last fetch failed
         self.threads = []
         self.stopping = False
@@ -232,7 +244,7 @@ class RemoteBlob(Layer):
             return
         if not self.threads:
             for chunk in wanted:
-                self.fetch_now(chunk)
+                self.fetch_now(chunk, last=wanted[-1])
             return
         with self.condition:
             for chunk in wanted:
@@ -257,24 +269,93 @@ class RemoteBlob(Layer):
             self.failed.pop(chunk, None)
             heapq.heappush(self.queue, (priority, next(self.order), chunk))
 
-    def fetch_now(self, chunk):
+    def fetch_now(self, chunk, last=None):
         """Fetch CHUNK, retried for RETRY_SECONDS; OSError (EIO) if it
-        cannot be."""
+        cannot be.  A whole blob answered instead is kept to its end, or,
+        before the workers run, to chunk LAST."""
         try:
-            self.partial.store(chunk, self.download(chunk))
+            retried(lambda: self.download(chunk, last), lambda: self.stopping)
+        except Unsupported as error:
+            raise OSError(errno.EIO, f"{self.registry.image_name}: {error}") from None
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
         except Exception as error:  # a bug must not look like zeros or a hang
             raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.digest}: "
                                      f"{error!r}") from error
 
-    def download(self, chunk):
+    def download(self, chunk, last):
+        if self.partial.holds(chunk):
+            return  # a whole answer that broke off brought it
+        with self.condition:
+            parked, self.parked = self.parked, None
+        if parked:
+            self.keep_whole(*parked, last)
+            return
         start, end = self.partial.span(chunk)
+        answer = self.registry.blob_range_or_whole(self.digest, start, end, CHUNK)
+        if isinstance(answer, (bytes, bytearray)):
+            self.partial.store(chunk, answer)
+            with self.condition:
+                self.ranges_answered = True
+                self.condition.notify_all()
+            return
+        with self.condition:
+            running = self.whole_answer
+            self.whole_answer = True
+        if running:  # another whole answer brings this chunk: wait for it
+            answer.close()
+            with self.condition:
+                self.condition.wait_for(lambda: not self.whole_answer or self.stopping)
+            if not self.partial.holds(chunk):
+                raise RegistryError(f"{self.registry.image_name}: blob {self.digest}: the "
+                                    f"whole answer ended before chunk {chunk}", transient=True)
+            return
+        log.debug(f"{self.registry.host} sends the whole of {self.digest} for a range: "
+                  "keeping every chunk of it as it arrives")
+        self.keep_whole(answer, 0, b"", last)
+
+    def keep_whole(self, answer, chunk, pending, last):
+        """Store each chunk of ANSWER (the whole blob, from a source that
+        ignored the range; CHUNK the next to arrive, PENDING its bytes
+        arrived) as it arrives, waking the readers waiting for it; to the
+        end, or to chunk LAST: then the answer is parked, read on by the
+        next fetch (the workers', once they run).  The workers fetch
+        nothing meanwhile: every chunk missing comes in this answer."""
+        pending, pieces, parked = bytearray(pending), iter(answer), False
         try:
-            return retried(lambda: self.registry.blob_range(self.digest, start, end),
-                           lambda: self.stopping)
-        except Unsupported as error:  # the registry ignored Range
-            raise CdiError(f"{self.registry.image_name}: {error}") from None
+            while not self.stopping:
+                while chunk < self.partial.count and len(pending) >= self.length(chunk):
+                    length = self.length(chunk)
+                    if not self.partial.holds(chunk):
+                        self.partial.store(chunk, bytes(pending[:length]))
+                    del pending[:length]
+                    chunk += 1
+                    with self.condition:
+                        self.condition.notify_all()
+                        if chunk - 1 == last and chunk < self.partial.count:
+                            self.parked, parked = (answer, chunk, bytes(pending)), True
+                            return
+                if chunk == self.partial.count and pending:
+                    raise RegistryError(f"{self.registry.image_name}: the registry sent more "
+                                        f"than the {self.size} bytes of blob {self.digest}")
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                pending += piece
+            if chunk < self.partial.count and not self.stopping:
+                raise RegistryError(f"{self.registry.image_name}: the registry sent "
+                                    f"{chunk * CHUNK + len(pending)} bytes of the {self.size} "
+                                    f"of blob {self.digest}", transient=True)
+        finally:
+            if not parked:
+                answer.close()
+                with self.condition:
+                    self.whole_answer = False
+                    self.condition.notify_all()
+
+    def length(self, chunk):
+        start, end = self.partial.span(chunk)
+        return end - start
 
     # ------------------------------------------------------ in the background
 
@@ -289,13 +370,19 @@ class RemoteBlob(Layer):
             self.threads.append(thread)
         fill = threading.Thread(target=self.fill, name=f"fill-{self.index}", daemon=True)
         self.threads.append(fill)
+        if self.parked:  # a whole answer begun at start-up: read on (the socket survived the fork)
+            chunk = self.parked[1]
+            self.in_flight.add(chunk)
+            self.threads.append(threading.Thread(target=self.fetch_for_others, args=(chunk,),
+                                                 name=f"whole-{self.index}", daemon=True))
         for thread in self.threads:
             thread.start()
 
     def work(self):
         while True:
             with self.condition:
-                while not self.queue and not self.stopping:
+                while (not self.queue or self.whole_answer
+                       or (self.in_flight and not self.ranges_answered)) and not self.stopping:
                     self.condition.wait()
                 if self.stopping:
                     return
@@ -384,6 +471,9 @@ class RemoteBlob(Layer):
         for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=RETRY_SECONDS + 5)
+        if self.parked:
+            self.parked[0].close()
+            self.parked = None
         if any(thread.is_alive() for thread in self.threads):
             log.debug(f"{self.digest}: a fetch still runs: its files stay open")
             return

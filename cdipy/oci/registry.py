@@ -94,6 +94,16 @@ class Registry:
         return self.attempt(lambda endpoint, _: endpoint.blob_range(digest, start, end),
                             f"blob {digest} bytes {start}-{end - 1}")
 
+    def blob_range_or_whole(self, digest, start, end, piece):
+        """Bytes START to END (excluded) of blob DIGEST, as blob_range; or,
+        where the source answers the range with the whole blob (a
+        pull-through cache that does not hold it yet: Distribution's proxy
+        mode, Harbor), a WholeAnswer: that answer's pieces of PIECE bytes
+        from byte 0, so that the caller keeps all of it."""
+        return self.attempt(
+            lambda endpoint, _: endpoint.blob_range(digest, start, end, whole_pieces=piece),
+            f"blob {digest} bytes {start}-{end - 1}")
+
     def blob_pieces(self, digest, start, piece):
         """Yield blob DIGEST from byte START to its end, PIECE bytes at a
         time, from the first source that answers; RegistryError (transient)
@@ -189,16 +199,22 @@ class Endpoint:
             raise RegistryError(f"{self.image_name}: the manifest is {digest}, not {reference}")
         return data, response.headers.get("Content-Type", "").split(";")[0], digest
 
-    def blob_range(self, digest, start, end):
+    def blob_range(self, digest, start, end, whole_pieces=None):
         """Bytes START to END (excluded) of blob DIGEST; RegistryError if the
-        registry answers another range, or fewer bytes."""
+        registry answers another range, or fewer bytes.  With WHOLE_PIECES
+        (a size), a whole blob answered instead is a WholeAnswer of pieces
+        of that size."""
         # The bytes as stored: a compressed answer would be other bytes.
         response = self.get(f"blobs/{digest}", headers={"Range": f"bytes={start}-{end - 1}",
                                                         "Accept-Encoding": "identity"},
                             what=f"blob {digest} bytes {start}-{end - 1}", stream=True)
+        whole = response.status_code == 200 and "Content-Range" not in response.headers
+        if whole and whole_pieces:
+            log.debug(f"{self.api_host} answered bytes {start}-{end - 1} of {digest} with "
+                      "the whole blob")
+            return WholeAnswer(response, self.read_pieces(response, digest, 0, whole_pieces))
         with contextlib.closing(response):
-            if start == 0 and response.status_code == 200 \
-                    and "Content-Range" not in response.headers:
+            if start == 0 and whole:
                 # The blob's start is the answer's: what a pull-through
                 # cache sends while it fetches the blob itself.
                 return self.read_exactly(response, digest, start, end, whole=True)
@@ -394,6 +410,23 @@ class Endpoint:
                                     f"{fields['realm']} answered no token") from None
         log.debug(f"a token from {fields['realm']} for {params['scope']}, for {lifetime} s")
         return f"Bearer {token}", time.monotonic() + max(lifetime - TOKEN_MARGIN, 1)
+
+
+class WholeAnswer:
+    """A source's answer to a range with the whole blob (what a pull-through
+    cache sends while it fetches the blob itself): iterated, its pieces from
+    byte 0 in order (RegistryError, transient, if it breaks off); closed
+    once read, or to leave the rest unread."""
+
+    def __init__(self, response, pieces):
+        self.response, self.pieces = response, pieces
+
+    def __iter__(self):
+        return self.pieces
+
+    def close(self):
+        self.pieces.close()
+        self.response.close()
 
 
 # Docker Hub's credentials, as docker and older podman name them.

@@ -3,7 +3,9 @@ cdi.py's own reads: an artifact read lazily and a gzip containerdisk
 streamed through a pull-through cache (the real Distribution in proxy
 mode) with the primary unreachable, the mirror down and the primary up,
 pull-from-mirror, a blocked registry, credentials from a helper, and a
-mirror killed mid-blob with the rest read from the primary.
+mirror killed mid-blob with the rest read from the primary; and a cold
+pull-through cache, which answers ranges with the whole blob, read from
+once.
 
 Each test writes a registries.conf of its own and passes it to the plugin
 in CONTAINERS_REGISTRIES_CONF; the primary named "unreachable" is a port
@@ -13,6 +15,7 @@ nothing listens on, so the mirror is the only way.
 import json
 import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -117,6 +120,37 @@ def test_a_containerdisk_streams_through_a_pull_through_cache(
     assert digest == sha256(data)[len("sha256:"):]
     assert f"streamed from {unreachable} into the cache" in log, log
     assert "podman pull" not in log
+
+
+def test_a_cold_pull_through_cache_is_read_once(lab, unreachable, cache, tmp_path):
+    name, data = push_raw_disk(lab, "cold", SIZE)
+    # Proxies count what the cache fetches from its upstream, the lab's
+    # registry, and what the node fetches from the cache.
+    with Proxy(lab.registry) as upstream, \
+            registry(lab.workdir, f"cold-pull-through-{os.urandom(3).hex()}",
+                     proxy_of=upstream.address) as pull_through, \
+            Proxy(pull_through.address) as node:
+        env = conf(tmp_path, mirrored(unreachable, node.address))
+        offset = 5 * MIB + 12345
+        result = run_nbdkit(
+            f"name={unreachable}/{name}", f"cache={cache}", "layer=disk", env=env,
+            verbose=True,
+            run=f'{sys.executable} -m nbd -u "$uri" -c "print(h.pread(4096, {offset}).hex())" '
+                f'&& {DIGEST_RUN}')
+        assert result.returncode == 0, result.stderr
+    first, whole = result.stdout.split()[:2]
+    assert first == data[offset:offset + 4096].hex()
+    assert whole == sha256(data)[len("sha256:"):]
+    assert "sends the whole of " in result.stderr, result.stderr
+    # One answer brought the whole disk; a second fetch of it would double
+    # this (the rest is what the range probe's dropped answer carried).
+    assert node.blob_bytes < 2 * SIZE, \
+        f"the node fetched {node.blob_bytes} bytes of a {SIZE}-byte blob"
+    # Distribution 2.8 fetches a blob it does not hold twice for each
+    # request (once to store it, once for the answer), and starts on the
+    # probe's request too: about 2.5 times, never once.
+    assert upstream.blob_bytes < 3 * SIZE, \
+        f"the upstream sent {upstream.blob_bytes} bytes of a {SIZE}-byte blob"
 
 
 # ---------------------------------------------------------- order, and failures

@@ -172,3 +172,79 @@ def test_a_check_a_worker_began_is_finished_before_the_server_stops(make, data, 
     closing.join(30)
     assert not closing.is_alive()
     assert len(make.wholes) == 1, "the server stopped without keeping the whole blob"
+
+
+# ------------------------------------- a pull-through cache that sends it whole
+
+def test_a_whole_answer_to_a_range_fills_every_chunk_once(make, data):
+    blob = make(Registry(data, whole=1))
+    blob.start()
+    assert read(blob, 3 * CHUNK + 10, 4096) == data[3 * CHUNK + 10:3 * CHUNK + 4106]
+    assert read(blob, 0, SIZE) == data
+    assert blob.registry.wholes == [(3 * CHUNK, 4 * CHUNK)]
+    assert blob.registry.ranges == [], "a chunk was asked twice"
+    blob.close()  # after the check under way
+    assert blob.verified and len(make.wholes) == 1
+
+
+def test_reads_made_while_a_whole_answer_arrives_wait_for_it(make, data):
+    held_back = threading.Event()
+    blob = make(Registry(data, whole=1, held_back=held_back))
+    blob.start()
+    assert read(blob, 10, 10) == data[10:20]  # the answer's first piece
+    later = {}
+    reader = threading.Thread(target=lambda: later.update(data=read(blob, 4 * CHUNK, 100)))
+    reader.start()
+    try:
+        with blob.condition:
+            assert blob.condition.wait_for(
+                lambda: 4 in [chunk for *_, chunk in blob.queue], 30), \
+                "a worker took the chunk while the whole answer was arriving"
+    finally:
+        held_back.set()
+        reader.join(30)
+    assert later["data"] == data[4 * CHUNK:4 * CHUNK + 100]
+    assert blob.registry.ranges == [], "a chunk was asked while the whole answer arrived"
+    assert len(blob.registry.wholes) == 1
+
+
+def test_a_whole_answer_cut_short_leaves_the_rest_to_ranges(make, data, monkeypatch):
+    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
+    blob = make(Registry(data, whole=1, cut=2 * CHUNK + 100))
+    blob.start()
+    assert read(blob, 0, SIZE) == data
+    assert blob.registry.wholes == [(0, CHUNK)]
+    assert sorted(blob.registry.ranges) == [(2 * CHUNK, 3 * CHUNK), (3 * CHUNK, 4 * CHUNK),
+                                            (4 * CHUNK, 5 * CHUNK), (5 * CHUNK, SIZE)]
+
+
+def test_a_whole_answer_at_start_up_is_read_on_by_the_workers(make, data):
+    blob = make(Registry(data, whole=1))
+    assert read(blob, 2 * CHUNK, 10) == data[2 * CHUNK:2 * CHUNK + 10]
+    assert list(blob.partial.held) == [1, 1, 1, 0, 0, 0], "kept beyond the chunk read"
+    assert read(blob, 4 * CHUNK, 10) == data[4 * CHUNK:4 * CHUNK + 10]
+    assert list(blob.partial.held) == [1, 1, 1, 1, 1, 0]
+    blob.start()
+    assert read(blob, 0, SIZE) == data
+    blob.close()
+    assert blob.registry.wholes == [(2 * CHUNK, 3 * CHUNK)]
+    assert blob.registry.ranges == [], "a chunk was asked twice"
+    assert len(make.wholes) == 1
+
+
+def test_a_whole_answer_never_read_on_is_closed_with_the_blob(make, data):
+    closed = []
+
+    def answer():
+        try:
+            yield data
+        finally:
+            closed.append(True)
+
+    registry = Registry(data)
+    registry.blob_range_or_whole = lambda *_: answer()
+    blob = make(registry)
+    read(blob, 0, 10)
+    assert blob.parked and not closed
+    blob.close()
+    assert closed == [True] and blob.parked is None
