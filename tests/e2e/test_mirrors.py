@@ -20,7 +20,7 @@ import threading
 
 import pytest
 
-from conftest import nbdkit_error, run_nbdkit
+from conftest import copy_export, nbdkit_error, run_nbdkit
 from httplab import Proxy
 from lab import (
     MIB,
@@ -38,8 +38,6 @@ from lab import (
 
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
 SIZE = 8 * MIB
-DIGEST_RUN = 'nbdcopy "$uri" - | sha256sum'
-
 
 @pytest.fixture(scope="module")
 def pull_through(lab):
@@ -94,10 +92,10 @@ def mirrored(primary, *mirrors, primary_insecure=False, how=""):
 
 
 def disk_digest(name, cache, env, *more):
-    result = run_nbdkit(f"name={name}", f"cache={cache}", "layer=disk", *more, run=DIGEST_RUN,
-                        env=env, verbose=True)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.split()[0], result.stderr
+    """(the hex digest of NAME's disk export, read whole, the server's log)."""
+    copy = copy_export(f"name={name}", f"cache={cache}", "layer=disk", *more, env=env,
+                       verbose=True)
+    return copy.digest[len("sha256:"):], copy.stderr
 
 
 # --------------------------------------------------- air-gapped: the mirror alone
@@ -132,15 +130,15 @@ def test_a_cold_pull_through_cache_is_read_once(lab, unreachable, cache, tmp_pat
             Proxy(pull_through.address) as node:
         env = conf(tmp_path, mirrored(unreachable, node.address))
         offset = 5 * MIB + 12345
+        copied = tmp_path / "disk.img"
         result = run_nbdkit(
             f"name={unreachable}/{name}", f"cache={cache}", "layer=disk", env=env,
             verbose=True,
             run=f'{sys.executable} -m nbd -u "$uri" -c "print(h.pread(4096, {offset}).hex())" '
-                f'&& {DIGEST_RUN}')
+                f'&& nbdcopy "$uri" {copied}')
         assert result.returncode == 0, result.stderr
-    first, whole = result.stdout.split()[:2]
-    assert first == data[offset:offset + 4096].hex()
-    assert whole == sha256(data)[len("sha256:"):]
+    assert result.stdout.split()[0] == data[offset:offset + 4096].hex()
+    assert sha256(copied.read_bytes()) == sha256(data)
     assert "sends the whole of " in result.stderr, result.stderr
     # One answer brought the whole disk; a second fetch of it would double
     # this (the rest is what the range probe's dropped answer carried).
