@@ -128,8 +128,10 @@ def trust_of(policy, settings):
     resolved by podman: if the policy sets scopes of its own for the
     docker transport, what podman resolves it to may fall under one, so
     nothing already here is served as it is and podman pulls and verifies
-    it ("hand").  A name that is no reference cannot be placed in a scope:
-    refused unless the policy accepts every docker image alike."""
+    it ("hand"), as it does when the policy asks for signatures, which
+    only podman can find for a short name.  A name that is no reference
+    cannot be placed in a scope: refused unless the policy accepts every
+    docker image alike."""
     name = settings.name
     transport, rest = split_transport(name)
     if transport in ("oci", "oci-archive", "docker-archive", "dir"):
@@ -145,7 +147,8 @@ def docker_trust(policy, name):
     anywhere = policy.trust(name, "docker", None, [])
     uniform = not (policy.scopes("docker") - {""})
     if registry_host(name) is None:
-        if uniform or anywhere.how == "reject":
+        # Which registry holds its signatures is podman's to resolve too.
+        if anywhere.how == "reject" or (uniform and anywhere.how == "accept"):
             return anywhere, None
         return dataclasses.replace(anywhere, how="hand"), None
     try:

@@ -310,3 +310,10 @@ def test_a_short_name_under_a_uniform_policy_is_judged_by_it(tmp_path):
     assert trust_of(policy, settings("rhel9/rhel-guest-image"))[0].how == "reject"
     policy = load(tmp_path, {"default": ACCEPT, "transports": {"docker": {"": ACCEPT}}})
     assert trust_of(policy, settings("rhel9/rhel-guest-image"))[0].how == "accept"
+
+
+def test_a_short_name_that_needs_signatures_is_handed_to_podman(tmp_path):
+    policy = load(tmp_path, {"default": [{"type": "sigstoreSigned", "keyPath": "/k.pub"}]})
+    admission = Admission(policy, settings("fedora"), PrivateCache(None))
+    assert admission.how == "hand"
+    assert not admission.check_here(["sha256:" + "ab" * 32], "podman's storage")
