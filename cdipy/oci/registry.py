@@ -145,8 +145,11 @@ class Registry:
         message = f"{self.image_name}: {what}: every source failed: {said}"
         if all(isinstance(error, Unsupported) for _, error in failures):
             raise Unsupported(message)
+        # Every source answering alike (404: no such tag anywhere) says so.
+        statuses = {getattr(error, "status", None) for _, error in failures}
         raise NoSource(message, transient=any(getattr(error, "transient", False)
-                                              for _, error in failures))
+                                              for _, error in failures),
+                       status=statuses.pop() if len(statuses) == 1 else None)
 
     def unprefixed(self, error, what):
         """ERROR's message without the image's name and WHAT, said once."""

@@ -228,7 +228,7 @@ class SignatureCheck:
 def attached_signatures(registry, manifest_digest, image_name):
     """[(payload, base64 signature)] of the cosign attachment of
     MANIFEST_DIGEST in REGISTRY's repository; [] if there is none."""
-    tag = file_name(manifest_digest) + ".sig"  # cosign's tag, which is the same
+    tag = file_name(manifest_digest) + ".sig"  # cosign's tag: sha256-HEX.sig
     try:
         data, _, _ = registry.manifest(tag)
     except RegistryError as error:

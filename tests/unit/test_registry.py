@@ -321,6 +321,15 @@ def test_when_every_source_fails_the_error_names_each(sources):
     assert error.value.transient
 
 
+def test_when_every_source_answers_404_so_does_the_error(sources):
+    make, _ = sources
+    registry = make({host: RegistryError(f"x: {host} answered HTTP 404 not found", status=404)
+                     for host in ("mirror.one", "mirror.two", "quay.io")})
+    with pytest.raises(NoSource) as error:
+        registry.manifest("sha256-" + "0" * 64 + ".sig")
+    assert error.value.status == 404
+
+
 def test_a_blocked_registry_is_refused_without_a_request(tmp_path, monkeypatch):
     conf = tmp_path / "registries.conf"
     conf.write_text('[[registry]]\nlocation = "bad.example"\nblocked = true\n')
