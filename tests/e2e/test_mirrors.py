@@ -128,6 +128,9 @@ def test_a_cold_pull_through_cache_is_read_once(lab, unreachable, cache, tmp_pat
             registry(lab.workdir, f"cold-pull-through-{os.urandom(3).hex()}",
                      proxy_of=upstream.address) as pull_through, \
             Proxy(pull_through.address) as node:
+        # A second to fill the cache: the node's first ranges find it cold
+        # (on a fast machine it may otherwise hold the blob by then).
+        upstream.rate = SIZE
         env = conf(tmp_path, mirrored(unreachable, node.address))
         offset = 5 * MIB + 12345
         copied = tmp_path / "disk.img"
