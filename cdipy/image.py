@@ -190,10 +190,13 @@ def cached(settings, held, admission):
     """(the cache's layout, locked by HELD, the manifest there) if it holds
     the artifact settings.name and the signature policy (ADMISSION) lets it
     be served from there; else None."""
-    if settings.cache_directory() is None or not layout_of(settings).has_index():
+    if settings.cache_directory() is None:
+        return None
+    layout = layout_of(settings)
+    if not layout.has_index():
         return None
     with contextlib.ExitStack() as lock:
-        layout = lock.enter_context(layout_of(settings).locked())
+        lock.enter_context(layout.locked())
         found = layout.manifest(settings.name)
         if found is None or not admission.check_here([found[0]], f"the cache {layout.path}"):
             return None

@@ -94,8 +94,7 @@ class SignaturePolicy:
         """The policy of signature-policy=PATH, else the user's, else the
         system's; CdiError naming the file if it is missing or malformed."""
         if path is None:
-            home = os.environ.get("HOME") or os.path.expanduser("~")
-            user = os.path.join(home, USER_POLICY)
+            user = os.path.join(os.path.expanduser("~"), USER_POLICY)
             path = user if os.path.exists(user) else SYSTEM_POLICY
         try:
             with open(path, "rb") as file:
@@ -179,8 +178,7 @@ def registries_d_attachments(identity, namespaces):
     the first scope of its docker: entries that sets use-sigstore-attachments,
     else default-docker's; false if none does.  The user's directory, when
     it exists, replaces the system's."""
-    home = os.environ.get("HOME") or os.path.expanduser("~")
-    directory = os.path.join(home, USER_REGISTRIES_D)
+    directory = os.path.join(os.path.expanduser("~"), USER_REGISTRIES_D)
     if not os.path.isdir(directory):
         directory = SYSTEM_REGISTRIES_D
     import yaml  # noqa: PLC0415 -- only a policy that asks for signatures needs it

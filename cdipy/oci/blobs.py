@@ -173,6 +173,18 @@ class Blobs:
                                       (PARTIAL, "an unpacking cut short")):
             yield
 
+    def record_unpacked(self, digest, unpacked_digest):
+        """Record that blob DIGEST, unpacked (the file named for it), has
+        UNPACKED_DIGEST: sha256-HEX.json beside it."""
+        self.unpacked.write(file_name(digest) + ".json",
+                            json.dumps({"digest": unpacked_digest}).encode())
+
+    def holds_unpacked(self, digest):
+        """Whether the cache holds blob DIGEST unpacked, with its record."""
+        name = file_name(digest)
+        return os.path.exists(self.unpacked.path(name)) and \
+            os.path.exists(self.unpacked.path(name + ".json"))
+
     def unpacked_copy(self, index, digest):
         """The checked Layer of blob DIGEST unpacked, or None if there is
         none (or it is damaged: then it is removed)."""
@@ -235,7 +247,7 @@ class Blobs:
             if temporary is not None:
                 os.unlink(temporary)
         unpacked_digest = "sha256:" + unpacked_hash.hexdigest()
-        self.unpacked.write(name + ".json", json.dumps({"digest": unpacked_digest}).encode())
+        self.record_unpacked(digest, unpacked_digest)
         log.debug(f"unpacked {digest}: {describe_size(written)}, {unpacked_digest}")
         self.fresh.add(unpacked_digest)  # checked as it was written
 

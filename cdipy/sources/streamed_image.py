@@ -16,7 +16,6 @@ if one of them makes another choice (a second candidate), the disk export
 fails from then on, saying so, and the next start, with every entry
 known, says what disk.py says."""
 
-import json
 import logging
 import os
 import threading
@@ -192,8 +191,7 @@ class StreamSource(Source):
         try:
             with blobs.unpacking():
                 link_whole(stream.fd, path, f".partial-{name}")
-                blobs.unpacked.write(name + ".json",
-                                     json.dumps({"digest": stream.diff_id}).encode())
+                blobs.record_unpacked(stream.digest, stream.diff_id)
                 copy = blobs.open_layer(stream.index, stream.diff_id, path, "unpacked")
                 try:
                     self.records.store(stream.diff_id, fingerprint(copy), [])
@@ -206,11 +204,8 @@ class StreamSource(Source):
     def keep_manifest_if_whole(self):
         """Once the cache holds every layer unpacked, keep the manifest and
         config in its layout; a failure is a debug line."""
-        unpacked = self.blobs.unpacked
-        names = [file_name(descriptor["digest"])
-                 for descriptor in self.remote.manifest["layers"]]
-        if not all(os.path.exists(unpacked.path(name))
-                   and os.path.exists(unpacked.path(name + ".json")) for name in names):
+        if not all(self.blobs.holds_unpacked(descriptor["digest"])
+                   for descriptor in self.remote.manifest["layers"]):
             return
         try:
             with self.remote.layout.locked():
