@@ -23,19 +23,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import heapq
-import itertools
 import logging
 import os
-import threading
-import time
 
 from ..cache import file_name, locked_file, make_private
-from ..errors import CdiError, RegistryError, Unsupported
-from ..layer import DATA, FileSegment, Layer, merge_runs
+from ..errors import CdiError, RegistryError
+from ..layer import DATA, FileSegment, Layer, merge_runs, read_exactly
 from ..progress import describe_size
 from ..sparse import write_exactly
 from ..verify import note_zeros
+from .arrival import Arrival, Broken
 
 log = logging.getLogger("cdipy")
 
@@ -46,15 +43,9 @@ CHUNK = 2 << 20
 IN_FLIGHT = 4
 # ...and ahead of a client reading in order.
 READ_AHEAD = 4
-# A chunk that cannot be fetched is tried again, waiting longer each time,
-# for this long in all; then the read fails (EIO), never with zeros.
-RETRY_SECONDS = 30.0
-FIRST_RETRY = 0.25
 # The fill fetches only once clients have read nothing for this long: a
 # booting VM, or a copy, has the link to itself.
 FILL_IDLE = 1.0
-# Priorities: lower first.
-CLIENT, AHEAD = 0, 1
 
 
 class PartialBlob:
@@ -159,24 +150,152 @@ class PartialBlob:
             self.record_fd = None
 
 
-def retried(attempt, stopping):
-    """ATTEMPT() until it returns; a transient RegistryError tried again,
-    waiting longer each time, for RETRY_SECONDS in all (or until STOPPING()
-    is true); then, or for another error, raise it."""
-    deadline, pause = time.monotonic() + RETRY_SECONDS, FIRST_RETRY
-    while True:
-        try:
-            return attempt()
-        except RegistryError as error:
-            if not error.transient or time.monotonic() + pause > deadline or stopping():
-                raise
-            log.debug(f"{error}: trying again in {pause:.2f} s")
-        time.sleep(pause)
-        pause = min(pause * 2, 8.0)
-
-
 def open_private(path):
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+class BlobChunks:
+    """The format of PARTIAL's blob (a PartialBlob) on the engine: pieces
+    are its chunks, each a range asked of REGISTRY, in any order; checked
+    against the blob's digest once whole.  arrival is the engine it runs
+    on (set by it)."""
+    read_ahead = READ_AHEAD
+    fill_idle = FILL_IDLE
+
+    def __init__(self, registry, partial):
+        self.registry, self.partial = registry, partial
+        self.digest, self.size, self.count = partial.digest, partial.size, partial.count
+        self.label = f"{partial.image_name}: blob {partial.digest}"
+        self.arrival = None
+        # Until a source answered a range of the blob as a range, one fetch
+        # at a time: a pull-through cache that does not hold it yet would
+        # send the whole blob to each (and fetch it for each).
+        self.ranges_answered = False
+        self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
+        self.parked = None             # (answer, next chunk, bytes beyond it): read on later
+
+    # -------------------------------------------------- what the engine asks
+
+    def holds(self, chunk):
+        return self.partial.holds(chunk)
+
+    def needed(self, offset, count):
+        first, last = offset // CHUNK, (offset + max(count, 1) - 1) // CHUNK
+        return [chunk for chunk in range(first, min(last + 1, self.partial.count))
+                if not self.partial.holds(chunk)]
+
+    def missing(self):
+        return self.partial.missing()
+
+    def left(self):
+        return sum(self.length(chunk) for chunk in self.partial.missing())
+
+    def parallel(self):
+        if self.whole_answer:
+            return 0  # every chunk missing comes in that answer
+        if self.parked:
+            return 1  # the one that reads the answer on
+        return IN_FLIGHT if self.ranges_answered else 1
+
+    def produce(self, chunk, last):
+        """Fetch CHUNK; a whole blob answered instead is kept to its end,
+        or, before the workers run, to chunk LAST."""
+        if self.partial.holds(chunk):
+            return  # a whole answer that broke off brought it
+        with self.arrival.condition:
+            parked, self.parked = self.parked, None
+            if parked:
+                self.whole_answer = True
+        if parked:
+            self.keep_whole(*parked, last)
+            return
+        start, end = self.partial.span(chunk)
+        answer = self.registry.blob_range_or_whole(self.digest, start, end, CHUNK)
+        if isinstance(answer, (bytes, bytearray)):
+            self.partial.store(chunk, answer)
+            self.ranges_answered = True
+            return
+        with self.arrival.condition:
+            running = self.whole_answer
+            self.whole_answer = True
+        if running:  # another whole answer brings this chunk: wait for it
+            answer.close()
+            with self.arrival.condition:
+                self.arrival.condition.wait_for(
+                    lambda: not self.whole_answer or self.arrival.stopping)
+            if not self.partial.holds(chunk):
+                raise RegistryError(f"{self.registry.image_name}: blob {self.digest}: the "
+                                    f"whole answer ended before chunk {chunk}", transient=True)
+            return
+        log.debug(f"{self.registry.host} sends the whole of {self.digest} for a range: "
+                  "keeping every chunk of it as it arrives")
+        self.keep_whole(answer, 0, b"", last)
+
+    def keep_whole(self, answer, chunk, pending, last):
+        """Store each chunk of ANSWER (the whole blob, from a source that
+        ignored the range; CHUNK the next to arrive, PENDING its bytes
+        arrived) as it arrives, waking the readers waiting for it; to the
+        end, or to chunk LAST: then the answer is parked, read on by the
+        next fetch (the workers', once they run)."""
+        pending, pieces, parked = bytearray(pending), iter(answer), False
+        try:
+            while not self.arrival.stopping:
+                while chunk < self.partial.count and len(pending) >= self.length(chunk):
+                    length = self.length(chunk)
+                    if not self.partial.holds(chunk):
+                        self.partial.store(chunk, bytes(pending[:length]))
+                    del pending[:length]
+                    chunk += 1
+                    if chunk - 1 == last and chunk < self.partial.count:
+                        self.parked, parked = (answer, chunk, bytes(pending)), True
+                        return
+                    self.arrival.changed(produced=True)
+                if chunk == self.partial.count and pending:
+                    raise RegistryError(f"{self.registry.image_name}: the registry sent more "
+                                        f"than the {self.size} bytes of blob {self.digest}")
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                pending += piece
+            if chunk < self.partial.count and not self.arrival.stopping:
+                raise RegistryError(f"{self.registry.image_name}: the registry sent "
+                                    f"{chunk * CHUNK + len(pending)} bytes of the {self.size} "
+                                    f"of blob {self.digest}", transient=True)
+        finally:
+            if not parked:
+                answer.close()
+            with self.arrival.condition:
+                self.whole_answer = False
+                self.arrival.condition.notify_all()
+
+    def length(self, chunk):
+        start, end = self.partial.span(chunk)
+        return end - start
+
+    def check(self):
+        """Hash the whole blob: its zero ranges if it matches its digest,
+        else Broken (and the partial files are removed)."""
+        digest, zeros = hashlib.sha256(), []
+        buffer = bytearray(1 << 20)
+        # No chunk is written meanwhile, by this process or another.
+        with self.partial.locked(fcntl.LOCK_EX):
+            for offset in range(0, self.size, len(buffer)):
+                view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
+                read_exactly(self.partial.fd, view, offset)
+                digest.update(view)
+                note_zeros(buffer, len(view), offset, zeros)
+            if "sha256:" + digest.hexdigest() != self.digest:
+                self.partial.remove()
+                raise Broken(f"{self.registry.image_name}: verify: blob {self.digest} from "
+                             f"{self.registry.host} hashes to sha256:{digest.hexdigest()}; "
+                             "refusing to serve it")
+        log.debug(f"{self.digest} is whole and matches its digest")
+        return [tuple(zero) for zero in zeros]
+
+    def close(self):
+        if self.parked:
+            self.parked[0].close()
+            self.parked = None
 
 
 class RemoteBlob(Layer):
@@ -191,29 +310,14 @@ class RemoteBlob(Layer):
         self.registry, self.partial, self.whole = registry, partial, whole
         self.add_file(FileSegment(partial.size, fd=partial.fd))
         self.origin = "blob"  # its check record is a cached blob's, once it is one
-        self.condition = threading.Condition()
-        self.queue = []                # (priority, order, chunk) for the workers
-        self.order = itertools.count()
-        self.in_flight = set()
-        # Until a source answered a range of the blob as a range, one fetch
-        # at a time: a pull-through cache that does not hold it yet would
-        # send the whole blob to each (and fetch it for each).
-        self.ranges_answered = False
-        self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
-        self.parked = None             # (answer, next chunk, bytes beyond it): read on later
-        self.failed = {}               # chunk -> why its last fetch failed
-        self.threads = []
-        self.stopping = False
-        self.finished = False          # hashed, once whole
-        self.last_read = None          # the last chunk a client read, for read-ahead
-        self.last_read_time = time.monotonic()
-
-    # ------------------------------------------------------------ serving
+        self.form = BlobChunks(registry, partial)
+        self.arrival = Arrival(self.form, self.arrived_whole, workers=IN_FLIGHT)
+        self.form.arrival = self.arrival
 
     def read(self, view, offset):
         if self.failure:
             raise OSError(errno.EIO, self.failure)
-        self.fetch(offset, len(view))
+        self.arrival.wait(offset, len(view))
         super().read(view, offset)
 
     def extents(self, offset, count, first_only=False):
@@ -221,10 +325,10 @@ class RemoteBlob(Layer):
         never called zero before it is known)."""
         if self.failure:
             raise OSError(errno.EIO, self.failure)
+        self.arrival.raise_failure()
         runs, end = [], offset + count
         while offset < end and not (first_only and runs):
-            chunk = offset // CHUNK
-            held = self.partial.holds(chunk)
+            held = self.partial.holds(offset // CHUNK)
             stop = offset
             while stop < end and self.partial.holds(stop // CHUNK) == held:
                 stop = min((stop // CHUNK + 1) * CHUNK, end)
@@ -233,252 +337,22 @@ class RemoteBlob(Layer):
             offset = stop
         return runs[:1] if first_only else merge_runs(runs)
 
-    def fetch(self, offset, count):
-        """Make sure the chunks of the range are here: fetched by the workers
-        once they run, by this thread before (start-up)."""
-        first, last = offset // CHUNK, (offset + max(count, 1) - 1) // CHUNK
-        wanted = [chunk for chunk in range(first, last + 1) if not self.partial.holds(chunk)]
-        sequential = self.last_read is not None and first in (self.last_read, self.last_read + 1)
-        self.last_read, self.last_read_time = last, time.monotonic()
-        if not wanted:
-            return
-        if not self.threads:
-            for chunk in wanted:
-                self.fetch_now(chunk, last=wanted[-1])
-            return
-        with self.condition:
-            for chunk in wanted:
-                self.enqueue(chunk, CLIENT)
-            if sequential:
-                for chunk in range(last + 1, min(last + 1 + READ_AHEAD, self.partial.count)):
-                    self.enqueue(chunk, AHEAD)
-            self.condition.notify_all()
-            while True:
-                missing = [chunk for chunk in wanted if not self.partial.holds(chunk)]
-                if not missing or self.failure:
-                    break
-                failed = [chunk for chunk in missing if chunk in self.failed]
-                if failed:
-                    raise OSError(errno.EIO, self.failed[failed[0]])
-                self.condition.wait()
-        if self.failure:
-            raise OSError(errno.EIO, self.failure)
-
-    def enqueue(self, chunk, priority):
-        if chunk not in self.in_flight and not self.partial.holds(chunk):
-            self.failed.pop(chunk, None)
-            heapq.heappush(self.queue, (priority, next(self.order), chunk))
-
-    def fetch_now(self, chunk, last=None):
-        """Fetch CHUNK, retried for RETRY_SECONDS; OSError (EIO) if it
-        cannot be.  A whole blob answered instead is kept to its end, or,
-        before the workers run, to chunk LAST."""
-        try:
-            retried(lambda: self.download(chunk, last), lambda: self.stopping)
-        except Unsupported as error:
-            raise OSError(errno.EIO, f"{self.registry.image_name}: {error}") from None
-        except CdiError as error:
-            raise OSError(errno.EIO, str(error)) from None
-        except Exception as error:  # a bug must not look like zeros or a hang
-            raise OSError(errno.EIO, f"{self.registry.image_name}: fetching {self.digest}: "
-                                     f"{error!r}") from error
-
-    def download(self, chunk, last):
-        if self.partial.holds(chunk):
-            return  # a whole answer that broke off brought it
-        with self.condition:
-            parked, self.parked = self.parked, None
-        if parked:
-            self.keep_whole(*parked, last)
-            return
-        start, end = self.partial.span(chunk)
-        answer = self.registry.blob_range_or_whole(self.digest, start, end, CHUNK)
-        if isinstance(answer, (bytes, bytearray)):
-            self.partial.store(chunk, answer)
-            with self.condition:
-                self.ranges_answered = True
-                self.condition.notify_all()
-            return
-        with self.condition:
-            running = self.whole_answer
-            self.whole_answer = True
-        if running:  # another whole answer brings this chunk: wait for it
-            answer.close()
-            with self.condition:
-                self.condition.wait_for(lambda: not self.whole_answer or self.stopping)
-            if not self.partial.holds(chunk):
-                raise RegistryError(f"{self.registry.image_name}: blob {self.digest}: the "
-                                    f"whole answer ended before chunk {chunk}", transient=True)
-            return
-        log.debug(f"{self.registry.host} sends the whole of {self.digest} for a range: "
-                  "keeping every chunk of it as it arrives")
-        self.keep_whole(answer, 0, b"", last)
-
-    def keep_whole(self, answer, chunk, pending, last):
-        """Store each chunk of ANSWER (the whole blob, from a source that
-        ignored the range; CHUNK the next to arrive, PENDING its bytes
-        arrived) as it arrives, waking the readers waiting for it; to the
-        end, or to chunk LAST: then the answer is parked, read on by the
-        next fetch (the workers', once they run).  The workers fetch
-        nothing meanwhile: every chunk missing comes in this answer."""
-        pending, pieces, parked = bytearray(pending), iter(answer), False
-        try:
-            while not self.stopping:
-                while chunk < self.partial.count and len(pending) >= self.length(chunk):
-                    length = self.length(chunk)
-                    if not self.partial.holds(chunk):
-                        self.partial.store(chunk, bytes(pending[:length]))
-                    del pending[:length]
-                    chunk += 1
-                    with self.condition:
-                        self.condition.notify_all()
-                        if chunk - 1 == last and chunk < self.partial.count:
-                            self.parked, parked = (answer, chunk, bytes(pending)), True
-                            return
-                if chunk == self.partial.count and pending:
-                    raise RegistryError(f"{self.registry.image_name}: the registry sent more "
-                                        f"than the {self.size} bytes of blob {self.digest}")
-                piece = next(pieces, None)
-                if piece is None:
-                    break
-                pending += piece
-            if chunk < self.partial.count and not self.stopping:
-                raise RegistryError(f"{self.registry.image_name}: the registry sent "
-                                    f"{chunk * CHUNK + len(pending)} bytes of the {self.size} "
-                                    f"of blob {self.digest}", transient=True)
-        finally:
-            if not parked:
-                answer.close()
-                with self.condition:
-                    self.whole_answer = False
-                    self.condition.notify_all()
-
-    def length(self, chunk):
-        start, end = self.partial.span(chunk)
-        return end - start
-
-    # ------------------------------------------------------ in the background
-
     def start(self):
-        """Start the workers, and the fill behind them (after nbdkit forked:
-        threads do not survive a fork)."""
-        if self.threads or self.failure:
-            return
-        for number in range(IN_FLIGHT):
-            thread = threading.Thread(target=self.work, name=f"fetch-{self.index}-{number}",
-                                      daemon=True)
-            self.threads.append(thread)
-        fill = threading.Thread(target=self.fill, name=f"fill-{self.index}", daemon=True)
-        self.threads.append(fill)
-        if self.parked:  # a whole answer begun at start-up: read on (the socket survived the fork)
-            chunk = self.parked[1]
-            self.in_flight.add(chunk)
-            self.threads.append(threading.Thread(target=self.fetch_for_others, args=(chunk,),
-                                                 name=f"whole-{self.index}", daemon=True))
-        for thread in self.threads:
-            thread.start()
+        """Start fetching in the background (after nbdkit forked)."""
+        self.arrival.start()
 
-    def work(self):
-        while True:
-            with self.condition:
-                while (not self.queue or self.whole_answer
-                       or (self.in_flight and not self.ranges_answered)) and not self.stopping:
-                    self.condition.wait()
-                if self.stopping:
-                    return
-                _, _, chunk = heapq.heappop(self.queue)
-                if chunk in self.in_flight or self.partial.holds(chunk):
-                    continue
-                self.in_flight.add(chunk)
-            self.fetch_for_others(chunk)
-
-    def fetch_for_others(self, chunk):
-        try:
-            self.fetch_now(chunk)
-        except Exception as error:  # whatever it is, the waiting client must hear of it
-            with self.condition:
-                self.failed[chunk] = getattr(error, "strerror", None) or str(error)
-        finally:
-            with self.condition:
-                self.in_flight.discard(chunk)
-                self.condition.notify_all()
-        if 0 not in self.partial.held:
-            self.finish()
-
-    def fill(self):
-        """Fetch what no client asked for, in order, a chunk at a time and
-        only while clients read nothing; then check the whole."""
-        with contextlib.suppress(OSError):  # not allowed: keep the priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        for chunk in self.partial.missing():
-            with self.condition:
-                while not self.stopping and (
-                        self.queue or self.in_flight
-                        or time.monotonic() - self.last_read_time < FILL_IDLE):
-                    self.condition.wait(FILL_IDLE / 4)
-                if self.stopping or self.failure:
-                    return
-                if self.partial.holds(chunk) or chunk in self.in_flight:
-                    continue
-                self.in_flight.add(chunk)
-            self.fetch_for_others(chunk)
-            if chunk in self.failed:
-                log.debug(f"the fill of {self.digest} stops: {self.failed[chunk]}")
-                return
-        self.finish()
-
-    def finish(self):
-        """Once every chunk is here: hash the blob; hand it to WHOLE, or
-        fail every read.  Once, to its end even if the server is stopping:
-        a blob whole by now is kept (close() waits for it)."""
-        with self.condition:
-            if self.finished or self.failure or self.partial.missing():
-                return
-            self.finished = True
-        digest, zeros = hashlib.sha256(), []
-        buffer = bytearray(1 << 20)
-        # No chunk is written meanwhile, by this process or another.
-        with self.partial.locked(fcntl.LOCK_EX):
-            try:
-                for offset in range(0, self.size, len(buffer)):
-                    view = memoryview(buffer)[:min(len(buffer), self.size - offset)]
-                    Layer.read(self, view, offset)
-                    digest.update(view)
-                    note_zeros(buffer, len(view), offset, zeros)
-            except OSError as error:
-                # Nothing is named whole: the next start checks it again.
-                log.debug(f"cannot check {self.digest} in the cache: {error.strerror}")
-                return
-            if "sha256:" + digest.hexdigest() != self.digest:
-                self.fail(f"{self.registry.image_name}: verify: blob {self.digest} from "
-                          f"{self.registry.host} hashes to sha256:{digest.hexdigest()}; "
-                          "refusing to serve it")
-                log.debug(self.failure)
-                self.partial.remove()
-                return
-        self.learn_zeros([tuple(zero) for zero in zeros])
+    def arrived_whole(self, zeros):
+        self.learn_zeros(zeros)
         self.verified = True
-        log.debug(f"{self.digest} is whole and matches its digest")
         self.whole(self, self.zeros)
 
     def close(self):
         """Stop the workers; a blob whole by now is checked and kept first."""
         if not self.sources:
             return  # closed already
-        with self.condition:
-            self.stopping = True
-            self.condition.notify_all()
-        for thread in self.threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=RETRY_SECONDS + 5)
-        if self.parked:
-            self.parked[0].close()
-            self.parked = None
-        if any(thread.is_alive() for thread in self.threads):
-            log.debug(f"{self.digest}: a fetch still runs: its files stay open")
-            return
-        if not self.failure and not self.finished and not self.partial.missing():
-            with contextlib.suppress(CdiError, OSError):
-                self.finish()
+        stopped = self.arrival.stop()
+        self.form.close()
+        if not stopped:
+            return  # its files stay open: a fetch may still write
         super().close()
         self.partial.close()

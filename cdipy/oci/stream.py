@@ -1,12 +1,13 @@
-"""A gzip (or zstd) layer read from its registry in one stream and decompressed as it
-arrives into a nameless file of the cache: served behind the stream's
+"""A gzip (or zstd) layer read from its registry in one stream and
+decompressed as it arrives into a nameless file of the cache (a format on
+the engine of arrival.py, its pieces in order): served behind the stream's
 front at once, a read ahead of it waiting for it; its tar entries listed
 as their headers arrive, so that the disk export needs only its own; the
 blob's digest and the layer's diffID checked once it is whole.
 
 Before nbdkit forks, whoever needs bytes advances the stream itself, a
-piece at a time (threads do not survive a fork); after, a thread of its
-own does, in the background, to the end.  A response that breaks off is
+piece at a time (threads do not survive a fork); after, the engine's
+fill does, in the background, to the end.  A response that breaks off is
 resumed at the byte reached (a Range from there, into the same
 decompressor), with backoff, for RETRY_SECONDS without progress; then a
 read of what has not arrived fails with EIO (what has is still served) and
@@ -19,10 +20,8 @@ import hashlib
 import logging
 import os
 import tarfile
-import threading
-import time
 
-from ..errors import CdiError, RegistryError
+from ..errors import RegistryError
 from ..layer import (
     DATA,
     Layer,
@@ -35,8 +34,8 @@ from ..layer import (
 )
 from ..progress import Progress
 from ..sparse import SparseWriter
+from .arrival import RETRY_SECONDS, Arrival, Broken
 from .blobs import decompressor
-from .chunks import RETRY_SECONDS, retried
 
 log = logging.getLogger("cdipy")
 
@@ -50,54 +49,89 @@ class NotYet(Exception):
 
 
 class Stream:
-    """Layer INDEX of an image, whose diffID is DIFF_ID: the gzip blob
-    DESCRIPTOR (of the manifest) from REGISTRY, decompressed into FD (a
-    nameless 0600 file).  CONDITION, shared by the streams of one image,
-    is notified whenever one moves; WHOLE(stream) is called once it is
-    whole and checked."""
+    """The format of a compressed layer on the engine: layer INDEX of an
+    image, whose diffID is DIFF_ID, the gzip or zstd blob DESCRIPTOR (of the
+    manifest) from REGISTRY, decompressed into FD (a nameless 0600 file).
+    Its pieces come in order, each named by the blob offset it starts at.
+    WHOLE(stream) is called once it is whole and checked."""
+    read_ahead, count = 0, None  # in order, one at a time: nothing to read ahead
+    fill_idle = 0.0              # the stream must pass anyway: as fast as it comes
 
-    def __init__(self, index, registry, descriptor, diff_id, fd, *, condition, whole):
+    def __init__(self, index, registry, descriptor, diff_id, fd, *, whole):
         self.index, self.registry, self.diff_id, self.fd = index, registry, diff_id, fd
         self.digest, self.size = descriptor["digest"], descriptor["size"]
-        self.condition, self.whole = condition, whole
+        self.whole = whole
         self.image_name = registry.image_name
+        self.name = f"layer {index} ({self.digest})"
+        self.label = f"{self.image_name}: {self.name}"
         self.received = 0          # compressed bytes taken in
         self.front = 0             # bytes of the tar in the file, final
-        self.done = False          # whole, and checked
-        self.failure = None        # why it cannot be right: every read fails
-        self.stalled = None        # why the registry gives no more, for now
         self.members = []          # the Member of each entry, as its header arrives
         self.listed = False        # every entry is in members
         self.list_error = None     # why the entries cannot be listed, told once whole
         self.next_header = 0       # where the next entry's header is
         self.pieces = None         # the registry's answer being read
-        self.thread = None
-        self.stopping = False
         self.inflate = decompressor("zstd" if descriptor.get("mediaType", "").endswith("zstd")
                                     else "gzip")
         self.blob_hash, self.tar_hash = hashlib.sha256(), hashlib.sha256()
         self.writer = SparseWriter(fd, self.tar_hash)
         self.progress = Progress(f"layer {index}: arrived", self.size)
+        self.arrival = Arrival(self, lambda _: self.whole(self), workers=1)
 
-    def name(self):
-        return f"layer {self.index} ({self.digest})"
+    # ------------------------------------------- what a reader of it asks
 
-    # ------------------------------------------------------- taking in
+    @property
+    def done(self):
+        """Whole, and checked."""
+        return self.arrival.whole
 
-    def advance(self, until=None):
-        """Take in one piece, retrying with backoff (until UNTIL, a monotonic
-        time, if given); CdiError if the stream failed or the registry stays
-        away (then it is stalled)."""
+    @property
+    def failure(self):
+        return self.arrival.failure
+
+    def wait_until(self, predicate):
+        """Take in until PREDICATE() is true; OSError (EIO) if it cannot be."""
+        self.arrival.wait_until(predicate)
+
+    def start(self):
+        """Take in the rest in the background (once nbdkit has forked)."""
+        self.arrival.start()
+
+    def take_the_rest(self, limit, deadline):
+        return self.arrival.take_the_rest(limit, deadline)
+
+    def stop(self, timeout=RETRY_SECONDS + 5):
+        return self.arrival.stop(timeout)
+
+    # ------------------------------------------- what the engine asks
+
+    def holds(self, piece):
+        return self.received > piece
+
+    def needed(self, offset, count):
+        if self.front >= offset + count or self.received == self.size:
+            return []
+        return [self.received]
+
+    def missing(self):
+        return [] if self.received == self.size else [self.received]
+
+    def left(self):
+        return self.size - self.received
+
+    def parallel(self):
+        return 1
+
+    def produce(self, piece, last):
+        """Take in the piece that starts at blob offset PIECE."""
+        if piece != self.received:
+            return  # taken in already
         try:
-            data = retried(self.next_piece, lambda: self.stopping or (
-                until is not None and time.monotonic() > until))
+            data = self.next_piece()
         except RegistryError as error:
-            if not error.transient:
-                self.fail(str(error))
-            with self.condition:
-                self.stalled = str(error)
-                self.condition.notify_all()
-            raise
+            if error.transient:
+                raise
+            raise Broken(str(error)) from None
         self.take(data)
 
     def next_piece(self):
@@ -117,60 +151,44 @@ class Stream:
         return data
 
     def take(self, data):
-        """Decompress DATA into the file; list the entries it completes;
-        check the whole once it is."""
+        """Decompress DATA into the file; list the entries it completes."""
         if self.received + len(data) > self.size:
-            self.fail(f"{self.image_name}: the registry sent more than the {self.size} "
-                      f"bytes of blob {self.digest}")
+            raise Broken(f"{self.image_name}: the registry sent more than the {self.size} "
+                         f"bytes of blob {self.digest}")
         self.blob_hash.update(data)
         try:
             self.inflate.feed(data, self.writer.write)
             self.writer.flush_pending(len(self.writer.pending))
             os.ftruncate(self.fd, self.writer.written)  # zeros at the end stay holes
         except self.inflate.errors as error:
-            self.fail(f"{self.image_name}: {self.name()} is not a valid {self.inflate.name} "
-                      f"stream ({error})")
+            raise Broken(f"{self.image_name}: {self.name} is not a valid {self.inflate.name} "
+                         f"stream ({error})") from None
         except OSError as error:
-            self.fail(f"{self.image_name}: cannot keep {self.name()} in the cache: "
-                      f"{error.strerror}")
-        with self.condition:
+            raise Broken(f"{self.image_name}: cannot keep {self.name} in the cache: "
+                         f"{error.strerror}") from None
+        with self.arrival.condition:
             self.received += len(data)
             self.front = self.writer.written
-            self.stalled = None
-            self.condition.notify_all()
         self.progress.add(len(data))
         self.list_arrived()
-        if self.received == self.size:
-            self.finish()
 
-    def finish(self):
+    def check(self):
         """The whole blob is here: check it, and the layer, against their digests."""
+        if self.pieces is not None:
+            self.pieces.close()  # the answer's end, unread: nothing more is due
+            self.pieces = None
         if not self.inflate.ended():
-            self.fail(f"{self.image_name}: {self.name()}: the gzip stream ends early: the "
-                      "blob is cut short")
+            raise Broken(f"{self.image_name}: {self.name}: the {self.inflate.name} stream "
+                         "ends early: the blob is cut short")
         # The digests first: a damaged blob is told as one, not as a bad tar.
         for what, digest, expected in (("blob", self.blob_hash, self.digest),
                                        ("layer", self.tar_hash, self.diff_id)):
             if "sha256:" + digest.hexdigest() != expected:
-                self.fail(f"{self.image_name}: verify: {self.name()}: the {what} is "
-                          f"sha256:{digest.hexdigest()}, not {expected}; refusing to serve it")
-        if self.pieces is not None:
-            self.pieces.close()  # the answer's end, unread: nothing more is due
-            self.pieces = None
+                raise Broken(f"{self.image_name}: verify: {self.name}: the {what} is "
+                             f"sha256:{digest.hexdigest()}, not {expected}; refusing to serve it")
         if self.list_error:
-            self.fail(self.list_error)
-        with self.condition:
-            self.done = True
-            self.condition.notify_all()
-        log.debug(f"{self.name()} is whole ({self.front} bytes) and matches its digests")
-        self.whole(self)
-
-    def fail(self, reason):
-        """From now on every read fails with REASON; raises it."""
-        with self.condition:
-            self.failure = self.failure or reason
-            self.condition.notify_all()
-        raise CdiError(self.failure)
+            raise Broken(self.list_error)
+        log.debug(f"{self.name} is whole ({self.front} bytes) and matches its digests")
 
     # ---------------------------------------------------------- listing
 
@@ -189,10 +207,10 @@ class Stream:
                 if self.next_header == 0 and self.done_arriving() and self.front == 0:
                     info = None  # an empty layer
                 else:
-                    self.list_error = (f"{self.image_name}: {self.name()} is not a tar "
+                    self.list_error = (f"{self.image_name}: {self.name} is not a tar "
                                        f"archive: {error}")
                     return
-            with self.condition:
+            with self.arrival.condition:
                 if info is None:
                     self.listed = True
                 else:
@@ -200,100 +218,10 @@ class Stream:
                                                member_kind(info.name, info.type),
                                                info.size, info.offset_data))
                     self.next_header = archive.offset
-                self.condition.notify_all()
+                self.arrival.condition.notify_all()
 
     def done_arriving(self):
         return self.received == self.size
-
-    # ---------------------------------------------------------- serving
-
-    def wait_for(self, end, until=None):
-        """Until the file holds bytes up to END (or UNTIL() is true), advancing
-        the stream where no thread does; OSError (EIO) if it cannot.  A
-        thread that had given up before this read is started again, once."""
-        with self.condition:
-            may_restart = self.thread is not None and not self.thread.is_alive()
-        while True:
-            with self.condition:
-                if self.failure:
-                    raise OSError(errno.EIO, self.failure)
-                if (until() if until else self.front >= end or self.done):
-                    return
-                if self.thread is not None and self.thread.is_alive():
-                    # Timed: a thread that gave up notifies, then ends.
-                    self.condition.wait(timeout=1.0)
-                    continue
-                if self.stopping:
-                    raise OSError(errno.EIO, f"{self.image_name}: the server is stopping")
-                if self.thread is not None and not may_restart:
-                    raise OSError(errno.EIO, self.stalled or f"{self.name()}: not arrived")
-            if self.thread is not None:
-                may_restart = False
-                self.start()
-                continue
-            try:
-                self.advance()
-            except CdiError as error:
-                raise OSError(errno.EIO, str(error)) from None
-
-    def start(self):
-        """Take in the rest in a thread of its own (once nbdkit has forked)."""
-        with self.condition:
-            if self.done or self.failure or self.stopping or (
-                    self.thread and self.thread.is_alive()):
-                return
-            self.thread = threading.Thread(target=self.run, name=f"stream-{self.index}",
-                                           daemon=True)
-            self.thread.start()
-
-    def run(self):
-        try:
-            while not (self.done or self.stopping):
-                self.advance()
-        except CdiError as error:
-            log.debug(str(error))
-        except Exception as error:  # a bug must not look like a registry gone quiet
-            with self.condition:
-                self.failure = self.failure or (f"{self.image_name}: streaming "
-                                                f"{self.name()}: {error!r}")
-                self.condition.notify_all()
-            log.debug(self.failure)
-
-    def take_the_rest(self, limit, deadline):
-        """If no more than LIMIT bytes of the blob are left to take in, take
-        them in, or wait for the thread that does, until DEADLINE (a
-        monotonic time) at most; whether it is whole.  A thread that gave
-        up is not started again.  Why: a client that read the whole disk
-        stops the server before the tar's end has arrived, and that end is
-        little."""
-        with self.condition:
-            if self.done or self.failure or self.size - self.received > limit or (
-                    self.thread is not None and not self.thread.is_alive()):
-                return self.done
-        while time.monotonic() < deadline:
-            with self.condition:
-                if self.done or self.failure:
-                    break
-                if self.thread is not None:
-                    if not self.thread.is_alive():
-                        break
-                    self.condition.wait(timeout=deadline - time.monotonic())
-                    continue
-            try:
-                self.advance(until=deadline)
-            except CdiError:
-                break
-        if self.done:
-            log.debug(f"{self.name()}: taken in to its end as the server stops")
-        return self.done
-
-    def stop(self, timeout=RETRY_SECONDS + 5):
-        """Stop the thread, waiting TIMEOUT at most; whether it has (else
-        its file must stay open)."""
-        self.stopping = True
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout=timeout)
-        return self.thread is None or not self.thread.is_alive()
 
 
 class Arrived:
@@ -338,7 +266,7 @@ class StreamedLayer(Layer):
         if self.failure:
             raise OSError(errno.EIO, self.failure)
         if not self.stream.done:  # once it is, nothing changes
-            self.stream.wait_for(offset + len(view))
+            self.stream.arrival.wait(offset, len(view))
         read_exactly(self.stream.fd, view, offset)
 
     def extents(self, offset, count, first_only=False):
@@ -360,7 +288,7 @@ class StreamedLayer(Layer):
     def wait_whole(self):
         """Wait for the whole tar, then take its size and entries (it was
         checked as it arrived); OSError if it cannot arrive."""
-        self.stream.wait_for(0, until=lambda: self.stream.done)
+        self.stream.wait_until(lambda: self.stream.done)
         self.size = self.stream.front
         self.members = list(self.stream.members)
         self.verified = True

@@ -25,8 +25,8 @@ from ..cache import file_name, link_whole, make_private
 from ..disk import choose_disk
 from ..errors import CdiError
 from ..layer import Window
+from ..oci.arrival import RETRY_SECONDS
 from ..oci.blobs import BlobMismatch, Blobs
-from ..oci.chunks import RETRY_SECONDS
 from ..oci.stream import Stream, StreamedLayer
 from ..progress import describe_size
 from ..save import open_nameless_file
@@ -54,7 +54,7 @@ class StreamSource(Source):
                                          in enumerate(diff_ids)],
                          f"{settings.name} at {remote.registry.host}")
         self.remote, self.records = remote, records
-        self.condition = threading.Condition()
+        self.lock = threading.Lock()  # the disk's choice, made as layers are listed
         self.blobs = Blobs(remote.layout, records, settings.verify != "false")
         self.layers, self.streams = [], []
         self.early = None  # the disk's Choice, made before its layer was listed whole
@@ -90,7 +90,7 @@ class StreamSource(Source):
     def new_stream(self, index, descriptor, diff_id):
         fd = open_nameless_file(self.blobs.unpacked.directory)
         return Stream(index, self.remote.registry, descriptor, diff_id, fd,
-                      condition=self.condition, whole=self.stream_whole)
+                      whole=self.stream_whole)
 
     # ------------------------------------------------ what the table asks
 
@@ -126,14 +126,14 @@ class StreamSource(Source):
             for stream in self.streams:  # side by side, a piece each
                 if not stream.listed:
                     seen = stream.received
-                    stream.wait_for(0, until=lambda stream=stream, seen=seen:
-                                    stream.listed or stream.received > seen)
+                    stream.wait_until(lambda stream=stream, seen=seen:
+                                      stream.listed or stream.received > seen)
 
     def disk_if_known(self):
         """The disk as arriving_disk returns it, if it can be told now.
-        Under the condition, as check_early_choice: the Window of an early
+        Under the lock, as check_early_choice: the Window of an early
         choice is there before its layer's whole listing is checked."""
-        with self.condition:
+        with self.lock:
             unlisted = [stream.index for stream in self.streams if not stream.listed]
             if len(unlisted) > 1:
                 return None
@@ -216,7 +216,7 @@ class StreamSource(Source):
     def check_early_choice(self, stream):
         """If the disk was chosen before STREAM's layer was listed whole,
         make sure the whole listing makes the same choice."""
-        with self.condition:
+        with self.lock:
             if self.early is None or self.early.index != stream.index:
                 return
             self.fail_early_choice_unless_right(stream)

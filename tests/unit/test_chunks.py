@@ -14,7 +14,7 @@ import pytest
 
 from cdipy.cache import Cache
 from cdipy.layer import DATA, Member, Window
-from cdipy.oci import chunks
+from cdipy.oci import arrival, chunks
 from cdipy.oci.chunks import CHUNK, PartialBlob, RemoteBlob
 from fakes import Registry
 
@@ -96,14 +96,14 @@ def test_what_has_not_arrived_is_data_never_zero(make):
 
 
 def test_a_cut_connection_is_tried_again(make, data, monkeypatch):
-    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
+    monkeypatch.setattr(arrival, "FIRST_RETRY", 0.001)
     blob = make(Registry(data, failures=2))
     assert read(blob, 0, 10) == data[:10]
 
 
 def test_a_registry_that_stays_away_fails_the_read_never_with_zeros(make, data, monkeypatch):
-    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
-    monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(arrival, "FIRST_RETRY", 0.001)
+    monkeypatch.setattr(arrival, "RETRY_SECONDS", 0.05)
     blob = make(Registry(data, failures=10**6))
     with pytest.raises(OSError) as raised:
         read(blob, 0, 10)
@@ -114,15 +114,15 @@ def test_a_registry_that_stays_away_fails_the_read_never_with_zeros(make, data, 
 def test_a_whole_blob_that_matches_its_digest_is_handed_on_with_its_zeros(make, data):
     blob = make()
     read(blob, 0, SIZE)
-    blob.finish()
+    blob.arrival.finish_if_complete()
     assert blob.verified
     assert make.wholes == [[(5 * CHUNK, SIZE)]]
 
 
 def test_a_whole_blob_that_does_not_match_fails_every_read(make, data, tmp_path):
     blob = make(digest="sha256:" + "0" * 64)
-    read(blob, 0, SIZE)
-    blob.finish()
+    with pytest.raises(OSError, match="hashes to sha256:"):
+        read(blob, 0, SIZE)  # the read that made it whole
     assert make.wholes == []
     with pytest.raises(OSError, match="hashes to sha256:"):
         read(blob, 0, 10)
@@ -140,12 +140,10 @@ def test_a_window_reads_through_it(make, data):
     assert blob.registry.ranges == [(2 * CHUNK, 3 * CHUNK)]
 
 
-def test_a_whole_blob_no_worker_checked_is_checked_when_the_server_stops(make, data):
-    blob = make()  # no workers: the reads fetch, and nothing checks the whole
+def test_a_blob_read_whole_before_the_workers_run_is_checked_at_once(make, data):
+    blob = make()  # no workers: the reads fetch, and check the whole
     assert read(blob, 0, SIZE) == data[:SIZE]
-    assert make.wholes == [], "checked before the server stops"
-    blob.close()
-    assert len(make.wholes) == 1, "the server stopped without checking the whole blob"
+    assert len(make.wholes) == 1, "read whole, and not checked"
 
 
 def test_a_check_a_worker_began_is_finished_before_the_server_stops(make, data, monkeypatch):
@@ -164,8 +162,8 @@ def test_a_check_a_worker_began_is_finished_before_the_server_stops(make, data, 
     assert began.wait(30), "no worker began the check of the whole blob"
     closing = threading.Thread(target=blob.close)
     closing.start()
-    with blob.condition:
-        assert blob.condition.wait_for(lambda: blob.stopping, 30)
+    with blob.arrival.condition:
+        assert blob.arrival.condition.wait_for(lambda: blob.arrival.stopping, 30)
     assert closing.is_alive(), "the server stopped with a check under way"
     assert make.wholes == []
     go_on.set()
@@ -196,9 +194,9 @@ def test_reads_made_while_a_whole_answer_arrives_wait_for_it(make, data):
     reader = threading.Thread(target=lambda: later.update(data=read(blob, 4 * CHUNK, 100)))
     reader.start()
     try:
-        with blob.condition:
-            assert blob.condition.wait_for(
-                lambda: 4 in [chunk for *_, chunk in blob.queue], 30), \
+        with blob.arrival.condition:
+            assert blob.arrival.condition.wait_for(
+                lambda: 4 in [chunk for *_, chunk in blob.arrival.queue], 30), \
                 "a worker took the chunk while the whole answer was arriving"
     finally:
         held_back.set()
@@ -209,7 +207,7 @@ def test_reads_made_while_a_whole_answer_arrives_wait_for_it(make, data):
 
 
 def test_a_whole_answer_cut_short_leaves_the_rest_to_ranges(make, data, monkeypatch):
-    monkeypatch.setattr(chunks, "FIRST_RETRY", 0.001)
+    monkeypatch.setattr(arrival, "FIRST_RETRY", 0.001)
     blob = make(Registry(data, whole=1, cut=2 * CHUNK + 100))
     blob.start()
     assert read(blob, 0, SIZE) == data
@@ -245,6 +243,6 @@ def test_a_whole_answer_never_read_on_is_closed_with_the_blob(make, data):
     registry.blob_range_or_whole = lambda *_: answer()
     blob = make(registry)
     read(blob, 0, 10)
-    assert blob.parked and not closed
+    assert blob.form.parked and not closed
     blob.close()
-    assert closed == [True] and blob.parked is None
+    assert closed == [True] and blob.form.parked is None

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import os
-import threading
 
 import pytest
 import zstandard
@@ -20,7 +19,7 @@ from cdipy.cache import PrivateCache
 from cdipy.errors import NoSuchExport
 from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
-from cdipy.oci import chunks
+from cdipy.oci import arrival
 from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE, RemoteImage
 from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
@@ -55,8 +54,7 @@ def make(tmp_path):
         stream = Stream(0, registry or Registry(blob), {"digest": digest_of(blob),
                                                      "size": len(blob),
                                                      "mediaType": media_type},
-                        diff_id or digest_of(TAR), fd, condition=threading.Condition(),
-                        whole=wholes.append)
+                        diff_id or digest_of(TAR), fd, whole=wholes.append)
         made.append(stream)
         return StreamedLayer(stream)
 
@@ -76,8 +74,7 @@ def read(layer, offset, length):
 def disk_window(layer):
     """The disk's Window, once its header has arrived."""
     stream = layer.stream
-    stream.wait_for(0, until=lambda: any(member.name == "disk/disk.img"
-                                         for member in stream.members))
+    stream.wait_until(lambda: any(member.name == "disk/disk.img" for member in stream.members))
     member = next(member for member in stream.members if member.name == "disk/disk.img")
     return Window(layer, member, "the only disk")
 
@@ -154,7 +151,7 @@ def test_a_blob_that_is_not_gzip_is_a_clear_error(make):
 
 def test_a_registry_that_stays_away_fails_the_read_and_a_later_read_tries_again(
         make, monkeypatch):
-    monkeypatch.setattr(chunks, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(arrival, "RETRY_SECONDS", 0.5)
     registry = Registry(BLOB, away=True)
     layer = make(registry)
     with pytest.raises(OSError, match="the connection was refused"):
@@ -170,9 +167,10 @@ def test_in_the_background_a_thread_takes_in_the_rest(make):
     layer.stream.start()
     layer.wait_whole()
     assert read(window, 0, len(DISK)) == DISK
-    # Whole, the thread ends: it says so before it returns.
-    layer.stream.thread.join(timeout=30)
-    assert not layer.stream.thread.is_alive()
+    # Whole, the threads end.
+    for thread in layer.stream.arrival.threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
 
 # ------------------------------------------------- the source and its disk
@@ -236,7 +234,7 @@ def test_a_second_candidate_after_the_disk_served_fails_it(image):
     table = image([layer_tar([regular("disk/a.img", DISK), regular("disk/b.img", 4096)])])
     window = table.open("disk")
     assert window.member.name == "disk/a.img"
-    table.source.streams[0].wait_for(0, until=lambda: table.source.streams[0].done)
+    table.source.streams[0].wait_until(lambda: table.source.streams[0].done)
     with pytest.raises(OSError, match=r"2 candidate VM disks: disk/a.img .* "
                                       r"\(learnt after disk/a.img was served\)"):
         read(window, 0, 4096)
@@ -271,7 +269,7 @@ def test_a_bug_in_the_thread_fails_the_reads_saying_what(make):
 
     layer = make(Broken(BLOB))
     layer.stream.start()
-    with pytest.raises(OSError, match=r"streaming layer 0 \(sha256:.*\): ValueError\('a bug'\)"):
+    with pytest.raises(OSError, match=r"layer 0 \(sha256:.*\): fetching it: ValueError\('a bug'\)"):
         read(layer, 0, 512)
 
 
