@@ -30,6 +30,8 @@ log = logging.getLogger("cdipy")
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# The last three bytes of a skippable frame's magic, 0x184D2A5?, little-endian.
+ZSTD_SKIPPABLE_MAGIC = b"\x2a\x4d\x18"
 UNPACK_CHUNK = 1 << 20
 # The name an unpacked copy has until it is whole.
 PARTIAL = ".partial-"
@@ -314,8 +316,22 @@ def zstd_available():
 
 
 def decompressor(compression):
-    """A Gunzip or Unzstd for COMPRESSION, "gzip" or "zstd"."""
+    """A Gunzip or Unzstd for COMPRESSION, "gzip" or "zstd" (compression_of)."""
     return Unzstd() if compression == "zstd" else Gunzip()
+
+
+def compression_of(head):
+    """"gzip", "zstd" or None (not compressed, or not known): what the first
+    bytes of a blob, HEAD (4 are enough), say, as containers/image decides;
+    the media type is only a hint (ctr-remote writes gzip bytes under a
+    tar+zstd type).  A zstd skippable frame (magic 0x184D2A50 to 0x184D2A5F)
+    counts as zstd."""
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    if head[:4] == ZSTD_MAGIC or (len(head) >= 4 and head[0] & 0xF0 == 0x50
+                                  and head[1:4] == ZSTD_SKIPPABLE_MAGIC):
+        return "zstd"
+    return None
 
 
 def decompress_sparse(source, out_fd, source_hash, output_hash, *, what, size=None,
