@@ -119,12 +119,15 @@ class Toc:
 
 def seekable_kind(descriptor):
     """ZSTD_CHUNKED, ESTARGZ or None: what the annotations of layer
-    DESCRIPTOR say it is (no I/O)."""
+    DESCRIPTOR say it is (no I/O).  Both: ESTARGZ, for ctr-remote, turning a
+    zstd:chunked layer into eStargz, keeps the old annotations beside its
+    own; read_toc reads a zstd:chunked TOC if the blob has no eStargz footer."""
     annotations = descriptor.get("annotations") or {}
-    zstd = any(prefix + "manifest-position" in annotations for prefix in ZSTD_CHUNKED_PREFIXES)
-    if zstd and ESTARGZ_DIGEST in annotations:
-        return None  # containers/storage refuses both; plain streaming reads it
-    return ZSTD_CHUNKED if zstd else ESTARGZ if ESTARGZ_DIGEST in annotations else None
+    if ESTARGZ_DIGEST in annotations:
+        return ESTARGZ
+    if any(prefix + "manifest-position" in annotations for prefix in ZSTD_CHUNKED_PREFIXES):
+        return ZSTD_CHUNKED
+    return None
 
 
 def read_toc(descriptor, read_range: Callable[[int, int], bytes], image_name,
@@ -136,12 +139,19 @@ def read_toc(descriptor, read_range: Callable[[int, int], bytes], image_name,
     kind = seekable_kind(descriptor)
     if kind is None:
         return None
-    fault = _Fault(image_name, descriptor["digest"], kind)
     blob_size = descriptor["size"]
+    footer = None
+    if kind == ESTARGZ and any(prefix + "manifest-position" in descriptor["annotations"]
+                               for prefix in ZSTD_CHUNKED_PREFIXES):
+        footer = _read(read_range, max(0, blob_size - ESTARGZ_FOOTER), blob_size,
+                       _Fault(image_name, descriptor["digest"], kind))
+        if _estargz_toc_offset(footer) is None:
+            kind = ZSTD_CHUNKED
+    fault = _Fault(image_name, descriptor["digest"], kind)
     if kind == ZSTD_CHUNKED:
         document, toc_range, tar_split = _zstd_chunked_toc(descriptor, read_range, fault, limit)
     else:
-        document, toc_range = _estargz_toc(descriptor, read_range, fault, limit)
+        document, toc_range = _estargz_toc(descriptor, read_range, fault, limit, footer)
         tar_split = None
     files, members = _Entries(kind, toc_range[0], blob_size, fault).read(document)
     return Toc(kind, image_name, descriptor["digest"], blob_size, files, members, toc_range,
@@ -276,24 +286,19 @@ def _zstd_errors():
 
 # ------------------------------------------------------------ eStargz
 
-def _estargz_toc(descriptor, read_range, fault, limit):
-    """(the TOC's JSON document, the range it and the footer occupy)."""
+def _estargz_toc(descriptor, read_range, fault, limit, footer=None):
+    """(the TOC's JSON document, the range it and the footer occupy);
+    FOOTER, the blob's last bytes, if already read."""
     expected = descriptor["annotations"][ESTARGZ_DIGEST]
     if not DIGEST.match(expected):
         raise fault(f"{ESTARGZ_DIGEST} is {expected!r}, not a sha256 digest")
     size = descriptor["size"]
     if size <= ESTARGZ_FOOTER:
         raise fault(f"the {size}-byte blob is too small for the {ESTARGZ_FOOTER}-byte footer")
-    footer = _read(read_range, size - ESTARGZ_FOOTER, size, fault)
-    # A gzip member with no data, whose extra field (XLEN 26) is the
-    # subfield "SG", of length 22: "%016xSTARGZ" % the TOC's offset.
-    if footer[:2] != b"\x1f\x8b" or not footer[3] & 4 or footer[10:16] != b"\x1a\x00SG\x16\x00" \
-            or footer[32:38] != b"STARGZ":
+    footer = footer or _read(read_range, size - ESTARGZ_FOOTER, size, fault)
+    toc_offset = _estargz_toc_offset(footer)
+    if toc_offset is None:
         raise fault(f"no eStargz footer in the last {ESTARGZ_FOOTER} bytes of the blob")
-    try:
-        toc_offset = int(footer[16:32], 16)
-    except ValueError:
-        raise fault(f"the footer's TOC offset {footer[16:32]!r} is not hexadecimal") from None
     toc_end = size - ESTARGZ_FOOTER
     if toc_offset >= toc_end:
         raise fault(f"the footer puts the TOC at byte {toc_offset}, past its end at {toc_end}")
@@ -302,6 +307,8 @@ def _estargz_toc(descriptor, read_range, fault, limit):
     inflate = zlib.decompressobj(wbits=31)
     try:
         archive = inflate.decompress(compressed, limit + 2 * tarfile.BLOCKSIZE)
+        if inflate.unconsumed_tail:
+            raise fault(f"the TOC is larger than the limit, {limit} bytes uncompressed")
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             member = tar.next()
             if member is None or member.name != ESTARGZ_TOC_NAME or not member.isfile():
@@ -309,13 +316,24 @@ def _estargz_toc(descriptor, read_range, fault, limit):
             text = tar.extractfile(member).read()
     except (zlib.error, tarfile.TarError, EOFError) as error:
         raise fault(f"the TOC at byte {toc_offset} is not a gzipped tar ({error})") from None
-    if inflate.unconsumed_tail:
-        raise fault(f"the TOC is larger than the limit, {limit} bytes uncompressed")
     actual = "sha256:" + hashlib.sha256(text).hexdigest()
     if actual != expected:
         raise fault(f"checksum mismatch: the TOC hashes to {actual}, its annotation "
                     f"{ESTARGZ_DIGEST} says {expected}")
     return _json(text, fault), (toc_offset, size)
+
+
+def _estargz_toc_offset(footer):
+    """The TOC's offset that FOOTER, an eStargz footer, gives; None if it is
+    not one: a gzip member with no data, whose extra field (XLEN 26) is the
+    subfield "SG", of length 22: "%016xSTARGZ" % the offset."""
+    if len(footer) != ESTARGZ_FOOTER or footer[:2] != b"\x1f\x8b" or not footer[3] & 4 \
+            or footer[10:16] != b"\x1a\x00SG\x16\x00" or footer[32:38] != b"STARGZ":
+        return None
+    digits = footer[16:32]
+    if not all(digit in b"0123456789abcdefABCDEF" for digit in digits):
+        return None
+    return int(digits, 16)
 
 
 def _gunzip(data, skip, piece):

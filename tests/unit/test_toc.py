@@ -140,6 +140,21 @@ def test_a_layer_without_annotations_is_not_seekable():
     assert read(blob, descriptor) is None
 
 
+def test_estargz_made_from_zstd_chunked_keeps_stale_annotations_and_is_read_as_estargz():
+    # ctr-remote's converter copies the source layer's annotations.
+    stale = MAKERS["old zstd:chunked"]()[1]["annotations"]
+    blob, descriptor = seekable.estargz(FILES, media_type="tar+zstd")
+    descriptor["annotations"].update(stale)
+    assert seekable_kind(descriptor) == ESTARGZ
+    assert file_through_chunks(blob, read(blob, descriptor), "disk/disk.img") == DISK
+
+
+def test_zstd_chunked_with_an_estargz_annotation_but_no_footer_is_read_as_zstd_chunked():
+    blob, descriptor = MAKERS["new zstd:chunked"]()
+    descriptor["annotations"][seekable.ESTARGZ_DIGEST] = seekable.sha256(b"")
+    assert read(blob, descriptor).kind == ZSTD_CHUNKED
+
+
 def test_the_members_list_directories_files_and_whiteouts_for_choose_disk():
     blob, descriptor = seekable.estargz([("./disk/", b"", None), ("./disk/x.img", b"x", None),
                                          ("etc/.wh.old", b"", None)])
