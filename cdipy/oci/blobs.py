@@ -98,9 +98,10 @@ class Blobs:
                 magic = file.read(4)
         else:
             magic = GZIP_MAGIC  # the unpacked copy, else BlobMismatch: fetch it
-        if magic[:2] == GZIP_MAGIC or (magic == ZSTD_MAGIC and zstd_available()):
+        compression = compression_of(magic)
+        if compression == "gzip" or (compression == "zstd" and zstd_available()):
             layer = self.unpacked_layer(index, descriptor, expected=diff_id)
-        elif magic == ZSTD_MAGIC:
+        elif compression == "zstd":
             raise CdiError(f"{self.layout.image_name}: layer {index} is compressed with "
                            "zstd, which this plugin unpacks only with python3-zstandard")
         else:
@@ -229,7 +230,7 @@ class Blobs:
                     blob.seek(0)
                     written = decompress_sparse(
                         blob, out_fd, blob_hash, unpacked_hash,
-                        compression="zstd" if magic == ZSTD_MAGIC else "gzip",
+                        compression=compression_of(magic) or "gzip",
                         what=f"{image_name}: blob {digest}", size=size)
                 except CdiError:
                     # A blob damaged in the cache is fetched again; one
