@@ -30,6 +30,7 @@ digest; the whole file's digest is the caller's, once it is whole.
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -94,8 +95,11 @@ class TocFile:
 
     def chunk_at(self, offset):
         """The Chunk holding byte OFFSET of the file."""
-        starts = [chunk.file_offset for chunk in self.chunks]
-        return self.chunks[bisect.bisect_right(starts, offset) - 1]
+        return self.chunks[bisect.bisect_right(self._starts, offset) - 1]
+
+    @functools.cached_property
+    def _starts(self):
+        return [chunk.file_offset for chunk in self.chunks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +254,11 @@ def _zstd_chunked_toc(descriptor, read_range, fault, limit):
                     f"{prefix}manifest-checksum says {checksum}")
     import zstandard  # noqa: PLC0415 (a package only zstd layers need)
     try:
+        # A size in the frame's header is allocated at once: check it first.
+        declared = zstandard.frame_content_size(compressed)
+        if declared not in (-1, uncompressed):
+            raise fault(f"the TOC is {declared} bytes uncompressed, not {uncompressed} as "
+                        f"{prefix}manifest-position says")
         text = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=uncompressed)
     except zstandard.ZstdError as error:
         raise fault(f"the TOC is not valid zstd ({error})") from None

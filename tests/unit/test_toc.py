@@ -329,6 +329,16 @@ def test_a_toc_that_is_not_json_is_refused():
     assert "TOC: the TOC is not JSON (" in refused(blob, descriptor)
 
 
+def test_a_toc_larger_uncompressed_than_its_annotation_says_is_refused():
+    blob, descriptor = MAKERS["new zstd:chunked"]()
+    key = NEW_PREFIX + "manifest-position"
+    offset, length, uncompressed, _ = descriptor["annotations"][key].split(":")
+    descriptor["annotations"][key] = f"{offset}:{length}:{int(uncompressed) - 1}:1"
+    assert refused(blob, descriptor).endswith(
+        f"the TOC is {uncompressed} bytes uncompressed, not {int(uncompressed) - 1} as "
+        f"{NEW_PREFIX}manifest-position says")
+
+
 def test_a_position_not_at_a_skippable_frame_is_refused():
     blob, descriptor = MAKERS["new zstd:chunked"]()
     key = NEW_PREFIX + "manifest-position"
