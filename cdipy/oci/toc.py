@@ -26,6 +26,13 @@ into the TOC.  Names are cleaned as the layer's tar entries are: "./",
 "." and empty components dropped, so "./disk//x.img" is "disk/x.img".
 A piece is served only once unpack_chunk has checked it against its
 digest; the whole file's digest is the caller's, once it is whole.
+
+A layer without the annotations is not seekable, whatever footer it ends
+in: nothing would check its TOC before the whole blob had been read.
+(podman 4.3, pushing again a layer it once pushed as zstd:chunked, reuses
+that blob and writes no annotations.)  READ_RANGE must give exactly the
+bytes asked for: a registry that answers a range with the whole blob is
+the caller's to cut.
 """
 
 import bisect
