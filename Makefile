@@ -9,12 +9,13 @@ PYTHON = /usr/bin/python3
 # nbdinfo's "content" line; cryptography for the tests' token issuer; a
 # kernel, busybox, syslinux and qemu to make and boot a tiny VM disk
 # (tests/e2e/vm.py); perl's pod2man and podchecker for the manual, and
-# man-db to read it (a minimal root, as make check-other makes, has neither).
+# man-db to read it (a minimal root, as make check-other makes, has neither);
+# containerd and stargz-snapshotter's ctr-remote to make eStargz layers.
 DEBIAN_PACKAGES = nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-requests \
 	podman uidmap procps skopeo qemu-utils docker-registry python3-pytest python3-hypothesis \
 	python3-cryptography python3-zstandard python3-yaml perl man-db \
 	file qemu-system-x86 linux-image-amd64 busybox-static cpio syslinux syslinux-common \
-	mtools dosfstools fdisk
+	mtools dosfstools fdisk containerd stargz-snapshotter
 # cosign, from Debian 13 on: the tests check cdi.py against its signatures.
 CODENAME := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
 DEBIAN_PACKAGES += $(if $(filter bookworm,$(CODENAME)),,cosign)

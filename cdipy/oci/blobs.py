@@ -30,6 +30,8 @@ log = logging.getLogger("cdipy")
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# The last three bytes of a skippable frame's magic, 0x184D2A5?, little-endian.
+ZSTD_SKIPPABLE_MAGIC = b"\x2a\x4d\x18"
 UNPACK_CHUNK = 1 << 20
 # The name an unpacked copy has until it is whole.
 PARTIAL = ".partial-"
@@ -96,9 +98,10 @@ class Blobs:
                 magic = file.read(4)
         else:
             magic = GZIP_MAGIC  # the unpacked copy, else BlobMismatch: fetch it
-        if magic[:2] == GZIP_MAGIC or (magic == ZSTD_MAGIC and zstd_available()):
+        compression = compression_of(magic)
+        if compression == "gzip" or (compression == "zstd" and zstd_available()):
             layer = self.unpacked_layer(index, descriptor, expected=diff_id)
-        elif magic == ZSTD_MAGIC:
+        elif compression == "zstd":
             raise CdiError(f"{self.layout.image_name}: layer {index} is compressed with "
                            "zstd, which this plugin unpacks only with python3-zstandard")
         else:
@@ -227,7 +230,7 @@ class Blobs:
                     blob.seek(0)
                     written = decompress_sparse(
                         blob, out_fd, blob_hash, unpacked_hash,
-                        compression="zstd" if magic == ZSTD_MAGIC else "gzip",
+                        compression=compression_of(magic) or "gzip",
                         what=f"{image_name}: blob {digest}", size=size)
                 except CdiError:
                     # A blob damaged in the cache is fetched again; one
@@ -314,8 +317,22 @@ def zstd_available():
 
 
 def decompressor(compression):
-    """A Gunzip or Unzstd for COMPRESSION, "gzip" or "zstd"."""
+    """A Gunzip or Unzstd for COMPRESSION, "gzip" or "zstd" (compression_of)."""
     return Unzstd() if compression == "zstd" else Gunzip()
+
+
+def compression_of(head):
+    """"gzip", "zstd" or None (not compressed, or not known): what the first
+    bytes of a blob, HEAD (4 are enough), say, as containers/image decides;
+    the media type is only a hint (ctr-remote writes gzip bytes under a
+    tar+zstd type).  A zstd skippable frame (magic 0x184D2A50 to 0x184D2A5F)
+    counts as zstd."""
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    if head[:4] == ZSTD_MAGIC or (len(head) >= 4 and head[0] & 0xF0 == 0x50
+                                  and head[1:4] == ZSTD_SKIPPABLE_MAGIC):
+        return "zstd"
+    return None
 
 
 def decompress_sparse(source, out_fd, source_hash, output_hash, *, what, size=None,

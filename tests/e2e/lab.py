@@ -305,6 +305,10 @@ FEATURES = {
     "skopeo-artifacts": ("a podman without an artifact store (podman < 5.4), whose "
                          "artifacts skopeo copies into the cache",
                          lambda: not has("podman-artifact")),
+    # containerd runs as root: a test's own needs no rootlesskit.
+    "estargz": ("containerd and stargz-snapshotter's ctr-remote, run as root",
+                lambda: bool(shutil.which("containerd") and shutil.which("ctr-remote"))
+                and os.geteuid() == 0),
 }
 
 
@@ -614,3 +618,75 @@ def push_artifact(workdir, remote, blobs, authfile=None, **manifest):
                         f"docker://{remote}"], check=True, stdin=subprocess.DEVNULL)
     finally:
         shutil.rmtree(layout)
+
+
+# ------------------------------------------------------- seekable layers
+
+def push_zstd_chunked(lab, what, files):
+    """(name in LAB's open registry, its Image): an image of one layer of
+    FILES (as for Lab.build), pushed as zstd:chunked by this release's
+    podman, its repository named for WHAT.  A nonce file makes the layer
+    new: podman would otherwise reuse a blob it pushed before, in another
+    compression, and write no TOC annotations."""
+    nonce = os.urandom(8).hex()
+    name = f"cdi-test/{what}-{nonce}:1"
+    image = lab.build(f"localhost/{name}", [{**files, "etc/cdi-test-nonce": nonce.encode()}])
+    podman("push", "--quiet", "--tls-verify=false", "--compression-format=zstd:chunked",
+           image.name, f"docker://{lab.registry}/{name}")
+    return name, image
+
+
+@contextlib.contextmanager
+def containerd(workdir):
+    """A containerd of the caller's own, its root, state and sockets in a
+    directory of WORKDIR: yields the address of its socket; stopped, and
+    the directory removed, at the end."""
+    directory = Path(tempfile.mkdtemp(prefix="containerd-", dir=workdir))
+    address = directory / "containerd.sock"
+    (directory / "config.toml").write_text(
+        "version = 2\n"
+        f'root = "{directory}/root"\n'
+        f'state = "{directory}/state"\n'
+        # Only the content store and the image service are used: no CRI,
+        # and nothing is unpacked, so nothing is mounted.
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\naddress = "{address}"\n'
+        f'[ttrpc]\naddress = "{address}.ttrpc"\n'
+        '[metrics]\naddress = ""\n')
+    with open(directory / "log", "wb") as log:
+        process = subprocess.Popen(
+            [*DIE_WITH_PARENT, "containerd", "--config", str(directory / "config.toml")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: ctr_remote(address, "version", check=False).returncode == 0
+                 or process.poll() is not None, 30, "containerd did not answer within 30 s")
+        assert process.poll() is None, \
+            f"containerd exited at start: {(directory / 'log').read_text()}"
+        yield address
+    finally:
+        stop_process(process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def ctr_remote(address, *args, check=True):
+    """ctr-remote ARGS against the containerd at ADDRESS: the CompletedProcess;
+    with CHECK, AssertionError if it fails."""
+    result = subprocess.run(["ctr-remote", "--address", str(address), *args], check=False,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ctr-remote {' '.join(args)}: exit status {result.returncode}: "
+                             f"{result.stderr}")
+    return result
+
+
+def push_estargz(lab, source, destination):
+    """Copy image SOURCE of LAB's open registry to DESTINATION there as
+    eStargz, converted by a containerd and ctr-remote of this call's own.
+    From a zstd source layer, the converter writes gzip bytes under a
+    tar+zstd media type."""
+    source, destination = f"{lab.registry}/{source}", f"{lab.registry}/{destination}"
+    with containerd(lab.workdir) as address:
+        ctr_remote(address, "content", "fetch", "--plain-http", source)
+        ctr_remote(address, "image", "convert", "--estargz", "--oci", source, destination)
+        ctr_remote(address, "images", "push", "--plain-http", destination)
