@@ -35,7 +35,7 @@ from ..layer import (
 from ..progress import Progress
 from ..sparse import SparseWriter
 from .arrival import RETRY_SECONDS, Arrival, Broken
-from .blobs import decompressor
+from .blobs import compression_of, decompressor
 
 log = logging.getLogger("cdipy")
 
@@ -71,8 +71,9 @@ class Stream:
         self.list_error = None     # why the entries cannot be listed, told once whole
         self.next_header = 0       # where the next entry's header is
         self.pieces = None         # the registry's answer being read
-        self.inflate = decompressor("zstd" if descriptor.get("mediaType", "").endswith("zstd")
-                                    else "gzip")
+        # The media type is a hint; the first bytes tell (take).
+        self.hinted = "zstd" if descriptor.get("mediaType", "").endswith("zstd") else "gzip"
+        self.inflate = decompressor(self.hinted)
         self.blob_hash, self.tar_hash = hashlib.sha256(), hashlib.sha256()
         self.writer = SparseWriter(fd, self.tar_hash)
         self.progress = Progress(f"layer {index}: arrived", self.size)
@@ -156,6 +157,11 @@ class Stream:
             raise Broken(f"{self.image_name}: the registry sent more than the {self.size} "
                          f"bytes of blob {self.digest}")
         self.blob_hash.update(data)
+        if self.received == 0:
+            # As containers/image: ctr-remote writes gzip under a tar+zstd type.
+            told = compression_of(data[:4]) or self.hinted
+            if told != self.hinted:
+                self.inflate = decompressor(told)
         try:
             self.inflate.feed(data, self.writer.write)
             self.writer.flush_pending(len(self.writer.pending))

@@ -73,12 +73,8 @@ class RegistrySource(BlobSource):
         """LAYER arrived whole and matches its digest: a blob of the layout;
         with every blob there, the manifest too.  Losing this costs a fetch
         next time, never correctness: a failure is a debug line."""
-        layout = self.remote.layout
         try:
-            with layout.locked():
-                linked = layout.keep_blob(layer.digest, layer.partial.path)
-            with layer.partial.locked(fcntl.LOCK_EX):
-                layer.partial.remove()
+            linked = keep_blob(self.remote.layout, layer)
             if linked:  # else another nbdkit kept it, and its record
                 # Its names changed its ctime: the record is of the file after.
                 self.records.store(layer.digest, fingerprint(layer), zeros)
@@ -108,6 +104,17 @@ class RegistrySource(BlobSource):
             return None
         return (self.remote.registry.blob_range(config["digest"], 0, config["size"])
                 if config.get("size") else b"")
+
+def keep_blob(layout, blob):
+    """BLOB (a chunks.RemoteBlob), whole and checked, named a blob of
+    LAYOUT and no longer partial; whether it was linked (False: another
+    nbdkit kept it)."""
+    with layout.locked():
+        linked = layout.keep_blob(blob.digest, blob.partial.path)
+    with blob.partial.locked(fcntl.LOCK_EX):
+        blob.partial.remove()
+    return linked
+
 
 def keep_manifest(remote, layout, config_data):
     """Name REMOTE's manifest (an oci.fetch.Remote's) in LAYOUT, locked, with

@@ -10,6 +10,13 @@ manifest join the cache's layout: the next start is the warm path
 (sources/layout_blobs.py), with no network.  A layer the cache holds already is
 served from there.
 
+A seekable layer (zstd:chunked, eStargz: oci/toc.py) is not streamed: its
+table of contents lists it at once, its blob arrives as the disk's reads
+ask for it (oci/seekable.py) and, when readers are quiet, the rest behind
+them; whole and checked, the blob joins the cache's layout.  Its layer
+export is the same blob decompressed in order, read through it: nothing
+is fetched twice.
+
 The disk is chosen as disk.py chooses it, from every entry of every layer
 but the one holding it, whose entries after the disk are still arriving:
 if one of them makes another choice (a second candidate), the disk export
@@ -27,12 +34,15 @@ from ..errors import CdiError
 from ..layer import Window
 from ..oci.arrival import RETRY_SECONDS
 from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.chunks import PartialBlob, RemoteBlob
+from ..oci.seekable import SeekableFile, ThroughBlob
 from ..oci.stream import Stream, StreamedLayer
+from ..oci.toc import read_toc, seekable_kind
 from ..progress import describe_size
 from ..save import open_nameless_file
 from ..verify import fingerprint
 from . import Entry, Source
-from .lazy_artifact import keep_manifest
+from .lazy_artifact import keep_blob, keep_manifest
 
 log = logging.getLogger("cdipy")
 
@@ -57,6 +67,8 @@ class StreamSource(Source):
         self.lock = threading.Lock()  # the disk's choice, made as layers are listed
         self.blobs = Blobs(remote.layout, records, settings.verify != "false")
         self.layers, self.streams = [], []
+        self.seekable = {}  # index -> (Toc, RemoteBlob) of a seekable layer
+        self.disk_file = None  # the SeekableFile served as the disk, once chosen
         self.early = None  # the disk's Choice, made before its layer was listed whole
         try:
             make_private(self.blobs.unpacked.directory)
@@ -64,7 +76,8 @@ class StreamSource(Source):
                                                               diff_ids)):
                 layer = self.cached(index, descriptor, diff_id)
                 if layer is None:
-                    layer = StreamedLayer(self.new_stream(index, descriptor, diff_id))
+                    registry = self.seekable_blob(index, descriptor) or self.remote.registry
+                    layer = StreamedLayer(self.new_stream(index, descriptor, diff_id, registry))
                     self.streams.append(layer.stream)
                 self.layers.append(layer)
             if not self.streams:  # every layer in the cache, and not its manifest?
@@ -87,10 +100,33 @@ class StreamSource(Source):
         log.debug(f"layer {index}: from the cache")
         return layer
 
-    def new_stream(self, index, descriptor, diff_id):
+    def new_stream(self, index, descriptor, diff_id, registry):
         fd = open_nameless_file(self.blobs.unpacked.directory)
-        return Stream(index, self.remote.registry, descriptor, diff_id, fd,
-                      whole=self.stream_whole)
+        return Stream(index, registry, descriptor, diff_id, fd, whole=self.stream_whole)
+
+    def seekable_blob(self, index, descriptor):
+        """If layer INDEX is seekable: its TOC read and checked, its blob
+        arriving as it is read (kept in self.seekable), and what its stream
+        reads the blob through; else None."""
+        if seekable_kind(descriptor) is None:
+            return None
+        layout, digest = self.remote.layout, descriptor["digest"]
+        layout.blob_path(digest)  # refuses a digest that could name another file
+        blob = RemoteBlob(index, self.remote.registry,
+                          PartialBlob(layout.cache, digest, descriptor["size"], self.image_name),
+                          self.blob_whole)
+        try:
+            toc = read_toc(descriptor, blob.read_range, self.image_name)
+        except OSError as error:
+            blob.close()
+            raise CdiError(f"{self.image_name}: layer {index}: cannot read its table of "
+                           f"contents: {error.strerror}") from None
+        except BaseException:
+            blob.close()
+            raise
+        log.debug(f"layer {index}: {toc.kind}, {len(toc.files)} files: read as it is asked for")
+        self.seekable[index] = (toc, blob)
+        return ThroughBlob(blob)
 
     # ------------------------------------------------ what the table asks
 
@@ -109,6 +145,9 @@ class StreamSource(Source):
         return layer
 
     def pending(self, index):
+        if index in self.seekable:
+            return (f"layer {index} of {len(self.entries)}: {self.layers[index].digest}, "
+                    f"seekable, from {self.remote.registry.host} when first opened")
         stream = self.layers[index].stream
         return (f"layer {index} of {len(self.entries)}: {stream.diff_id}, arriving from "
                 f"{self.remote.registry.host}: {describe_size(stream.front)} so far")
@@ -124,7 +163,7 @@ class StreamSource(Source):
             if found is not None:
                 return found
             for stream in self.streams:  # side by side, a piece each
-                if not stream.listed:
+                if not stream.listed and stream.index not in self.seekable:
                     seen = stream.received
                     stream.wait_until(lambda stream=stream, seen=seen:
                                       stream.listed or stream.received > seen)
@@ -134,7 +173,8 @@ class StreamSource(Source):
         Under the lock, as check_early_choice: the Window of an early
         choice is there before its layer's whole listing is checked."""
         with self.lock:
-            unlisted = [stream.index for stream in self.streams if not stream.listed]
+            unlisted = [stream.index for stream in self.streams
+                        if not stream.listed and stream.index not in self.seekable]
             if len(unlisted) > 1:
                 return None
             if not unlisted:
@@ -150,27 +190,52 @@ class StreamSource(Source):
                 if choice.index != unlisted[0] or not choice.member.name.startswith("disk/"):
                     return None
                 self.early = choice
+            if choice.index in self.seekable:
+                return choice, self.seekable_disk(choice)
             return choice, Window(self.layers[choice.index], choice.member, choice.why)
+
+    def seekable_disk(self, choice):
+        """The SeekableFile of CHOICE, a file of a seekable layer (under the lock)."""
+        if self.disk_file is None:
+            toc, blob = self.seekable[choice.index]
+            self.disk_file = SeekableFile(choice, toc, toc.files[choice.member.name], blob,
+                                          open_nameless_file(self.blobs.unpacked.directory),
+                                          diff_id=self.layers[choice.index].digest)
+        return self.disk_file
 
     def listings(self):
         """[(index, members)] of every layer, as far as they are listed."""
-        return [(index, list(layer.stream.members) if isinstance(layer, StreamedLayer)
+        return [(index, list(self.seekable[index][0].members) if index in self.seekable
+                 else list(layer.stream.members) if isinstance(layer, StreamedLayer)
                  else layer.members) for index, layer in enumerate(self.layers)]
 
     def start_background(self):
+        """Stream the layers that are not seekable; fetch the blobs of those
+        that are, behind their readers.  (A seekable layer's stream runs
+        only if its layer export is read.)"""
         for stream in self.streams:
-            stream.start()
+            if stream.index not in self.seekable:
+                stream.start()
+        for _, blob in self.seekable.values():
+            blob.start()
 
     def close(self):
+        arrivals = [stream.arrival for stream in self.streams
+                    if stream.index not in self.seekable]
+        arrivals += [blob.arrival for _, blob in self.seekable.values()]
         deadline = time.monotonic() + FINISH_SECONDS
-        for stream in self.streams:
-            stream.take_the_rest(FINISH_AT_CLOSE, deadline)
-        for stream in self.streams:
-            stream.stopping = True
+        for arrival in arrivals:
+            arrival.take_the_rest(FINISH_AT_CLOSE, deadline)
+        for arrival in arrivals:
+            arrival.stopping = True
         deadline = time.monotonic() + RETRY_SECONDS + 5
         stopped = [stream.stop(max(deadline - time.monotonic(), 0)) for stream in self.streams]
+        if self.disk_file is not None:
+            self.disk_file.close()
         for layer in self.layers:
             layer.close()
+        for _, blob in self.seekable.values():
+            blob.close()
         for stream, has_stopped in zip(self.streams, stopped):
             if has_stopped:  # else it may still write: its number must not be reused
                 os.close(stream.fd)
@@ -201,10 +266,22 @@ class StreamSource(Source):
             log.debug(f"cannot keep layer {stream.index} in the cache: {error}")
         self.keep_manifest_if_whole()
 
+    def blob_whole(self, blob, zeros):
+        """The blob of a seekable layer arrived whole and matches its
+        digest: a blob of the layout (the next start unpacks it once); with
+        every layer there, the manifest too.  A failure is a debug line."""
+        try:
+            keep_blob(self.remote.layout, blob)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep {blob.digest} in the cache: {error}")
+            return
+        self.keep_manifest_if_whole()
+
     def keep_manifest_if_whole(self):
         """Once the cache holds every layer unpacked, keep the manifest and
         config in its layout; a failure is a debug line."""
         if not all(self.blobs.holds_unpacked(descriptor["digest"])
+                   or os.path.exists(self.remote.layout.blob_path(descriptor["digest"]))
                    for descriptor in self.remote.manifest["layers"]):
             return
         try:

@@ -200,7 +200,8 @@ class Proxy:
     (host:port): what a client sends is passed on, what the registry
     answers is passed back, counted in blob_bytes.  Set delay (seconds
     added to each request), flip (True: one byte of the next blob range
-    is flipped), cut (True: the next blob range stops halfway),
+    is flipped; "every": of every blob range from now on), cut (True:
+    the next blob range stops halfway),
     redirect (an address: blob requests are sent there with a 307) or
     rate (bytes a second: blobs are sent no faster); with aim set (a
     digest), flip and cut wait for a request of that blob.  stop() is the
@@ -256,7 +257,9 @@ class Proxy:
             if blob:
                 self.blob_requests += 1
                 self.authorizations.append(request.headers.get("Authorization"))
-            flip, self.flip = self.flip and aimed, self.flip and not aimed
+            flip = bool(self.flip) and aimed
+            if self.flip is True:
+                self.flip = not aimed
             cut, self.cut = self.cut and aimed, self.cut and not aimed
         if blob and self.redirect:
             request.send_response(307)

@@ -3,17 +3,28 @@ pushed as zstd:chunked by podman (podman 4.3 writes the io.containers.
 annotations, later ones io.github.containers.), and made eStargz by a
 containerd and ctr-remote of the test's own; their TOCs read from the
 registry with ranges by cdipy.oci.toc, and every chunk of the disk checked
-and put together byte-exact.  What serves them lazily comes with the
-engine (issue 23); these prove the images it will be tested on."""
+and put together byte-exact.  Then served: the disk read as the VM reads
+it, fetching little more than what it reads; whole in the cache behind
+the reads; served again with the registry gone; and a TOC or a chunk that
+lies refused, through the test's proxy (httplab.Proxy), which flips a
+byte as a registry cannot be made to."""
 
 import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
 
+import nbd
 import pytest
 import requests
 
 from cdipy.oci.blobs import compression_of
 from cdipy.oci.toc import ESTARGZ, ZSTD_CHUNKED, find_disk, read_toc, unpack_chunk_pieces
-from lab import push_estargz, push_zstd_chunked, tool_version
+from conftest import copy_export, nbdkit_error, params, read, serve, sha256
+from httplab import Proxy
+from lab import MIB, export_digest, push_estargz, push_zstd_chunked, tool_version, wait_for
+from vm import boot, make_boot_disk, token_line
 
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json,"
                   "application/vnd.docker.distribution.manifest.v2+json")
@@ -99,3 +110,163 @@ def test_ctr_remote_makes_estargz_of_a_zstd_chunked_layer(lab, disk, zstd_chunke
     assert layer["mediaType"].endswith("tar+zstd")
     assert compression_of(range_reader(lab, converted, layer, [])(0, 4)) == "gzip"
     assert_disk_reads_back(lab, converted, layer, disk[1], ESTARGZ)
+
+
+# ------------------------------------------------------- served as it is read
+
+SIZE = 24 * MIB
+KEPT = "is whole in the cache"  # every layer, then the manifest
+
+
+def varied_disk():
+    """A disk of SIZE bytes: random (chunks of about 64 KiB), then zeros
+    (one zeros chunk), then random again."""
+    return os.urandom(SIZE // 2) + bytes(SIZE // 4) + os.urandom(SIZE // 4)
+
+
+@pytest.fixture(scope="module")
+def chunked(lab):
+    """(name, disk bytes, layer descriptor, diffID) of a containerdisk of
+    varied_disk pushed as zstd:chunked."""
+    data = varied_disk()
+    name, image = push_zstd_chunked(lab, "served-chunked", {"disk/disk.img": data})
+    return name, data, only_layer(lab, name), image.diff_ids[0]
+
+
+@pytest.fixture(scope="module")
+def estargz(lab, chunked):
+    """The same, made eStargz."""
+    name, data, _, diff_id = chunked
+    converted = name.replace(":1", ":served-estargz")
+    push_estargz(lab, name, converted)
+    return converted, data, only_layer(lab, converted), None
+
+
+def assert_lazy_then_whole(lab, image, cache):
+    """A cold start fetches the TOC and what is read, not the layer; a
+    whole copy is byte-exact; the image is whole in the cache behind it;
+    with the registry gone, a start serves it again."""
+    name, data, layer, _ = image
+    with Proxy(lab.registry) as proxy:
+        with serve(lab, *params(proxy, name, cache, "layer=disk"), verbose=True) as server:
+            ready = proxy.blob_bytes
+            # The chunks of 2 MiB holding the TOC and its footer (three at most
+            # here), and the disk's head.
+            assert ready <= 4 * 2 * MIB, "more than the TOC and the disk's head before ready"
+            offset = 3 * SIZE // 4 + 12345  # in the random data after the zeros
+            assert read(server, offset, 4096) == data[offset:offset + 4096]
+            assert proxy.blob_bytes - ready <= 2 * 2 * MIB, "a 4 KiB read cost more than a chunk"
+            assert read(server, SIZE // 2 + 4096, 4096) == bytes(4096), "the zeros"
+            assert export_digest(server.uri("disk")) == sha256(data)
+            wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
+            log = server.log()
+        address = proxy.address
+    assert proxy.blob_bytes <= layer["size"] * 1.1 + 4 * MIB, "fetched twice"
+    assert "read as it is asked for" in log
+    result = copy_export(f"name={address}/{name}", f"cache={cache}", "tls-verify=false",
+                         "layer=disk", verbose=True)
+    assert result.digest == sha256(data), result.stderr
+
+
+def test_a_zstd_chunked_containerdisk_is_served_as_it_is_read(lab, chunked, cache):
+    assert_lazy_then_whole(lab, chunked, cache)
+
+
+@pytest.mark.requires("estargz")
+def test_an_estargz_containerdisk_is_served_as_it_is_read(lab, estargz, cache):
+    assert_lazy_then_whole(lab, estargz, cache)
+
+
+@pytest.mark.parametrize("shape", ["zstd:chunked", pytest.param(
+    "eStargz", marks=pytest.mark.requires("estargz"))])
+def test_a_vm_boots_from_a_cold_seekable_containerdisk(lab, proxy, cache, shape):
+    token = os.urandom(8).hex()
+    raw, qcow2 = Path(lab.workdir, "seekable-boot.raw"), Path(lab.workdir, "seekable-boot.qcow2")
+    try:
+        # The boot files behind 16 MiB of random data: a stream would pass it all.
+        make_boot_disk(raw, token, behind=16 * MIB)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                        str(qcow2)], check=True)
+        name, _ = push_zstd_chunked(lab, "seekable-boot", {"disk/disk.qcow2": qcow2.read_bytes()})
+        if shape == "eStargz":
+            push_estargz(lab, name, name.replace(":1", ":estargz"))
+            name = name.replace(":1", ":estargz")
+        with serve(lab, *params(proxy, name, cache, "layer=disk")) as server:
+            # Ready with the TOC and the disk's head: the boot reads the rest
+            # as it goes (what it costs cold, over a slow link: bench-shaped).
+            assert proxy.blob_bytes <= 4 * 2 * MIB
+            console = boot(server.uri(), "qcow2")
+    finally:
+        raw.unlink(missing_ok=True)
+        qcow2.unlink(missing_ok=True)
+    assert token_line(token) in console
+
+
+def test_the_layer_export_of_a_seekable_layer_reads_through_its_blob(lab, chunked, proxy,
+                                                                      cache):
+    name, data, layer, diff_id = chunked
+    with serve(lab, *params(proxy, name, cache), verbose=True) as server:
+        assert read(server, SIZE - 4096, 4096) == data[-4096:]
+        assert export_digest(server.uri("0")) == diff_id
+        wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
+    assert proxy.blob_bytes <= layer["size"] * 1.1 + 4 * MIB, "the layer was fetched twice"
+
+
+def test_a_toc_that_does_not_match_its_annotation_is_refused(lab, chunked, proxy, cache):
+    name, _, layer, _ = chunked
+    repository = name.rsplit(":", 1)[0]
+    manifest = manifest_of(lab, name)
+    (key,) = [key for key in manifest["layers"][0]["annotations"]
+              if key.endswith("zstd-chunked.manifest-checksum")]
+    manifest["layers"][0]["annotations"][key] = "sha256:" + "0" * 64
+    lying = f"{repository}:lying-toc"
+    put_manifest(lab, lying, manifest)
+    stderr = nbdkit_error(*params(proxy, lying, cache, "layer=disk"))
+    assert (f"error: {proxy.address}/{lying}: layer {layer['digest']}: zstd:chunked TOC: "
+            f"checksum mismatch: the TOC hashes to sha256:") in stderr
+    assert f"its annotation {key} says sha256:{'0' * 64}\n" in stderr
+    assert not any(cached_blob_paths(cache)), "something of the layer was named whole"
+
+
+def test_a_chunk_the_registry_changed_fails_its_reads(lab, chunked, proxy, cache):
+    name, data, layer, _ = chunked
+    with serve(lab, *params(proxy, name, cache, "layer=disk")):
+        pass  # the TOC and the disk's head are in the cache: no range asked at start
+    toc = read_toc(layer, range_reader(lab, name, layer, []), name)
+    # Every blob range from now on has its middle byte flipped: the range
+    # of 2 MiB from 4 MiB, the chunk across 5 MiB.
+    chunk = next(chunk for chunk in toc.files["disk/disk.img"].chunks
+                 if chunk.blob_offset <= 5 * MIB < chunk.blob_end)
+    proxy.aim, proxy.flip = layer["digest"], "every"
+    with serve(lab, *params(proxy, name, cache, "layer=disk"), verbose=True) as server:
+        assert read(server, 0, 4096) == data[:4096], "the head, checked before, is served"
+        with pytest.raises(nbd.Error, match="Input/output error"):
+            read(server, chunk.file_offset, 4096)
+        with pytest.raises(nbd.Error, match="Input/output error"):
+            read(server, 0, 4096)  # the file cannot be right: every read fails
+        log = server.log()
+    assert (f"{proxy.address}/{name}: layer {layer['digest']}: zstd:chunked TOC: file "
+            f"disk/disk.img: chunk at byte {chunk.file_offset}: ") in log
+    assert "refusing to serve it" in log
+    assert not cached_blob_paths(cache), "a blob that failed its check was kept"
+
+
+def manifest_of(lab, name):
+    repository, tag = name.rsplit(":", 1)
+    response = requests.get(f"http://{lab.registry}/v2/{repository}/manifests/{tag}",
+                            headers={"Accept": MANIFEST_TYPES}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def put_manifest(lab, name, manifest):
+    repository, tag = name.rsplit(":", 1)
+    response = requests.put(f"http://{lab.registry}/v2/{repository}/manifests/{tag}",
+                            data=json.dumps(manifest).encode(),
+                            headers={"Content-Type": manifest["mediaType"]}, timeout=30)
+    response.raise_for_status()
+
+
+def cached_blob_paths(cache):
+    directory = os.path.join(cache, "oci", "blobs", "sha256")
+    return os.listdir(directory) if os.path.isdir(directory) else []
