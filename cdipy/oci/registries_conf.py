@@ -13,11 +13,13 @@ The main file may be in the old v1 format ([registries.search],
 
 The entry for an image is the [[registry]] with the longest prefix that
 matches its name (host[:port][/namespace...], or *.example.com for any
-subdomain).  Its sources: the mirrors in order (those that
-pull-from-mirror, or the entry's mirror-by-digest-only, allow for a tag or
-a digest), then the primary; each named by its location plus what
-follows the prefix.  A source whose own name is blocked is refused with
-containers/image's words.  This module reads files and does nothing else.
+subdomain), the name parsed and normalized as containers/image does
+(docker.io/library/ for Docker Hub's short names).  Its sources: the
+mirrors in order (those that pull-from-mirror, or the entry's
+mirror-by-digest-only, allow for a tag or a digest), then the primary;
+each named by its location plus what follows the prefix.  A source whose
+own name is blocked is refused with containers/image's words.  This
+module reads files and does nothing else.
 """
 
 import dataclasses
@@ -25,7 +27,8 @@ import logging
 import os
 from typing import Optional
 
-from ..errors import CdiError
+from ..errors import CdiError, NoSource
+from ..reference import parse_reference
 
 try:
     import tomllib  # Python 3.11
@@ -134,8 +137,18 @@ def load(home=None, system_file=SYSTEM_FILE, system_directory=SYSTEM_DIRECTORY):
 def pull_sources(config, host, repository, reference):
     """The Sources of HOST/REPOSITORY at REFERENCE (a tag or a digest), in
     the order containers/image tries them: the mirrors that apply, then the
-    primary.  No entry: the name itself, not insecure."""
-    name = f"{host}/{repository}"
+    primary.  No entry: the name itself, not insecure.  The entry is found
+    for the name parsed and normalized, as containers/image finds it (so
+    that no spelling, index.docker.io or a "..", sidesteps a blocked
+    prefix); NoSource, in one line, for a name that is no reference."""
+    separator = "@" if is_digest(reference) else ":"
+    try:
+        image = parse_reference(f"{host}/{repository}{separator}{reference}")
+    except ValueError:
+        raise NoSource(f"{host}/{repository}{separator}{reference}: invalid reference "
+                       "format: registries.conf cannot be applied to it") from None
+    host, repository = image.host, image.repository
+    name = image.name
     full = Source(host, repository, reference).name()
     entry = config.find(name)
     if entry is None:
