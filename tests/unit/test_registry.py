@@ -9,7 +9,13 @@ import os
 import pytest
 
 from cdipy.errors import CdiError, NoSource, RegistryError, Unsupported
-from cdipy.oci.fetch import api_host, is_compressed, lazily_servable, split_reference
+from cdipy.oci.fetch import (
+    api_host,
+    is_compressed,
+    lazily_servable,
+    probe_ranges,
+    split_reference,
+)
 from cdipy.oci.registry import (
     Registry,
     certificates,
@@ -351,3 +357,67 @@ def test_a_mirror_never_receives_the_primarys_credentials(sources, tmp_path):
     registry = Registry("quay.io", "org/disk", settings.name, settings, "1")
     assert [registry.endpoint(index).credentials for index in range(3)] == [
         None, ("two", "2"), ("primary", "1")]
+
+
+# ------------------------------------------------------- the range probe
+
+class WholeBlob:
+    """A source's whole answer to a range, which must be closed unread."""
+    closed = False
+
+    def __iter__(self):
+        raise AssertionError("the probe read its whole answer")
+
+    def close(self):
+        self.closed = True
+
+
+class Probed:
+    """A registry answering every range with ANSWER (or raising it)."""
+    image_name = "quay.io/org/disk:1"
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def blob_range_or_whole(self, digest, start, end, piece):
+        self.asked.append((digest, start, end))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class Layout:
+    def __init__(self, directory):
+        self.directory = directory
+
+    def blob_path(self, digest):
+        return os.path.join(self.directory, digest.replace(":", "-"))
+
+
+HELD, LACKED = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+TWO_BLOBS = {"layers": [{"digest": HELD, "size": 10}, {"digest": LACKED, "size": 20}]}
+
+
+def test_the_probe_asks_for_the_last_byte_of_the_first_blob_the_cache_lacks(tmp_path):
+    (tmp_path / HELD.replace(":", "-")).write_bytes(bytes(10))
+    registry = Probed(b"x")
+    probe_ranges(registry, TWO_BLOBS, Layout(tmp_path))
+    assert registry.asked == [(LACKED, 19, 20)]
+
+
+def test_a_whole_answer_to_the_probe_is_closed_unread_and_the_blob_read_as_it_is_read(
+        tmp_path, caplog):
+    # A cold pull-through cache, or a registry that ignores Range: the
+    # reads keep such answers; the probe's own would be a second download.
+    answer = WholeBlob()
+    caplog.set_level("DEBUG", logger="cdipy")
+    probe_ranges(Probed(answer), TWO_BLOBS, Layout(tmp_path))
+    assert answer.closed
+    assert "answers a range with the whole blob: each read keeps such an answer" in caplog.text
+
+
+def test_a_refusal_of_the_probe_is_raised_and_a_transient_failure_left_to_the_reads(tmp_path):
+    refusal = RegistryError("quay.io answered HTTP 403 access denied", status=403)
+    with pytest.raises(RegistryError, match="403 access denied"):
+        probe_ranges(Probed(refusal), TWO_BLOBS, Layout(tmp_path))
+    probe_ranges(Probed(refused("quay.io")), TWO_BLOBS, Layout(tmp_path))
