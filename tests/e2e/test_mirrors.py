@@ -2,7 +2,8 @@
 cdi.py's own reads: an artifact read lazily and a gzip containerdisk
 streamed through a pull-through cache (the real Distribution in proxy
 mode) with the primary unreachable, the mirror down and the primary up,
-pull-from-mirror, a blocked registry, credentials from a helper, and a
+pull-from-mirror, a blocked registry, credentials from a helper (an auth
+file's, and registries.conf's credential-helpers), and a
 mirror killed mid-blob with the rest read from the primary; and a cold
 pull-through cache, which answers ranges with the whole blob, read from
 once, and a registry that ignores Range, read lazily all the same.
@@ -247,27 +248,57 @@ def test_a_mirror_killed_mid_blob_the_rest_comes_from_the_primary(lab, container
 
 # ------------------------------------------------------------ credential helpers
 
-def test_credentials_come_from_a_credential_helper(lab, cache, tmp_path):
+def private_artifact(lab, tmp_path):
+    """(name in the password registry, its bytes): an ORAS artifact of one
+    raw disk of a MiB."""
     data = os.urandom(MIB)
     path = tmp_path / "private.img"
     path.write_bytes(data)
     name = f"{lab.auth_registry}/cdi-test/helped-{os.urandom(4).hex()}:1"
     push_artifact(lab.workdir, name, [Blob(ORAS_LAYER, path, "disk.img")],
                   authfile=lab.authfile)
+    path.unlink()
+    return name, data
+
+
+def helpers_on_path(lab, tmp_path):
+    """The environment's PATH with docker-credential-cditest first, which
+    gives the password registry's credentials when asked for its host,
+    and docker-credential-empty, which holds none."""
     helpers = tmp_path / "bin"
     helpers.mkdir()
-    helper = helpers / "docker-credential-cditest"
     answer = json.dumps({"ServerURL": lab.auth_registry, "Username": REGISTRY_USER,
                          "Secret": REGISTRY_PASSWORD})
-    helper.write_text(f'#!/bin/sh\n[ "$1" = get ] && [ "$(cat)" = "{lab.auth_registry}" ] '
-                      f"|| {{ echo 'asked for something else' >&2; exit 1; }}\n"
-                      f"echo '{answer}'\n")
-    helper.chmod(0o755)
+    for name, script in (
+            ("cditest", f'[ "$1" = get ] && [ "$(cat)" = "{lab.auth_registry}" ] '
+                        f"|| {{ echo 'asked for something else' >&2; exit 1; }}\n"
+                        f"echo '{answer}'\n"),
+            ("empty", "echo 'credentials not found in native keychain'; exit 1\n")):
+        helper = helpers / f"docker-credential-{name}"
+        helper.write_text(f"#!/bin/sh\n{script}")
+        helper.chmod(0o755)
+    return f"{helpers}:{os.environ['PATH']}"
+
+
+def test_credentials_come_from_a_credential_helper(lab, cache, tmp_path):
+    name, data = private_artifact(lab, tmp_path)
     auth = tmp_path / "auth.json"
     auth.write_text(json.dumps({"credHelpers": {lab.auth_registry: "cditest"}}))
-    env = dict(os.environ, PATH=f"{helpers}:{os.environ['PATH']}",
-               REGISTRY_AUTH_FILE=str(auth))
+    env = dict(os.environ, PATH=helpers_on_path(lab, tmp_path), REGISTRY_AUTH_FILE=str(auth))
     digest, log = disk_digest(name, cache, env)
     assert digest == sha256(data)[len("sha256:"):]
+    assert "credentials for " + lab.auth_registry + " from docker-credential-cditest" in log
+    assert "as it is read" in log
+
+
+def test_credentials_come_from_registries_confs_credential_helpers(lab, cache, tmp_path):
+    # No auth file is read: the list names none (containers-auth.json).
+    name, data = private_artifact(lab, tmp_path)
+    env = dict(conf(tmp_path, 'credential-helpers = ["empty", "cditest"]\n'
+                    + mirrored(lab.auth_registry, primary_insecure=True)),
+               PATH=helpers_on_path(lab, tmp_path), REGISTRY_AUTH_FILE=lab.authfile)
+    digest, log = disk_digest(name, cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"docker-credential-empty holds no credentials for {lab.auth_registry}" in log, log
     assert "credentials for " + lab.auth_registry + " from docker-credential-cditest" in log
     assert "as it is read" in log

@@ -217,6 +217,9 @@ def test_version_1_blocks_and_allows_insecure(world):
     ('[[registry]]\nprefix = "*.q.io/x"\n', "Wildcarded prefix should be in the format"),
     ("[registries.search]\nregistries = ['q.io']\n[[registry]]\nlocation = 'q.io'\n",
      "mixing sysregistry v1/v2 is not supported"),
+    ("credential-helpers = ['pass']\n[registries.block]\nregistries = ['q.io']\n",
+     "mixing sysregistry v1/v2 is not supported"),
+    ('credential-helpers = "pass"\n', "credential-helpers must be a list of strings"),
 ])
 def test_what_containers_image_refuses_is_refused_naming_the_file(world, text, message):
     write, config = world
@@ -224,6 +227,21 @@ def test_what_containers_image_refuses_is_refused_naming_the_file(world, text, m
     with pytest.raises(CdiError, match=message) as error:
         config()
     assert str(error.value).startswith(f"loading registries configuration '{path}': ")
+
+
+def test_credential_helpers_are_the_last_files_that_sets_them_else_the_auth_files(world):
+    write, config = world
+    assert config().credential_helpers == ("containers-auth.json",)
+    main = write("etc/registries.conf", 'credential-helpers = ["pass", "containers-auth.json"]\n')
+    assert (config().credential_helpers, config().helpers_file) == (
+        ("pass", "containers-auth.json"), main)
+    write("etc/registries.conf.d/10-none.conf", "unqualified-search-registries = []\n")
+    assert config().credential_helpers == ("pass", "containers-auth.json")
+    drop_in = write("etc/registries.conf.d/20-ecr.conf", 'credential-helpers = ["ecr-login"]\n')
+    assert (config().credential_helpers, config().helpers_file) == (("ecr-login",), drop_in)
+    # Set to nothing, as containers/image takes it: the default again.
+    write("etc/registries.conf.d/30-reset.conf", "credential-helpers = []\n")
+    assert config().credential_helpers == ("containers-auth.json",)
 
 
 def test_a_drop_in_in_version_1_is_refused(world):

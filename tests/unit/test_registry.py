@@ -133,6 +133,50 @@ def test_an_identity_token_from_a_helper_cannot_be_honoured(tmp_path, monkeypatc
         credentials("acr.example", "disk", path)
 
 
+# registries.conf's credential-helpers: "containers-auth.json" the auth files.
+AUTH_FILES = "containers-auth.json"
+NOT_HELD = "echo 'credentials not found in native keychain'; exit 1\n"
+
+
+def test_credential_helpers_are_asked_in_registries_confs_order(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "vault", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    assert credentials("h.example", "disk", path, (AUTH_FILES, "vault")) == ("file", "1")
+    assert not (tmp_path / "asked").exists(), "a helper after the one that answered was asked"
+    assert credentials("h.example", "org/disk", path, ("vault", AUTH_FILES)) == \
+        ("robot", "s3cret")
+    assert (tmp_path / "asked").read_text() == "h.exampleget\n", "asked for the host alone"
+
+
+def test_by_default_the_auth_files_alone_are_read(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "vault", ANSWER)
+    assert credentials("h.example", "disk", auth_file(tmp_path, {"auths": {}})) is None
+    assert not (tmp_path / "asked").exists()
+
+
+def test_a_helper_holding_nothing_is_passed_over(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "empty", NOT_HELD)
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    assert credentials("h.example", "disk", path, ("empty", AUTH_FILES)) == ("file", "1")
+    assert credentials("h.example", "disk", auth_file(tmp_path, {}), ("empty",)) is None
+
+
+def test_a_failing_helper_is_passed_over_and_said_only_if_none_answers(tmp_path, monkeypatch):
+    # containers/image's order: errors are kept, and raised if no helper
+    # gives credentials.
+    helper(tmp_path, monkeypatch, "broken", "echo 'token expired' >&2; exit 3\n")
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    conf = "/etc/containers/registries.conf"
+    assert credentials("h.example", "disk", path, ("broken", AUTH_FILES), conf) == ("file", "1")
+    with pytest.raises(CdiError) as error:
+        credentials("h.example", "disk", auth_file(tmp_path, {}), ("broken", "absent"), conf)
+    assert str(error.value) == (
+        "credentials for h.example: every credential helper failed: "
+        "[credentials for h.example: docker-credential-broken get (named in "
+        f"{conf} credential-helpers) exited with status 3: token expired]; "
+        "[docker-credential-absent: command not found (install docker-credential-absent)]")
+
+
 def test_an_identity_token_cannot_be_honoured(tmp_path):
     path = auth_file(tmp_path, {"auths": {"acr.example": {"identitytoken": "x"}}})
     with pytest.raises(Unsupported, match="identity token"):
