@@ -209,6 +209,20 @@ def test_a_blocked_registry_is_refused_as_podman_refuses_it(lab, artifact, unrea
            f"{tmp_path}/registries.conf or {drop_ins}\n" in message, message
 
 
+def test_a_name_spelled_around_a_blocked_prefix_is_refused(lab, artifact, cache, tmp_path):
+    # Matched on the raw name, "open/../cdi-test/..." misses the blocked
+    # prefix, and requests resolves its URL's ".." to the blocked
+    # repository.  pull=always: podman's lookup in local storage would
+    # refuse the name first.
+    name = artifact[0]
+    env = conf(tmp_path, f'[[registry]]\nlocation = "{lab.registry}/cdi-test"\n'
+                         "blocked = true\n")
+    spelled = f"{lab.registry}/open/../{name}"
+    message = nbdkit_error(f"name={spelled}", f"cache={cache}", "pull=always", env=env)
+    assert f"error: {spelled}: invalid reference format: registries.conf cannot be " \
+           "applied to it\n" in message, message
+
+
 @pytest.mark.parametrize("by_digest", [False, True])
 def test_a_digest_only_mirror_serves_digests_alone(lab, artifact, cache, tmp_path, by_digest):
     name, data = artifact
