@@ -93,9 +93,11 @@ bench: setup
 
 # A VM disk served before it has arrived, over a shaped link, against its
 # download (as root: a network namespace of its own): BENCH_RUNS (default 3),
-# SHAPED_RATE (default 200mbit), SHAPED_RTT (default 0.010 s a request).
+# SHAPED_RATE (default 200mbit), SHAPED_RTT (default 0.010 s a request),
+# SHAPED_ROWS (the rows to measure, as "8,20-23"; default all).
 bench-shaped: setup
 	@BENCH_RUNS="$(BENCH_RUNS)" SHAPED_RATE="$(SHAPED_RATE)" SHAPED_RTT="$(SHAPED_RTT)" \
+		SHAPED_ROWS="$(SHAPED_ROWS)" \
 		$(SUDO) $(PYTHON) bench/shaped.py
 
 # Minutes of random reads on 16 connections, every byte checked, memory

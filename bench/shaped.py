@@ -11,11 +11,18 @@ artifacts of one raw blob; the 512 MiB one also as a containerdisk (FROM
 scratch, disk/disk.img its only file, the gzip layer podman pushes).
 Every cdi.py start is cold: a cache of its own.
 
+Rows 20 to 23 are a cluster: four nodes (four cdi.py, each a cache of
+its own) booting the 512 MiB disk one after another through one
+pull-through cache (Distribution in proxy mode, cold at each round) on
+the nodes' side of the shaped link, the upstream registry on the other.
+
   BENCH_RUNS   rounds (default 3)
   SHAPED_RATE  the link (default 200mbit)
   SHAPED_RTT   seconds added to each request (default 0.010)
+  SHAPED_ROWS  the rows to measure, as "8,20-23" (default all)
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +43,7 @@ for directory in (HERE.parent, HERE.parent / "tests", HERE.parent / "tests/e2e",
 from bench import Row, log  # noqa: E402
 from cdipy.oci.chunks import CHUNK  # noqa: E402
 from httplab import Proxy  # noqa: E402
-from lab import CDI, MIB, Blob, Lab, export_digest, podman, push_artifact  # noqa: E402
+from lab import CDI, MIB, Blob, Lab, export_digest, podman, push_artifact, registry  # noqa: E402
 from vm import make_boot_disk, token_line  # noqa: E402
 
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -59,67 +66,106 @@ class Disk:
         self.disk_digest = self.digest = "sha256:" + digest.hexdigest()
 
 
+# The first row's number; a cluster's nodes.
+FIRST_ROW = 8
+NODES = 4
+
+
 class Shaped:
-    def __init__(self, lab, runs, rtt):
-        self.lab, self.runs, self.rtt = lab, runs, rtt
+    def __init__(self, lab, runs, rtt, chosen=None):
+        self.lab, self.runs, self.rtt, self.chosen = lab, runs, rtt, chosen
         self.rows = []
+        self.made = {}
+
+    def disk(self, label):
+        """The disk LABEL (a key of DISKS), made and pushed at its first use."""
+        if label not in self.made:
+            self.made[label] = self.make(label, *DISKS[label])
+        return self.made[label]
+
+    def containerdisk(self):
+        if "containerdisk" not in self.made:
+            self.made["containerdisk"] = self.make_containerdisk(self.disk("512 MiB"))
+        return self.made["containerdisk"]
 
     def run(self, rate):
-        self.disks = {label: self.make(label, size, behind)
-                      for label, (size, behind) in DISKS.items()}
-        self.image = self.make_containerdisk(self.disks["512 MiB"])
         shape(self.lab.registry.split(":")[1], rate)
         with Proxy(self.lab.registry) as self.proxy:
             self.proxy.delay = self.rtt
-            small, big = self.disks["512 MiB"], self.disks["2 GiB"]
-            self.rows = [
-                Row("cold boot (nbdkit start to the VM's first console line), 512 MiB disk, "
-                    "vs downloading its blob",
-                    lambda flip: (self.boot(small), self.download(small)),
-                    "s", "<= 0.4x", lambda ratio, _: ratio <= 0.4, speed=False),
-                Row("cold boot of the 512 MiB disk vs the same boot from a local copy of the "
-                    "disk (qemu's TCG alone: the floor)",
-                    lambda flip: (self.boot(small), self.boot_local(small)),
-                    "s", "<= 1.25x", lambda ratio, _: ratio <= 1.25, speed=False),
-                Row("cold boot of the 2 GiB disk vs the 512 MiB one",
-                    lambda flip: (self.boot(big), self.boot(small)),
-                    "s", "<= 1.2x", lambda ratio, _: ratio <= 1.2, speed=False),
-                Row("cold qemu-img info of the disk export (nbdkit start to its answer), 2 GiB "
-                    "disk, vs downloading the 512 MiB blob", lambda flip: (
-                        self.info(big), self.download(small)),
-                    "s", "<= 1 s", lambda _, seconds: seconds <= 1.0, speed=False),
-                Row("cold full nbdcopy of the disk export (byte-exact), 512 MiB, vs "
-                    "downloading its blob", lambda flip: (self.copy(small), self.download(small)),
-                    "s", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
-                Row("blob bytes fetched for one random 4 KiB read, vs one chunk",
-                    lambda flip: ((self.one_read(big), None), (CHUNK, None)),
-                    "MiB", "1 chunk", lambda ratio, _: ratio <= 1.0, speed=False),
-                Row("blob bytes fetched for a cold full copy, vs the blob (512 MiB)",
-                    lambda flip: ((self.last_copy_bytes, None), (small.size, None)),
-                    "MiB", "<= 1.02x", lambda ratio, _: ratio <= 1.02, speed=False),
-                Row("peak RSS of nbdkit during a cold full copy (512 MiB), vs 64 MiB",
-                    lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
-                    "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
-                Row("containerdisk (gzip layer, 512 MiB disk): cold qemu-img info of the disk "
-                    "export (nbdkit start to its answer) vs downloading the layer",
-                    lambda flip: (self.info(self.image), self.download(self.image)),
-                    "s", "<= 0.3x", lambda ratio, _: ratio <= 0.3, speed=False),
-                Row("containerdisk: cold full nbdcopy of the disk export (byte-exact) vs "
-                    "downloading the layer",
-                    lambda flip: (self.copy(self.image), self.download(self.image)),
-                    "s", "<= 1.05x", lambda ratio, _: ratio <= 1.05, speed=False),
-                Row("containerdisk: peak disk space taken during the cold full copy, vs the "
-                    "disk once", lambda flip: ((self.last_copy_space, None),
-                                               (self.image.disk_size, None)),
-                    "MiB", "<= 1x", lambda ratio, _: ratio <= 1.0, speed=False),
-                Row("containerdisk: peak RSS of nbdkit during the cold full copy, vs 64 MiB",
-                    lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
-                    "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
-            ]
+            self.rows = self.define_rows()
+            chosen = [row for number, row in enumerate(self.rows, FIRST_ROW)
+                      if self.chosen is None or number in self.chosen]
             for number in range(self.runs):
                 log(f"round {number + 1}/{self.runs}")
-                for row in self.rows:
+                for row in chosen:
                     row.pairs.append(row.measure(number % 2 == 1))
+
+    def define_rows(self):
+        def small():
+            return self.disk("512 MiB")
+
+        def big():
+            return self.disk("2 GiB")
+        image = self.containerdisk
+        return [
+            Row("cold boot (nbdkit start to the VM's first console line), 512 MiB disk, "
+                "vs downloading its blob",
+                lambda flip: (self.boot(small()), self.download(small())),
+                "s", "<= 0.4x", lambda ratio, _: ratio <= 0.4, speed=False),
+            Row("cold boot of the 512 MiB disk vs the same boot from a local copy of the "
+                "disk (qemu's TCG alone: the floor)",
+                lambda flip: (self.boot(small()), self.boot_local(small())),
+                "s", "<= 1.25x", lambda ratio, _: ratio <= 1.25, speed=False),
+            Row("cold boot of the 2 GiB disk vs the 512 MiB one",
+                lambda flip: (self.boot(big()), self.boot(small())),
+                "s", "<= 1.2x", lambda ratio, _: ratio <= 1.2, speed=False),
+            Row("cold qemu-img info of the disk export (nbdkit start to its answer), 2 GiB "
+                "disk, vs downloading the 512 MiB blob", lambda flip: (
+                    self.info(big()), self.download(small())),
+                "s", "<= 1 s", lambda _, seconds: seconds <= 1.0, speed=False),
+            Row("cold full nbdcopy of the disk export (byte-exact), 512 MiB, vs "
+                "downloading its blob", lambda flip: (self.copy(small()), self.download(small())),
+                "s", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
+            Row("blob bytes fetched for one random 4 KiB read, vs one chunk",
+                lambda flip: ((self.one_read(big()), None), (CHUNK, None)),
+                "MiB", "1 chunk", lambda ratio, _: ratio <= 1.0, speed=False),
+            Row("blob bytes fetched for a cold full copy, vs the blob (512 MiB)",
+                lambda flip: ((self.last_copy_bytes, None), (small().size, None)),
+                "MiB", "<= 1.02x", lambda ratio, _: ratio <= 1.02, speed=False),
+            Row("peak RSS of nbdkit during a cold full copy (512 MiB), vs 64 MiB",
+                lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
+                "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
+            Row("containerdisk (gzip layer, 512 MiB disk): cold qemu-img info of the disk "
+                "export (nbdkit start to its answer) vs downloading the layer",
+                lambda flip: (self.info(image()), self.download(image())),
+                "s", "<= 0.3x", lambda ratio, _: ratio <= 0.3, speed=False),
+            Row("containerdisk: cold full nbdcopy of the disk export (byte-exact) vs "
+                "downloading the layer",
+                lambda flip: (self.copy(image()), self.download(image())),
+                "s", "<= 1.05x", lambda ratio, _: ratio <= 1.05, speed=False),
+            Row("containerdisk: peak disk space taken during the cold full copy, vs the "
+                "disk once", lambda flip: ((self.last_copy_space, None),
+                                           (image().disk_size, None)),
+                "MiB", "<= 1x", lambda ratio, _: ratio <= 1.0, speed=False),
+            Row("containerdisk: peak RSS of nbdkit during the cold full copy, vs 64 MiB",
+                lambda flip: ((self.last_copy_rss, None), (64 * MIB, None)),
+                "MiB", "<= 64 MiB", lambda ratio, _: ratio <= 1.0, speed=False),
+            Row("four nodes through one cold pull-through cache: cold boot of the 4th "
+                "node vs the 1st", lambda flip: self.cluster_boots(small()),
+                "s", "<= 0.5x", lambda ratio, _: ratio <= 0.5, speed=False),
+            Row("four nodes: blob bytes the upstream sends, vs the blob",
+                lambda flip: ((self.cluster.upstream, None), (small().size, None)),
+                "MiB", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
+            Row("four nodes: blob bytes the 1st node fetches (the cold cache's whole "
+                "answer), vs the blob",
+                lambda flip: ((self.cluster.fetched[0], None), (small().size, None)),
+                "MiB", "<= 1.02x", lambda ratio, _: ratio <= 1.02, speed=False),
+            Row("four nodes: blob bytes the 2nd to 4th nodes fetch (the most of them), vs "
+                "a lone node's cold boot from the registry itself",
+                lambda flip: ((max(self.cluster.fetched[1:]), None),
+                              self.lone_boot_bytes(small())),
+                "MiB", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
+        ]
 
     def make(self, label, size, behind):
         log(f"making the {label} disk and pushing it")
@@ -149,10 +195,12 @@ class Shaped:
         image.disk_size, image.disk_digest = disk.size, disk.digest
         return image
 
-    def cold(self, disk):
-        """A cold cdi.py serving DISK through the proxy, not yet ready."""
+    def cold(self, disk, registry_address=None):
+        """A cold cdi.py serving DISK from the registry at REGISTRY_ADDRESS
+        (default: through the proxy), not yet ready."""
         cache = tempfile.mkdtemp(prefix="cache-", dir=self.lab.workdir)
-        return self.lab.nbdkit(["python", CDI, f"name={self.proxy.address}/{disk.name}",
+        return self.lab.nbdkit(["python", CDI,
+                                f"name={registry_address or self.proxy.address}/{disk.name}",
                                 f"cache={cache}", "tls-verify=false", "layer=disk"],
                                ready=False)
 
@@ -163,11 +211,40 @@ class Shaped:
                         f"{disk.digest}"], check=True)
         return time.monotonic() - started, None
 
-    def boot(self, disk):
+    def boot(self, disk, registry_address=None):
         started = time.monotonic()
-        with self.cold(disk) as server:
+        with self.cold(disk, registry_address) as server:
             server.wait_ready()
             return self.until_token(server.uri(), disk, started)
+
+    def cluster_boots(self, disk):
+        """NODES cold cdi.py (caches of their own) booting DISK one after
+        another through one cold pull-through cache of the registry (behind
+        the proxy, on the far side of the shaped link): ((the last node's
+        boot, None), (the first's, None)); what the upstream sent and what
+        each node fetched in self.cluster."""
+        with registry(self.lab.workdir, f"pull-through-{os.urandom(3).hex()}",
+                      proxy_of=self.proxy.address) as cache, Proxy(cache.address) as nodes:
+            upstream = self.proxy.blob_bytes
+            boots, fetched = [], []
+            for number in range(NODES):
+                before = nodes.blob_bytes
+                boots.append(self.boot(disk, nodes.address))
+                fetched.append(nodes.blob_bytes - before)
+                log(f"node {number + 1}: booted in {boots[-1][0]:.1f} s, fetched "
+                    f"{fetched[-1] / MIB:.1f} MiB; the upstream has sent "
+                    f"{(self.proxy.blob_bytes - upstream) / MIB:.1f} MiB")
+            self.cluster = Cluster(self.proxy.blob_bytes - upstream, fetched)
+        return boots[-1], boots[0]
+
+    def lone_boot_bytes(self, disk):
+        """(Blob bytes a lone cold node fetches to boot DISK from the registry
+        itself, None)."""
+        before = self.proxy.blob_bytes
+        seconds, _ = self.boot(disk)
+        fetched = self.proxy.blob_bytes - before
+        log(f"a lone node: booted in {seconds:.1f} s, fetched {fetched / MIB:.1f} MiB")
+        return fetched, None
 
     def boot_local(self, disk):
         return self.until_token(str(disk.path), disk, time.monotonic())
@@ -229,11 +306,19 @@ class Shaped:
                  f"median of {self.runs} rounds", "",
                  "| # | measurement | cdi.py | reference | ratio (min–max) | target | result |",
                  "|---" * 7 + "|"]
-        for number, row in enumerate(self.rows, 8):
+        for number, row in enumerate(self.rows, FIRST_ROW):
             if row.pairs:
                 lines.append(f"| {number} | {row.title} | "
                              + " | ".join(row.cells()[:5]) + " |")
         return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class Cluster:
+    """What a round of the cluster rows saw: blob bytes the UPSTREAM sent
+    (to the pull-through cache), and each node FETCHED (from it)."""
+    upstream: int
+    fetched: list
 
 
 class FreeSpace:
@@ -276,6 +361,17 @@ def shape(port, rate):
         subprocess.run(command, check=True, capture_output=True)
 
 
+def row_numbers(text):
+    """The row numbers TEXT names ("8,20-23"), or None (every row) if empty."""
+    if not text.strip():
+        return None
+    numbers = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        numbers.update(range(int(first), int(last or first) + 1))
+    return numbers
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("make bench-shaped: run as root (a network namespace, tc)")
@@ -285,9 +381,10 @@ def main():
     rate = os.environ.get("SHAPED_RATE") or "200mbit"
     rtt = float(os.environ.get("SHAPED_RTT") or "0.010")
     runs = int(os.environ.get("BENCH_RUNS") or "3")
+    chosen = row_numbers(os.environ.get("SHAPED_ROWS") or "")
     with Lab("cdi-shaped-", parent="/var/tmp") as lab:
         log(f"working in {lab.workdir}")
-        bench = Shaped(lab, runs, rtt)
+        bench = Shaped(lab, runs, rtt, chosen)
         try:
             bench.run(rate)
         finally:

@@ -22,6 +22,8 @@ GZIP_LAYER_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip",
 ZSTD_LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
 # The most bytes of an image's config read (a manifest's limit too).
 MAX_CONFIG = 4 << 20
+# What a whole answer to the range probe would be read in: it never is.
+PROBE_PIECE = 64 << 10
 # os.uname().machine, as OCI platforms name it.
 MACHINE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm",
                          "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
@@ -281,16 +283,27 @@ def image_config(registry, manifest, image_name):
 
 
 def probe_ranges(registry, manifest, layout):
-    """Unsupported if the registry ignores Range (it says so now, not at
-    every read: the last byte is asked for, which a whole answer is not);
-    what it cannot tell yet, the reads will try again."""
+    """Ask for the last byte of the first blob the cache lacks, so that a
+    registry that cannot serve it says so now (refused, or Unsupported), not
+    at every read; what it cannot tell yet, the reads will try again.  The
+    whole blob answered instead (a pull-through cache that does not hold it
+    yet, or a registry that ignores Range) is no reason to fetch the image
+    whole: the reads keep such an answer as it arrives.  The probe's is
+    closed unread, so that it costs what was in flight, not a second
+    download; the cache, asked once, fetches the blob meanwhile."""
     for layer in manifest["layers"]:
         if layer["size"] and not os.path.exists(layout.blob_path(layer["digest"])):
             try:
-                registry.blob_range(layer["digest"], layer["size"] - 1, layer["size"])
+                answer = registry.blob_range_or_whole(layer["digest"], layer["size"] - 1,
+                                                      layer["size"], PROBE_PIECE)
             except RegistryError as error:
                 if not error.transient:
                     raise
+                return
+            if not isinstance(answer, (bytes, bytearray)):
+                answer.close()
+                log.debug(f"{registry.image_name}: its registry answers a range with the "
+                          "whole blob: each read keeps such an answer as it arrives")
             return
 
 

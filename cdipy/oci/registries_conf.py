@@ -10,14 +10,19 @@ and ~/.config/containers/registries.conf.d, each directory in name order,
 each file's [[registry]] replacing an earlier one of the same prefix.
 The main file may be in the old v1 format ([registries.search],
 [registries.insecure], [registries.block]); drop-ins may not.
+credential-helpers, the credential helpers in the order they are asked,
+is the last file's that sets it; unset or empty, ["containers-auth.json"]
+(the auth files alone).
 
 The entry for an image is the [[registry]] with the longest prefix that
 matches its name (host[:port][/namespace...], or *.example.com for any
-subdomain).  Its sources: the mirrors in order (those that
-pull-from-mirror, or the entry's mirror-by-digest-only, allow for a tag or
-a digest), then the primary; each named by its location plus what
-follows the prefix.  A source whose own name is blocked is refused with
-containers/image's words.  This module reads files and does nothing else.
+subdomain), the name parsed and normalized as containers/image does
+(docker.io/library/ for Docker Hub's short names).  Its sources: the
+mirrors in order (those that pull-from-mirror, or the entry's
+mirror-by-digest-only, allow for a tag or a digest), then the primary;
+each named by its location plus what follows the prefix.  A source whose
+own name is blocked is refused with containers/image's words.  This
+module reads files and does nothing else.
 """
 
 import dataclasses
@@ -25,7 +30,8 @@ import logging
 import os
 from typing import Optional
 
-from ..errors import CdiError
+from ..errors import CdiError, NoSource
+from ..reference import parse_reference
 
 try:
     import tomllib  # Python 3.11
@@ -35,7 +41,7 @@ except ImportError:  # before: Debian's python3-tomli, if it is there
     except ImportError:
         tomllib = None
 
-__all__ = ["Entry", "RegistriesConf", "Source", "load", "pull_sources"]
+__all__ = ["AUTH_FILES", "Entry", "RegistriesConf", "Source", "load", "pull_sources"]
 
 log = logging.getLogger("cdipy")
 
@@ -44,6 +50,8 @@ SYSTEM_DIRECTORY = "/etc/containers/registries.conf.d"
 USER_FILE = ".config/containers/registries.conf"
 USER_DIRECTORY = ".config/containers/registries.conf.d"
 PULL_FROM_MIRROR = ("", "all", "digest-only", "tag-only")
+# credential-helpers' name for podman's auth files (containers-auth.json(5)).
+AUTH_FILES = "containers-auth.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +98,13 @@ class Source:
 @dataclasses.dataclass
 class RegistriesConf:
     """The [[registry]] entries of every file read, sorted by prefix;
-    DESCRIPTION, where they come from, in containers/image's words."""
+    DESCRIPTION, where they come from, in containers/image's words;
+    CREDENTIAL_HELPERS, in order (AUTH_FILES for the auth files), set in
+    HELPERS_FILE (or by default: "")."""
     entries: list
     description: str
+    credential_helpers: tuple = (AUTH_FILES,)
+    helpers_file: str = ""
 
     def find(self, name):
         """The Entry with the longest prefix matching NAME (host/repository,
@@ -112,30 +124,40 @@ def load(home=None, system_file=SYSTEM_FILE, system_directory=SYSTEM_DIRECTORY):
     home = os.path.expanduser("~") if home is None else home
     main, required, directories = config_files(
         os.environ.get("CONTAINERS_REGISTRIES_CONF"), home, system_file, system_directory)
-    entries = {}
-    try:
-        found = read_file(main, drop_in=False)
-    except FileNotFoundError:
-        if required:
-            raise CdiError(f"loading registries configuration {main!r}: no such file") from None
-        found = []
-    entries.update((entry.prefix, entry) for entry in found)
-    for path in drop_ins(directories):
+    entries, helpers, helpers_file = {}, None, ""
+    for path in [main, *drop_ins(directories)]:
         try:
-            found = read_file(path, drop_in=True)
+            found, helpers_found = read_file(path, drop_in=path != main)
         except FileNotFoundError:
-            continue  # removed since the listing
+            if path == main and required:
+                raise CdiError(f"loading registries configuration {main!r}: "
+                               "no such file") from None
+            continue  # the system's file may be missing; a drop-in removed since the listing
         entries.update((entry.prefix, entry) for entry in found)
+        if helpers_found is not None:  # set, even to [], replaces the earlier files'
+            helpers, helpers_file = helpers_found, path
     # containers/image names the user's drop-in directory if it reads one.
     description = f"{main} or {directories[-1]}"
-    return RegistriesConf([entries[prefix] for prefix in sorted(entries)], description)
+    return RegistriesConf([entries[prefix] for prefix in sorted(entries)], description,
+                          tuple(helpers) if helpers else (AUTH_FILES,),
+                          helpers_file if helpers else "")
 
 
 def pull_sources(config, host, repository, reference):
     """The Sources of HOST/REPOSITORY at REFERENCE (a tag or a digest), in
     the order containers/image tries them: the mirrors that apply, then the
-    primary.  No entry: the name itself, not insecure."""
-    name = f"{host}/{repository}"
+    primary.  No entry: the name itself, not insecure.  The entry is found
+    for the name parsed and normalized, as containers/image finds it (so
+    that no spelling, index.docker.io or a "..", sidesteps a blocked
+    prefix); NoSource, in one line, for a name that is no reference."""
+    separator = "@" if is_digest(reference) else ":"
+    try:
+        image = parse_reference(f"{host}/{repository}{separator}{reference}")
+    except ValueError:
+        raise NoSource(f"{host}/{repository}{separator}{reference}: invalid reference "
+                       "format: registries.conf cannot be applied to it") from None
+    host, repository = image.host, image.repository
+    name = image.name
     full = Source(host, repository, reference).name()
     entry = config.find(name)
     if entry is None:
@@ -189,8 +211,9 @@ def drop_ins(directories):
 
 
 def read_file(path, drop_in):
-    """The Entries of the file at PATH, checked as containers/image checks
-    them: a prefix given twice, the first wins."""
+    """(the Entries of the file at PATH, checked as containers/image checks
+    them: a prefix given twice, the first wins; its credential-helpers, or
+    None if it does not set them)."""
     if tomllib is None:
         raise CdiError(f"loading registries configuration {path!r}: no TOML reader "
                        "(Python < 3.11 without python3-tomli)")
@@ -203,12 +226,13 @@ def read_file(path, drop_in):
         raise CdiError(f"loading registries configuration {path!r}: {error}") from None
     try:
         entries = entries_of(config, drop_in)
+        helpers = credential_helpers(config)
     except ValueError as error:
         raise CdiError(f"loading registries configuration {path!r}: {error}") from None
     unique = {}
     for entry in entries:
         unique.setdefault(entry.prefix, dataclasses.replace(entry, file=path))
-    return list(unique.values())
+    return list(unique.values()), helpers
 
 
 def entries_of(config, drop_in):
@@ -219,8 +243,8 @@ def entries_of(config, drop_in):
                                           for key in ("search", "insecure", "block")):
         if drop_in:
             raise ValueError("registry must be in v2 format but is in v1")
-        if config.get("registry") is not None or \
-                config.get("unqualified-search-registries") is not None:
+        if any(config.get(key) is not None for key in (
+                "registry", "unqualified-search-registries", "credential-helpers")):
             raise ValueError("mixing sysregistry v1/v2 is not supported")
         return version1_entries(version1)
     registries = config.get("registry") or []
@@ -229,6 +253,15 @@ def entries_of(config, drop_in):
     entries = [entry_of(registry) for registry in registries]
     check_conflicts(entries)
     return entries
+
+
+def credential_helpers(config):
+    """The credential-helpers list of one file's parsed CONFIG, or None."""
+    helpers = config.get("credential-helpers")
+    if helpers is not None and (not isinstance(helpers, list)
+                                or not all(isinstance(name, str) for name in helpers)):
+        raise ValueError("credential-helpers must be a list of strings")
+    return helpers
 
 
 def version1_entries(version1):

@@ -3,10 +3,13 @@ the sources registries.conf gives the image (its mirrors, then the
 primary; see registries_conf.py), each with the credentials and TLS
 settings podman would use for it.
 
-What podman would use: the credentials of authfile=, else of podman's own
-auth files (REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
-~/.config/containers/auth.json, ~/.docker/config.json), a file's
-credential helper (credHelpers, credsStore) asked for its host; the
+What podman would use: the credentials of registries.conf's
+credential-helpers in order (by default the auth files alone): the auth
+files are those of authfile=, else podman's own (REGISTRY_AUTH_FILE,
+$XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json,
+~/.docker/config.json), a file's credential helper (credHelpers,
+credsStore) asked for its host; any other helper NAME is
+docker-credential-NAME, asked for the host; the
 certificates of cert-dir=, else of /etc/containers/certs.d/HOST (CAs
 *.crt, a client certificate *.cert with its *.key); tls-verify=, else the
 source's "insecure" (then plain HTTP is tried too).  Credentials and
@@ -71,6 +74,7 @@ class Registry:
         self.reference, self.settings = reference, settings
         config = registries_conf.load()
         self.sources = registries_conf.pull_sources(config, host, repository, reference)
+        self.helpers = (config.credential_helpers, config.helpers_file)
         for source in self.sources:
             if urllib.request.getproxies() and \
                     not urllib.request.proxy_bypass(source.host.split(":")[0]):
@@ -163,22 +167,26 @@ class Registry:
         with self.lock:
             endpoint = self.endpoints.get(index)
             if endpoint is None:
-                endpoint = Endpoint(self.sources[index], self.image_name, self.settings)
+                endpoint = Endpoint(self.sources[index], self.image_name, self.settings,
+                                    self.helpers)
                 self.endpoints[index] = endpoint
             return endpoint
 
 
 class Endpoint:
     """One source of an image (a registries_conf.Source), for IMAGE_NAME, as
-    SETTINGS say to reach it: its own credentials, certificates and TLS."""
+    SETTINGS say to reach it: its own credentials (from HELPERS, registries.conf's
+    credential-helpers and the file that names them), certificates and TLS."""
 
-    def __init__(self, source, image_name, settings):
+    def __init__(self, source, image_name, settings,
+                 helpers=((registries_conf.AUTH_FILES,), "")):
         self.host, self.repository, self.image_name = \
             source.host, source.repository, image_name
         self.api_host = api_host(source.host)
         self.insecure = (not settings.tls_verify if settings.tls_verify is not None
                          else source.insecure)
-        self.credentials = credentials(source.host, source.repository, settings.authfile)
+        self.credentials = credentials(source.host, source.repository, settings.authfile,
+                                       *helpers)
         self.certificates = certificates(source.host, settings.cert_dir)
         self.scheme = "https"
         self.scheme_known = False    # once a request succeeded, never changed
@@ -451,12 +459,39 @@ class ContextAdapter(HTTPAdapter):
 
 # ------------------------------------------------ podman's configuration
 
-def credentials(host, repository, authfile=None):
+def credentials(host, repository, authfile=None, helpers=(registries_conf.AUTH_FILES,),
+                helpers_file=""):
+    """(user, password) for HOST/REPOSITORY from the first of HELPERS
+    (registries.conf's credential-helpers, set in HELPERS_FILE) that gives
+    some, or None (anonymous): "containers-auth.json" the auth files, any
+    other NAME docker-credential-NAME.  As containers/image does, one that
+    fails is passed over, its error raised only if none gives any.
+    Unsupported for an identity token, which only podman can use."""
+    failures = []
+    for helper in helpers:
+        try:
+            found = (auth_file_credentials(host, repository, authfile)
+                     if helper == registries_conf.AUTH_FILES
+                     else helper_credentials(helper, host, f"{helpers_file} credential-helpers"))
+        except CdiError as error:
+            log.debug(f"credentials for {host} from {helper}: {error}")
+            failures.append(error)
+            continue
+        if found:
+            return found
+    if len(failures) > 1:
+        raise CdiError(f"credentials for {host}: every credential helper failed: "
+                       + "; ".join(f"[{error}]" for error in failures))
+    if failures:
+        raise failures[0]
+    return None
+
+
+def auth_file_credentials(host, repository, authfile=None):
     """(user, password) for HOST/REPOSITORY from the first auth file podman
-    would read that gives some, or None (anonymous).  In each file: its
-    credHelpers entry for HOST (that helper alone), else its auths entry
-    (the most specific key), else its credsStore helper.  Unsupported for
-    an identity token, which only podman can use."""
+    would read that gives some, or None.  In each file: its credHelpers
+    entry for HOST (that helper alone), else its auths entry (the most
+    specific key), else its credsStore helper."""
     for path in auth_files(authfile):
         try:
             with open(path, "rb") as file:

@@ -140,13 +140,14 @@ class TokenIssuer:
                 f"issuer: {ISSUER}, rootcertbundle: '{self.certificate}'}}}}")
 
 
-def send_on(connection, request):
-    """REQUEST's method, path and headers, sent on CONNECTION header by
-    header: a client may send one several times (skopeo's Accept)."""
+def send_on(connection, request, leave_out=("connection",)):
+    """REQUEST's method, path and headers but those named in LEAVE_OUT
+    (lower case), sent on CONNECTION header by header: a client may send
+    one several times (skopeo's Accept)."""
     connection.putrequest(request.command, request.path, skip_host=True,
                           skip_accept_encoding=True)
     for key, value in request.headers.items():
-        if key.lower() != "connection":
+        if key.lower() not in leave_out:
             connection.putheader(key, value)
     connection.endheaders()
 
@@ -201,9 +202,10 @@ class Proxy:
     answers is passed back, counted in blob_bytes.  Set delay (seconds
     added to each request), flip (True: one byte of the next blob range
     is flipped; "every": of every blob range from now on), cut (True:
-    the next blob range stops halfway),
-    redirect (an address: blob requests are sent there with a 307) or
-    rate (bytes a second: blobs are sent no faster); with aim set (a
+    the next blob range stops halfway), redirect (an address: blob
+    requests are sent there with a 307), rate (bytes a second: blobs are
+    sent no faster) or ignore_range (True: Range is not passed on, so each
+    blob is answered whole, as by a registry that ignores it); with aim set (a
     digest), flip and cut wait for a request of that blob.  stop() is the
     registry gone: answers being sent break off, new ones are refused."""
 
@@ -215,6 +217,7 @@ class Proxy:
         self.flip = self.cut = False
         self.redirect = None
         self.rate = self.aim = None
+        self.ignore_range = False
         self.gone = False
         self.authorizations = []  # the Authorization header of each blob request
         self.lock = threading.Lock()
@@ -270,7 +273,8 @@ class Proxy:
         host, port = self.upstream.split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
-            send_on(connection, request)
+            send_on(connection, request, ("connection", "range") if self.ignore_range
+                    else ("connection",))
             response = connection.getresponse()
         except OSError:
             connection.close()

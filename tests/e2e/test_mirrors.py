@@ -2,10 +2,11 @@
 cdi.py's own reads: an artifact read lazily and a gzip containerdisk
 streamed through a pull-through cache (the real Distribution in proxy
 mode) with the primary unreachable, the mirror down and the primary up,
-pull-from-mirror, a blocked registry, credentials from a helper, and a
+pull-from-mirror, a blocked registry, credentials from a helper (an auth
+file's, and registries.conf's credential-helpers), and a
 mirror killed mid-blob with the rest read from the primary; and a cold
 pull-through cache, which answers ranges with the whole blob, read from
-once.
+once, and a registry that ignores Range, read lazily all the same.
 
 Each test writes a registries.conf of its own and passes it to the plugin
 in CONTAINERS_REGISTRIES_CONF; the primary named "unreachable" is a port
@@ -144,8 +145,9 @@ def test_a_cold_pull_through_cache_is_read_once(lab, unreachable, cache, tmp_pat
     assert sha256(copied.read_bytes()) == sha256(data)
     assert "sends the whole of " in result.stderr, result.stderr
     # One answer brought the whole disk; a second fetch of it would double
-    # this (the rest is what the range probe's dropped answer carried).
-    assert node.blob_bytes < 2 * SIZE, \
+    # this.  The range probe's own whole answer is closed unread: what was
+    # in flight (1.008 times the blob in all, seen here, on both releases).
+    assert node.blob_bytes < 1.25 * SIZE, \
         f"the node fetched {node.blob_bytes} bytes of a {SIZE}-byte blob"
     # Distribution 2.8 fetches a blob it does not hold twice for each
     # request that misses (once to store it, once for the answer), the
@@ -155,6 +157,24 @@ def test_a_cold_pull_through_cache_is_read_once(lab, unreachable, cache, tmp_pat
     assert upstream.blob_bytes <= 2 * node.blob_requests * SIZE, \
         (f"the upstream sent {upstream.blob_bytes} bytes of a {SIZE}-byte blob for "
          f"{node.blob_requests} requests")
+
+
+def test_a_registry_that_ignores_range_is_read_lazily_all_the_same(lab, artifact, cache,
+                                                                   tmp_path):
+    name, data = artifact
+    with Proxy(lab.registry) as never_ranges:
+        never_ranges.ignore_range = True
+        never_ranges.rate = 4 * SIZE  # what the probe's answer carries before it is closed
+        env = conf(tmp_path, mirrored(never_ranges.address, primary_insecure=True))
+        digest, log = disk_digest(f"{never_ranges.address}/{name}", cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert "answers a range with the whole blob" in log, log
+    assert f"from {never_ranges.address} as it is read" in log, log
+    assert "sends the whole of " in log and "skopeo" not in log, log
+    # The probe's answer is closed unread; one answer brings the disk
+    # (1.008 times the blob in all, seen here).
+    assert never_ranges.blob_bytes < 1.25 * SIZE, \
+        f"{never_ranges.blob_bytes} bytes fetched of a {SIZE}-byte blob"
 
 
 # ---------------------------------------------------------- order, and failures
@@ -187,6 +207,20 @@ def test_a_blocked_registry_is_refused_as_podman_refuses_it(lab, artifact, unrea
     drop_ins = os.path.expanduser("~/.config/containers/registries.conf.d")
     assert f"error: {unreachable}/{name}: manifest 1: registry {unreachable} is blocked in " \
            f"{tmp_path}/registries.conf or {drop_ins}\n" in message, message
+
+
+def test_a_name_spelled_around_a_blocked_prefix_is_refused(lab, artifact, cache, tmp_path):
+    # Matched on the raw name, "open/../cdi-test/..." misses the blocked
+    # prefix, and requests resolves its URL's ".." to the blocked
+    # repository.  pull=always: podman's lookup in local storage would
+    # refuse the name first.
+    name = artifact[0]
+    env = conf(tmp_path, f'[[registry]]\nlocation = "{lab.registry}/cdi-test"\n'
+                         "blocked = true\n")
+    spelled = f"{lab.registry}/open/../{name}"
+    message = nbdkit_error(f"name={spelled}", f"cache={cache}", "pull=always", env=env)
+    assert f"error: {spelled}: invalid reference format: registries.conf cannot be " \
+           "applied to it\n" in message, message
 
 
 @pytest.mark.parametrize("by_digest", [False, True])
@@ -228,27 +262,57 @@ def test_a_mirror_killed_mid_blob_the_rest_comes_from_the_primary(lab, container
 
 # ------------------------------------------------------------ credential helpers
 
-def test_credentials_come_from_a_credential_helper(lab, cache, tmp_path):
+def private_artifact(lab, tmp_path):
+    """(name in the password registry, its bytes): an ORAS artifact of one
+    raw disk of a MiB."""
     data = os.urandom(MIB)
     path = tmp_path / "private.img"
     path.write_bytes(data)
     name = f"{lab.auth_registry}/cdi-test/helped-{os.urandom(4).hex()}:1"
     push_artifact(lab.workdir, name, [Blob(ORAS_LAYER, path, "disk.img")],
                   authfile=lab.authfile)
+    path.unlink()
+    return name, data
+
+
+def helpers_on_path(lab, tmp_path):
+    """The environment's PATH with docker-credential-cditest first, which
+    gives the password registry's credentials when asked for its host,
+    and docker-credential-empty, which holds none."""
     helpers = tmp_path / "bin"
     helpers.mkdir()
-    helper = helpers / "docker-credential-cditest"
     answer = json.dumps({"ServerURL": lab.auth_registry, "Username": REGISTRY_USER,
                          "Secret": REGISTRY_PASSWORD})
-    helper.write_text(f'#!/bin/sh\n[ "$1" = get ] && [ "$(cat)" = "{lab.auth_registry}" ] '
-                      f"|| {{ echo 'asked for something else' >&2; exit 1; }}\n"
-                      f"echo '{answer}'\n")
-    helper.chmod(0o755)
+    for name, script in (
+            ("cditest", f'[ "$1" = get ] && [ "$(cat)" = "{lab.auth_registry}" ] '
+                        f"|| {{ echo 'asked for something else' >&2; exit 1; }}\n"
+                        f"echo '{answer}'\n"),
+            ("empty", "echo 'credentials not found in native keychain'; exit 1\n")):
+        helper = helpers / f"docker-credential-{name}"
+        helper.write_text(f"#!/bin/sh\n{script}")
+        helper.chmod(0o755)
+    return f"{helpers}:{os.environ['PATH']}"
+
+
+def test_credentials_come_from_a_credential_helper(lab, cache, tmp_path):
+    name, data = private_artifact(lab, tmp_path)
     auth = tmp_path / "auth.json"
     auth.write_text(json.dumps({"credHelpers": {lab.auth_registry: "cditest"}}))
-    env = dict(os.environ, PATH=f"{helpers}:{os.environ['PATH']}",
-               REGISTRY_AUTH_FILE=str(auth))
+    env = dict(os.environ, PATH=helpers_on_path(lab, tmp_path), REGISTRY_AUTH_FILE=str(auth))
     digest, log = disk_digest(name, cache, env)
     assert digest == sha256(data)[len("sha256:"):]
+    assert "credentials for " + lab.auth_registry + " from docker-credential-cditest" in log
+    assert "as it is read" in log
+
+
+def test_credentials_come_from_registries_confs_credential_helpers(lab, cache, tmp_path):
+    # No auth file is read: the list names none (containers-auth.json).
+    name, data = private_artifact(lab, tmp_path)
+    env = dict(conf(tmp_path, 'credential-helpers = ["empty", "cditest"]\n'
+                    + mirrored(lab.auth_registry, primary_insecure=True)),
+               PATH=helpers_on_path(lab, tmp_path), REGISTRY_AUTH_FILE=lab.authfile)
+    digest, log = disk_digest(name, cache, env)
+    assert digest == sha256(data)[len("sha256:"):]
+    assert f"docker-credential-empty holds no credentials for {lab.auth_registry}" in log, log
     assert "credentials for " + lab.auth_registry + " from docker-credential-cditest" in log
     assert "as it is read" in log

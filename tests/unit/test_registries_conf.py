@@ -4,7 +4,7 @@ no network."""
 
 import pytest
 
-from cdipy.errors import CdiError
+from cdipy.errors import CdiError, NoSource
 from cdipy.oci.registries_conf import Source, load, matching_prefix, pull_sources
 
 DIGEST = "sha256:" + "a" * 64
@@ -97,7 +97,7 @@ def test_a_prefix_matches_whole_path_components_only(world):
     assert matching_prefix("example.comx/vm", "example.com") == -1
     write, config = world
     write("etc/registries.conf", "")
-    assert names(pull_sources(config(), "h", "vm", "1")) == [("h/vm:1", False)]
+    assert names(pull_sources(config(), "h.example", "vm", "1")) == [("h.example/vm:1", False)]
 
 
 def test_a_wildcard_matches_subdomains_and_its_mirrors_take_the_rest(world):
@@ -123,6 +123,30 @@ def test_a_blocked_registry_says_so_in_containers_images_words(world):
     assert source.blocked == (f"registry bad.example is blocked in {path} or "
                               f"{found.description.split(' or ')[1]}")
     assert found.description.endswith("home/.config/containers/registries.conf.d")
+
+
+def test_the_entry_is_found_for_the_name_as_containers_image_normalizes_it(world):
+    write, config = world
+    write("etc/registries.conf", '[[registry]]\nlocation = "docker.io/library/busybox"\n'
+          "blocked = true\n")
+    for host in ("docker.io", "index.docker.io"):
+        [source] = pull_sources(config(), host, "busybox", "1")
+        assert source.name() == "docker.io/library/busybox:1"
+        assert source.blocked.startswith("registry docker.io/library/busybox is blocked in ")
+
+
+@pytest.mark.parametrize("repository", ["open/../secret/vm", "open/./secret", "Secret/vm",
+                                        "secret//vm"])
+def test_a_name_that_is_no_reference_is_refused_in_one_line(world, repository):
+    # Matched on the raw name, "example.com/open/../secret/vm" would miss
+    # the blocked prefix, and a URL's ".." be resolved to the secret.
+    write, config = world
+    write("etc/registries.conf", '[[registry]]\nlocation = "example.com/secret"\n'
+          "blocked = true\n")
+    with pytest.raises(NoSource) as error:
+        pull_sources(config(), "example.com", repository, "1")
+    assert str(error.value) == (f"example.com/{repository}:1: invalid reference format: "
+                                "registries.conf cannot be applied to it")
 
 
 def test_a_blocked_mirror_is_blocked_and_the_primary_still_tried(world):
@@ -193,6 +217,9 @@ def test_version_1_blocks_and_allows_insecure(world):
     ('[[registry]]\nprefix = "*.q.io/x"\n', "Wildcarded prefix should be in the format"),
     ("[registries.search]\nregistries = ['q.io']\n[[registry]]\nlocation = 'q.io'\n",
      "mixing sysregistry v1/v2 is not supported"),
+    ("credential-helpers = ['pass']\n[registries.block]\nregistries = ['q.io']\n",
+     "mixing sysregistry v1/v2 is not supported"),
+    ('credential-helpers = "pass"\n', "credential-helpers must be a list of strings"),
 ])
 def test_what_containers_image_refuses_is_refused_naming_the_file(world, text, message):
     write, config = world
@@ -200,6 +227,21 @@ def test_what_containers_image_refuses_is_refused_naming_the_file(world, text, m
     with pytest.raises(CdiError, match=message) as error:
         config()
     assert str(error.value).startswith(f"loading registries configuration '{path}': ")
+
+
+def test_credential_helpers_are_the_last_files_that_sets_them_else_the_auth_files(world):
+    write, config = world
+    assert config().credential_helpers == ("containers-auth.json",)
+    main = write("etc/registries.conf", 'credential-helpers = ["pass", "containers-auth.json"]\n')
+    assert (config().credential_helpers, config().helpers_file) == (
+        ("pass", "containers-auth.json"), main)
+    write("etc/registries.conf.d/10-none.conf", "unqualified-search-registries = []\n")
+    assert config().credential_helpers == ("pass", "containers-auth.json")
+    drop_in = write("etc/registries.conf.d/20-ecr.conf", 'credential-helpers = ["ecr-login"]\n')
+    assert (config().credential_helpers, config().helpers_file) == (("ecr-login",), drop_in)
+    # Set to nothing, as containers/image takes it: the default again.
+    write("etc/registries.conf.d/30-reset.conf", "credential-helpers = []\n")
+    assert config().credential_helpers == ("containers-auth.json",)
 
 
 def test_a_drop_in_in_version_1_is_refused(world):

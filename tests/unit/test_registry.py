@@ -9,7 +9,13 @@ import os
 import pytest
 
 from cdipy.errors import CdiError, NoSource, RegistryError, Unsupported
-from cdipy.oci.fetch import api_host, is_compressed, lazily_servable, split_reference
+from cdipy.oci.fetch import (
+    api_host,
+    is_compressed,
+    lazily_servable,
+    probe_ranges,
+    split_reference,
+)
 from cdipy.oci.registry import (
     Registry,
     certificates,
@@ -125,6 +131,50 @@ def test_an_identity_token_from_a_helper_cannot_be_honoured(tmp_path, monkeypatc
     path = auth_file(tmp_path, {"credHelpers": {"acr.example": "acr"}})
     with pytest.raises(Unsupported, match="gives an identity token for acr.example"):
         credentials("acr.example", "disk", path)
+
+
+# registries.conf's credential-helpers: "containers-auth.json" the auth files.
+AUTH_FILES = "containers-auth.json"
+NOT_HELD = "echo 'credentials not found in native keychain'; exit 1\n"
+
+
+def test_credential_helpers_are_asked_in_registries_confs_order(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "vault", ANSWER)
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    assert credentials("h.example", "disk", path, (AUTH_FILES, "vault")) == ("file", "1")
+    assert not (tmp_path / "asked").exists(), "a helper after the one that answered was asked"
+    assert credentials("h.example", "org/disk", path, ("vault", AUTH_FILES)) == \
+        ("robot", "s3cret")
+    assert (tmp_path / "asked").read_text() == "h.exampleget\n", "asked for the host alone"
+
+
+def test_by_default_the_auth_files_alone_are_read(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "vault", ANSWER)
+    assert credentials("h.example", "disk", auth_file(tmp_path, {"auths": {}})) is None
+    assert not (tmp_path / "asked").exists()
+
+
+def test_a_helper_holding_nothing_is_passed_over(tmp_path, monkeypatch):
+    helper(tmp_path, monkeypatch, "empty", NOT_HELD)
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    assert credentials("h.example", "disk", path, ("empty", AUTH_FILES)) == ("file", "1")
+    assert credentials("h.example", "disk", auth_file(tmp_path, {}), ("empty",)) is None
+
+
+def test_a_failing_helper_is_passed_over_and_said_only_if_none_answers(tmp_path, monkeypatch):
+    # containers/image's order: errors are kept, and raised if no helper
+    # gives credentials.
+    helper(tmp_path, monkeypatch, "broken", "echo 'token expired' >&2; exit 3\n")
+    path = auth_file(tmp_path, {"auths": {"h.example": {"auth": secret("file", "1")}}})
+    conf = "/etc/containers/registries.conf"
+    assert credentials("h.example", "disk", path, ("broken", AUTH_FILES), conf) == ("file", "1")
+    with pytest.raises(CdiError) as error:
+        credentials("h.example", "disk", auth_file(tmp_path, {}), ("broken", "absent"), conf)
+    assert str(error.value) == (
+        "credentials for h.example: every credential helper failed: "
+        "[credentials for h.example: docker-credential-broken get (named in "
+        f"{conf} credential-helpers) exited with status 3: token expired]; "
+        "[docker-credential-absent: command not found (install docker-credential-absent)]")
 
 
 def test_an_identity_token_cannot_be_honoured(tmp_path):
@@ -351,3 +401,67 @@ def test_a_mirror_never_receives_the_primarys_credentials(sources, tmp_path):
     registry = Registry("quay.io", "org/disk", settings.name, settings, "1")
     assert [registry.endpoint(index).credentials for index in range(3)] == [
         None, ("two", "2"), ("primary", "1")]
+
+
+# ------------------------------------------------------- the range probe
+
+class WholeBlob:
+    """A source's whole answer to a range, which must be closed unread."""
+    closed = False
+
+    def __iter__(self):
+        raise AssertionError("the probe read its whole answer")
+
+    def close(self):
+        self.closed = True
+
+
+class Probed:
+    """A registry answering every range with ANSWER (or raising it)."""
+    image_name = "quay.io/org/disk:1"
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def blob_range_or_whole(self, digest, start, end, piece):
+        self.asked.append((digest, start, end))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class Layout:
+    def __init__(self, directory):
+        self.directory = directory
+
+    def blob_path(self, digest):
+        return os.path.join(self.directory, digest.replace(":", "-"))
+
+
+HELD, LACKED = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+TWO_BLOBS = {"layers": [{"digest": HELD, "size": 10}, {"digest": LACKED, "size": 20}]}
+
+
+def test_the_probe_asks_for_the_last_byte_of_the_first_blob_the_cache_lacks(tmp_path):
+    (tmp_path / HELD.replace(":", "-")).write_bytes(bytes(10))
+    registry = Probed(b"x")
+    probe_ranges(registry, TWO_BLOBS, Layout(tmp_path))
+    assert registry.asked == [(LACKED, 19, 20)]
+
+
+def test_a_whole_answer_to_the_probe_is_closed_unread_and_the_blob_read_as_it_is_read(
+        tmp_path, caplog):
+    # A cold pull-through cache, or a registry that ignores Range: the
+    # reads keep such answers; the probe's own would be a second download.
+    answer = WholeBlob()
+    caplog.set_level("DEBUG", logger="cdipy")
+    probe_ranges(Probed(answer), TWO_BLOBS, Layout(tmp_path))
+    assert answer.closed
+    assert "answers a range with the whole blob: each read keeps such an answer" in caplog.text
+
+
+def test_a_refusal_of_the_probe_is_raised_and_a_transient_failure_left_to_the_reads(tmp_path):
+    refusal = RegistryError("quay.io answered HTTP 403 access denied", status=403)
+    with pytest.raises(RegistryError, match="403 access denied"):
+        probe_ranges(Probed(refusal), TWO_BLOBS, Layout(tmp_path))
+    probe_ranges(Probed(refused("quay.io")), TWO_BLOBS, Layout(tmp_path))
