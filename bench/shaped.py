@@ -16,6 +16,11 @@ its own) booting the 512 MiB disk one after another through one
 pull-through cache (Distribution in proxy mode, cold at each round) on
 the nodes' side of the shaped link, the upstream registry on the other.
 
+Rows 24 to 26 boot the 512 MiB containerdisk as each shape of layer costs
+it cold: gzip (streamed), zstd:chunked (pushed so by podman) and eStargz
+(converted by ctr-remote, with a containerd of the bench's own), against
+the same boot from a local copy of the disk.
+
   BENCH_RUNS   rounds (default 3)
   SHAPED_RATE  the link (default 200mbit)
   SHAPED_RTT   seconds added to each request (default 0.010)
@@ -43,7 +48,17 @@ for directory in (HERE.parent, HERE.parent / "tests", HERE.parent / "tests/e2e",
 from bench import Row, log  # noqa: E402
 from cdipy.oci.chunks import CHUNK  # noqa: E402
 from httplab import Proxy  # noqa: E402
-from lab import CDI, MIB, Blob, Lab, export_digest, podman, push_artifact, registry  # noqa: E402
+from lab import (  # noqa: E402
+    CDI,
+    MIB,
+    Blob,
+    Lab,
+    export_digest,
+    podman,
+    push_artifact,
+    push_estargz,
+    registry,
+)
 from vm import make_boot_disk, token_line  # noqa: E402
 
 ORAS_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -83,10 +98,12 @@ class Shaped:
             self.made[label] = self.make(label, *DISKS[label])
         return self.made[label]
 
-    def containerdisk(self):
-        if "containerdisk" not in self.made:
-            self.made["containerdisk"] = self.make_containerdisk(self.disk("512 MiB"))
-        return self.made["containerdisk"]
+    def containerdisk(self, shape="gzip"):
+        """The 512 MiB disk as a containerdisk whose layer is SHAPE: gzip,
+        zstd:chunked or eStargz."""
+        if shape not in self.made:
+            self.made[shape] = self.make_containerdisk(self.disk("512 MiB"), shape)
+        return self.made[shape]
 
     def run(self, rate):
         shape(self.lab.registry.split(":")[1], rate)
@@ -165,6 +182,14 @@ class Shaped:
                 lambda flip: ((max(self.cluster.fetched[1:]), None),
                               self.lone_boot_bytes(small())),
                 "MiB", "<= 1.1x", lambda ratio, _: ratio <= 1.1, speed=False),
+            *[Row(f"containerdisk, {shape} layer (512 MiB disk, boot files behind 440 MiB): "
+                  "cold boot vs the same boot from a local copy of the disk",
+                  lambda flip, shape=shape: (self.boot(self.containerdisk(shape)),
+                                             self.boot_local(small())),
+                  "s", target, lambda ratio, _, most=most: ratio <= most, speed=False)
+              for shape, target, most in (("gzip", "(streamed)", float("inf")),
+                                          ("zstd:chunked", "<= 1.25x", 1.25),
+                                          ("eStargz", "<= 1.25x", 1.25))],
         ]
 
     def make(self, label, size, behind):
@@ -177,15 +202,23 @@ class Shaped:
                       [Blob(ORAS_LAYER, path, "disk.img")])
         return Disk(name, size, path, token)
 
-    def make_containerdisk(self, disk):
+    def make_containerdisk(self, disk, shape):
         """An image FROM scratch holding DISK's file as disk/disk.img, pushed
-        by podman (one gzip layer): a Disk of its layer's blob."""
-        log("making a containerdisk of the 512 MiB disk and pushing it")
-        tag = "localhost/bench/containerdisk:1"
-        self.lab.build(tag, [{"disk/disk.img": lambda path: shutil.copyfile(disk.path, path)}])
-        name = "bench/containerdisk:1"
-        podman("push", "--quiet", tag, f"docker://{self.lab.registry}/{name}")
-        podman("rmi", "--force", tag)
+        by podman (one layer of SHAPE: gzip or zstd:chunked; eStargz is the
+        zstd:chunked one converted by ctr-remote): a Disk of its layer's
+        blob.  Each shape's layer holds a file of its own: podman would
+        otherwise push again a blob it pushed in another compression."""
+        log(f"making a {shape} containerdisk of the 512 MiB disk and pushing it")
+        tag, name = f"localhost/bench/containerdisk-{shape}:1", f"bench/containerdisk-{shape}:1"
+        if shape == "eStargz":
+            source = self.containerdisk("zstd:chunked").name
+            push_estargz(self.lab, source, name)
+        else:
+            self.lab.build(tag, [{"disk/disk.img": lambda path: shutil.copyfile(disk.path, path),
+                                  "etc/bench-shape": shape.encode()}])
+            compression = ["--compression-format=zstd:chunked"] if shape != "gzip" else []
+            podman("push", "--quiet", *compression, tag, f"docker://{self.lab.registry}/{name}")
+            podman("rmi", "--force", tag)
         manifest = json.loads(subprocess.run(
             ["skopeo", "inspect", "--raw", "--tls-verify=false",
              f"docker://{self.lab.registry}/{name}"],

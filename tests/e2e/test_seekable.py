@@ -12,6 +12,7 @@ byte as a registry cannot be made to."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -20,10 +21,26 @@ import pytest
 import requests
 
 from cdipy.oci.blobs import compression_of
-from cdipy.oci.toc import ESTARGZ, ZSTD_CHUNKED, find_disk, read_toc, unpack_chunk_pieces
+from cdipy.oci.toc import (
+    ESTARGZ,
+    ZSTD_CHUNKED,
+    find_disk,
+    read_toc,
+    seekable_kind,
+    unpack_chunk_pieces,
+)
 from conftest import copy_export, nbdkit_error, params, read, serve, sha256
 from httplab import Proxy
-from lab import MIB, export_digest, push_estargz, push_zstd_chunked, tool_version, wait_for
+from lab import (
+    MIB,
+    export_digest,
+    podman,
+    push_estargz,
+    push_zstd_chunked,
+    registry,
+    tool_version,
+    wait_for,
+)
 from vm import boot, make_boot_disk, token_line
 
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json,"
@@ -142,12 +159,13 @@ def estargz(lab, chunked):
     return converted, data, only_layer(lab, converted), None
 
 
-def assert_lazy_then_whole(lab, image, cache):
+def assert_lazy_then_whole(lab, image, cache, upstream=None):
     """A cold start fetches the TOC and what is read, not the layer; a
     whole copy is byte-exact; the image is whole in the cache behind it;
-    with the registry gone, a start serves it again."""
+    with the registry (UPSTREAM, default the lab's) gone, a start serves
+    it again."""
     name, data, layer, _ = image
-    with Proxy(lab.registry) as proxy:
+    with Proxy(upstream or lab.registry) as proxy:
         with serve(lab, *params(proxy, name, cache, "layer=disk"), verbose=True) as server:
             ready = proxy.blob_bytes
             # The chunks of 2 MiB holding the TOC and its footer (three at most
@@ -175,6 +193,28 @@ def test_a_zstd_chunked_containerdisk_is_served_as_it_is_read(lab, chunked, cach
 @pytest.mark.requires("estargz")
 def test_an_estargz_containerdisk_is_served_as_it_is_read(lab, estargz, cache):
     assert_lazy_then_whole(lab, estargz, cache)
+
+
+def test_a_containerdisk_skopeo_converted_to_zstd_chunked_is_served_as_it_is_read(lab, cache):
+    data = varied_disk()
+    tag = f"localhost/cdi-test/skopeo-chunked-{os.urandom(6).hex()}:1"
+    lab.build(tag, [{"disk/disk.img": data}])
+    gzip_name = tag.removeprefix("localhost/")
+    podman("push", "--quiet", "--tls-verify=false", tag, f"docker://{lab.registry}/{gzip_name}")
+    # Into another registry: into the same one, skopeo pushes the gzip blob
+    # it finds there, as it is.
+    with registry(lab.workdir, f"converted-{os.urandom(3).hex()}") as other:
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                        "--dest-tls-verify=false", "--dest-compress-format=zstd:chunked",
+                        f"docker://{lab.registry}/{gzip_name}",
+                        f"docker://{other.address}/cdi-test/converted:1"],
+                       check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        response = requests.get(f"http://{other.address}/v2/cdi-test/converted/manifests/1",
+                                headers={"Accept": MANIFEST_TYPES}, timeout=30)
+        (layer,) = response.json()["layers"]
+        assert seekable_kind(layer) == ZSTD_CHUNKED, layer
+        assert_lazy_then_whole(lab, ("cdi-test/converted:1", data, layer, None), cache,
+                               upstream=other.address)
 
 
 @pytest.mark.parametrize("shape", ["zstd:chunked", pytest.param(
@@ -210,6 +250,21 @@ def test_the_layer_export_of_a_seekable_layer_reads_through_its_blob(lab, chunke
         assert export_digest(server.uri("0")) == diff_id
         wait_for(lambda: KEPT in server.log(), 60, lambda: f"never whole: {server.log()}")
     assert proxy.blob_bytes <= layer["size"] * 1.1 + 4 * MIB, "the layer was fetched twice"
+
+
+def test_sigkill_mid_fill_leaves_what_arrived_for_the_next_start(lab, chunked, proxy, cache):
+    name, data, layer, _ = chunked
+    with serve(lab, *params(proxy, name, cache, "layer=disk")) as server:
+        for offset in range(0, SIZE // 2, 2 * MIB):
+            assert read(server, offset, 4096) == data[offset:offset + 4096]
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    assert cached_blob_paths(cache) == [], "a blob named whole after SIGKILL"
+    fetched = proxy.blob_bytes
+    assert fetched >= SIZE // 3
+    result = copy_export(*params(proxy, name, cache, "layer=disk"))
+    assert result.digest == sha256(data)
+    assert proxy.blob_bytes <= layer["size"] + 4 * MIB, "what arrived before was fetched again"
 
 
 def test_a_toc_that_does_not_match_its_annotation_is_refused(lab, chunked, proxy, cache):

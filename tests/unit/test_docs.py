@@ -77,9 +77,9 @@ def test_the_manual_is_the_page_the_errors_name():
 def test_the_manual_has_nbdkits_sections_in_order():
     headings = re.findall(r"^=head1 (.+)$", POD.read_text(), re.M)
     assert headings == ["NAME", "SYNOPSIS", "DESCRIPTION", "EXAMPLES", "PARAMETERS",
-                        "EXPORTS", "SIGNATURE POLICY", "ENVIRONMENT VARIABLES", "FILES",
-                        "ROOTLESS", "LIMITATIONS", "SECURITY", "VERSION", "SEE ALSO",
-                        "AUTHORS", "COPYRIGHT"]
+                        "EXPORTS", "SEEKABLE LAYERS", "SIGNATURE POLICY",
+                        "ENVIRONMENT VARIABLES", "FILES", "ROOTLESS", "LIMITATIONS",
+                        "SECURITY", "VERSION", "SEE ALSO", "AUTHORS", "COPYRIGHT"]
 
 
 def test_the_manuals_lines_fit_76_columns_outside_verbatim_text():
