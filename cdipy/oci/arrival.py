@@ -89,9 +89,7 @@ class Arrival:
     def __init__(self, form, whole, *, workers=4):
         self.form, self.whole_callback, self.workers = form, whole, workers
         self.condition = threading.Condition()
-        self.queue = []                # (priority, order, piece) for the workers...
-        self.queued = {}               # ...and piece -> its priority there (the best)
-        self.order = itertools.count()
+        self.queue = Queue()           # what readers asked for, for the workers
         self.in_flight = set()
         self.failed = {}               # piece -> why its last fetch failed
         self.failure = None            # why the file cannot be right
@@ -177,13 +175,10 @@ class Arrival:
             raise OSError(errno.EIO, self.failure)
 
     def enqueue(self, piece, priority):
-        """Queue PIECE for the workers (under the condition); again if it
-        was queued with a lower priority (the stale entry is skipped)."""
-        if (piece is None or piece in self.in_flight or self.queued.get(piece, 99) <= priority
-                or piece in self.failed or self.form.holds(piece)):
-            return
-        heapq.heappush(self.queue, (priority, next(self.order), piece))
-        self.queued[piece] = priority
+        """Queue PIECE for the workers (under the condition)."""
+        if not (piece is None or piece in self.in_flight or piece in self.failed
+                or self.form.holds(piece)):
+            self.queue.push(piece, priority)
 
     # ------------------------------------------------------------ producing
 
@@ -240,11 +235,8 @@ class Arrival:
                     self.condition.wait()
                 if self.stopping or self.whole or self.failure:
                     return  # nothing more to fetch
-                priority, _, piece = heapq.heappop(self.queue)
-                if self.queued.get(piece) != priority:
-                    continue  # queued again, sooner
-                del self.queued[piece]
-                if piece in self.in_flight or self.form.holds(piece):
+                piece = self.queue.pop()
+                if piece is None or piece in self.in_flight or self.form.holds(piece):
                     continue
                 self.in_flight.add(piece)
             self.produce_for_others(piece)
@@ -363,3 +355,37 @@ class Arrival:
             return False
         self.finish_if_complete()
         return True
+
+
+class Queue:
+    """Pieces for the workers, the highest priority (lowest number) first,
+    then in the order asked.  A piece asked again with a higher priority
+    moves up; one asked again with a lower one stays where it is."""
+
+    def __init__(self):
+        self.heap = []       # (priority, order, piece), some of them stale
+        self.best = {}       # piece -> its priority in the heap
+        self.order = itertools.count()
+
+    def __bool__(self):
+        return bool(self.best)
+
+    def __contains__(self, piece):
+        return piece in self.best
+
+    def priority(self, piece):
+        return self.best.get(piece)
+
+    def push(self, piece, priority):
+        if self.best.get(piece, priority + 1) > priority:
+            heapq.heappush(self.heap, (priority, next(self.order), piece))
+            self.best[piece] = priority
+
+    def pop(self):
+        """The next piece, or None if there is none."""
+        while self.heap:
+            priority, _, piece = heapq.heappop(self.heap)
+            if self.best.get(piece) == priority:
+                del self.best[piece]
+                return piece
+        return None

@@ -173,7 +173,7 @@ def test_what_a_reader_asks_for_comes_before_what_is_ahead(engine):
     form.wait_running(2)  # ahead: 2, then 3
     thread, outcome = reading(file, 6 * PIECE, 1)
     with file.condition:
-        assert file.condition.wait_for(lambda: 6 in file.queued, WAIT)
+        assert file.condition.wait_for(lambda: 6 in file.queue, WAIT)
     form.let(2, 3, 6)
     assert finished(thread) and outcome == ["done"]
     assert form.produced[2:4] == [2, 6], "the reader's piece waited for the read-ahead"
@@ -345,7 +345,7 @@ def test_a_piece_queued_ahead_then_asked_for_is_fetched_first(engine):
     form.wait_running(2)
     thread, outcome = reading(file, 4 * PIECE, 1)
     with file.condition:
-        assert file.condition.wait_for(lambda: file.queued.get(4) == arrival.CLIENT, WAIT)
+        assert file.condition.wait_for(lambda: file.queue.priority(4) == arrival.CLIENT, WAIT)
     form.let(2, 3, 4)
     assert finished(thread) and outcome == ["done"]
     assert form.produced[2:] == [2, 4, 3]
@@ -361,3 +361,12 @@ def test_a_reader_waiting_as_the_server_stops_is_told(engine):
         file.condition.notify_all()
     assert finished(thread), "a reader still waits for a server that stops"
     assert outcome == ["img: the test's file: the server is stopping"]
+
+
+def test_the_queue_gives_the_highest_priority_first_then_the_order_asked():
+    queue = arrival.Queue()
+    for piece, priority in ((5, arrival.AHEAD), (6, arrival.AHEAD), (7, arrival.CLIENT),
+                            (6, arrival.CLIENT), (7, arrival.AHEAD)):
+        queue.push(piece, priority)
+    assert [queue.pop() for _ in range(4)] == [7, 6, 5, None]
+    assert not queue
