@@ -154,8 +154,8 @@ def pull_sources(config, host, repository, reference):
     try:
         image = parse_reference(f"{host}/{repository}{separator}{reference}")
     except ValueError:
-        raise NoSource(f"{host}/{repository}{separator}{reference}: invalid reference "
-                       "format: registries.conf cannot be applied to it") from None
+        raise NoSource("invalid reference format (a registry, a repository of lower-case "
+                       "names, and a tag or a digest)") from None
     host, repository = image.host, image.repository
     name = image.name
     full = Source(host, repository, reference).name()

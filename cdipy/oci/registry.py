@@ -73,7 +73,10 @@ class Registry:
         self.host, self.repository, self.image_name = host, repository, image_name
         self.reference, self.settings = reference, settings
         config = registries_conf.load()
-        self.sources = registries_conf.pull_sources(config, host, repository, reference)
+        try:
+            self.sources = registries_conf.pull_sources(config, host, repository, reference)
+        except NoSource as error:
+            raise NoSource(f"{image_name}: {error}") from None
         self.helpers = (config.credential_helpers, config.helpers_file)
         for source in self.sources:
             if urllib.request.getproxies() and \

@@ -219,8 +219,8 @@ def test_a_name_spelled_around_a_blocked_prefix_is_refused(lab, artifact, cache,
                          "blocked = true\n")
     spelled = f"{lab.registry}/open/../{name}"
     message = nbdkit_error(f"name={spelled}", f"cache={cache}", "pull=always", env=env)
-    assert f"error: {spelled}: invalid reference format: registries.conf cannot be " \
-           "applied to it\n" in message, message
+    assert f"error: {spelled}: invalid reference format (a registry, a repository of " \
+           "lower-case names, and a tag or a digest)\n" in message, message
 
 
 @pytest.mark.parametrize("by_digest", [False, True])

@@ -244,9 +244,11 @@ def check(outcome, key, value, name=NAME):
         else:
             check_argv(call["argv"], name, option)
     # Or a name whose registry is not there, which cdi.py asks itself.
+    # Or a name that is no reference, refused before any registry is asked.
     assert FAKE_ERROR in outcome.stderr or FAKE_SKOPEO_ERROR in outcome.stderr or \
         f"{name}: image not found in local storage" in outcome.stderr or \
-        f"{name}: not in the cache " in outcome.stderr, outcome.stderr
+        f"{name}: not in the cache " in outcome.stderr or \
+        f"{name}: invalid reference format (" in outcome.stderr, outcome.stderr
 
 
 # ---------------------------------------------------------------- tests
@@ -289,10 +291,11 @@ def test_shell_syntax_in_the_name_reaches_podman_verbatim(fake_podman, plugin_tm
     # fails first at the closed port of localhost, before podman's pull.
     outcome = run(fake_podman, plugin_tmpdir, f"name={name}", "pull-into=podman")
     assert not marker.exists(), "a shell ran the name"
-    # image exists, artifact inspect (in podman's artifact store?), skopeo
-    # inspect (is it an artifact?), pull.
+    # image exists, artifact inspect (in podman's artifact store?); then the
+    # name, no reference, is refused before a registry is asked.
     assert [(call["program"], call["argv"][-1].decode()) for call in outcome.calls] == [
-        ("podman", name), ("podman", name), ("skopeo", f"docker://{name}"), ("podman", name)]
+        ("podman", name), ("podman", name)]
+    assert f"get_ready: error: {name}: invalid reference format (" in outcome.stderr
     assert {call["parent"] for call in outcome.calls} == {"nbdkit"}  # no shell between
     # The real podman too: the name is one argument it rejects.
     result = run_nbdkit(f"name={name}")
@@ -311,8 +314,7 @@ def test_layer_with_thousands_of_digits_is_one_line(fake_podman, plugin_tmpdir, 
     assert outcome.stderr.startswith(f"nbdkit: error: {CDI}: config: error: layer=")
 
 
-@pytest.mark.parametrize("name", ["oci-archive:/-x", "docker-archive:/tmp/--help",
-                                  "127.0.0.1:1/a$(true)/b:1"])
+@pytest.mark.parametrize("name", ["oci-archive:/-x", "docker-archive:/tmp/--help"])
 def test_a_name_skopeo_reads_reaches_it_verbatim(fake_podman, plugin_tmpdir, name):
     outcome = run(fake_podman, plugin_tmpdir, f"name={name}", "platform=linux/arm64",
                   "pull-into=podman")

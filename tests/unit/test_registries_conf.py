@@ -145,8 +145,8 @@ def test_a_name_that_is_no_reference_is_refused_in_one_line(world, repository):
           "blocked = true\n")
     with pytest.raises(NoSource) as error:
         pull_sources(config(), "example.com", repository, "1")
-    assert str(error.value) == (f"example.com/{repository}:1: invalid reference format: "
-                                "registries.conf cannot be applied to it")
+    assert str(error.value) == ("invalid reference format (a registry, a repository of "
+                                "lower-case names, and a tag or a digest)")
 
 
 def test_a_blocked_mirror_is_blocked_and_the_primary_still_tried(world):
