@@ -1,8 +1,21 @@
 """The registry of the unit tests: blobs in memory, answering what cdipy's
-sources ask a registry (cdipy.oci.registry.Registry) for their bytes.  The
-end-to-end tests use the real registry."""
+sources ask a registry (cdipy.oci.registry.Registry) for their bytes; and
+the table of exports of an image streamed from it.  The end-to-end tests
+use the real registry."""
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from cdipy.cache import PrivateCache
 from cdipy.errors import RegistryError
+from cdipy.exports import Exports
+from cdipy.oci.fetch import RemoteImage
+from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
+from cdipy.parameters import Settings
+from cdipy.sources.streamed_image import StreamSource
+from cdipy.verify import CheckRecords
 
 
 class Registry:
@@ -71,3 +84,30 @@ class Registry:
 
     def blob(self, digest):
         return self.blobs if isinstance(self.blobs, bytes) else self.blobs[digest]
+
+
+def streamed_image(directory, name, layers, *, registry=Registry, layer="disk"):
+    """The table of exports (cdipy.exports.Exports) of image NAME whose
+    LAYERS are (blob, descriptor, diffID) each, read by a StreamSource from
+    REGISTRY (a class, given {digest: blob} and NAME), its cache in
+    DIRECTORY: what the unit tests of streamed and seekable layers serve."""
+    config = json.dumps({"rootfs": {"type": "layers",
+                                    "diff_ids": [diff_id for *_, diff_id in layers]}})
+    manifest = {"schemaVersion": 2,
+                "config": {"mediaType": IMAGE_CONFIG_TYPES[0],
+                           "digest": digest_of(config.encode()), "size": len(config)},
+                "layers": [descriptor for _, descriptor, _ in layers]}
+    data = json.dumps(manifest).encode()
+    os.chmod(directory, 0o700)
+    blobs = registry({descriptor["digest"]: blob for blob, descriptor, _ in layers}, name)
+    remote = RemoteImage(name, blobs, manifest, data, digest_of(data),
+                         Layout(str(directory), name), json.loads(config), config.encode())
+    settings = Settings(name=name, layer=layer)
+    records = CheckRecords(PrivateCache(str(Path(directory, "checked"))))
+    table = Exports(StreamSource(remote, settings, records), settings, records)
+    table.build_default()
+    return table
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()

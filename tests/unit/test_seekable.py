@@ -11,22 +11,15 @@ import errno
 import gzip
 import hashlib
 import io
-import json
 import os
 
 import pytest
 import zstandard
 
-from cdipy.cache import PrivateCache
-from cdipy.exports import Exports
 from cdipy.layer import HOLE
 from cdipy.oci.chunks import CHUNK
-from cdipy.oci.fetch import GZIP_LAYER_TYPES, RemoteImage
-from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
-from cdipy.parameters import Settings
-from cdipy.sources.streamed_image import StreamSource
-from cdipy.verify import CheckRecords
-from fakes import Registry
+from cdipy.oci.fetch import GZIP_LAYER_TYPES
+from fakes import Registry, streamed_image
 from seekable import estargz, zstd_chunked
 from tars import layer_tar, regular
 
@@ -66,23 +59,10 @@ def image(tmp_path):
     tables = []
 
     def make_table(layers, make_registry=Registry, layer="disk"):
-        config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [
-            digest_of(unpacked(blob)) for blob, _ in layers]}})
-        manifest = {"schemaVersion": 2,
-                    "config": {"mediaType": IMAGE_CONFIG_TYPES[0],
-                               "digest": digest_of(config.encode()), "size": len(config)},
-                    "layers": [descriptor for _, descriptor in layers]}
-        data = json.dumps(manifest).encode()
-        os.chmod(tmp_path, 0o700)
-        registry = make_registry({descriptor["digest"]: blob for blob, descriptor in layers},
-                                 NAME)
-        remote = RemoteImage(NAME, registry, manifest, data, digest_of(data),
-                             Layout(str(tmp_path), NAME), json.loads(config), config.encode())
-        settings = Settings(name=NAME, layer=layer)
-        records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
-        table = Exports(StreamSource(remote, settings, records), settings, records)
+        table = streamed_image(tmp_path, NAME, [
+            (blob, descriptor, digest_of(unpacked(blob))) for blob, descriptor in layers],
+            registry=make_registry, layer=layer)
         tables.append(table)
-        table.build_default()
         return table
 
     yield make_table

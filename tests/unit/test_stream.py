@@ -9,24 +9,18 @@ end-to-end tests use the real registry)."""
 import errno
 import gzip
 import hashlib
-import json
 import os
 
 import pytest
 import zstandard
 
-from cdipy.cache import PrivateCache
 from cdipy.errors import NoSuchExport
-from cdipy.exports import Exports
 from cdipy.layer import DATA, HOLE, Window
 from cdipy.oci import arrival
-from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE, RemoteImage
+from cdipy.oci.fetch import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPE
 from cdipy.oci.layout import IMAGE_CONFIG_TYPES, Layout
 from cdipy.oci.stream import PIECE, Stream, StreamedLayer
-from cdipy.parameters import Settings
-from cdipy.sources.streamed_image import StreamSource
-from cdipy.verify import CheckRecords
-from fakes import Registry
+from fakes import Registry, streamed_image
 from tars import directory, layer_tar, regular
 
 NAME = "registry.example/vms/containerdisk:1"
@@ -183,23 +177,10 @@ def image(tmp_path):
 
     def make_table(layers, layer="disk"):
         blobs = [gzip.compress(tar, compresslevel=1) for tar in layers]
-        config = json.dumps({"rootfs": {"type": "layers",
-                                        "diff_ids": [digest_of(tar) for tar in layers]}})
-        manifest = {"schemaVersion": 2,
-                    "config": {"mediaType": IMAGE_CONFIG, "digest": digest_of(config.encode()),
-                               "size": len(config)},
-                    "layers": [{"mediaType": GZIP_LAYER, "digest": digest_of(blob),
-                                "size": len(blob)} for blob in blobs]}
-        data = json.dumps(manifest).encode()
-        os.chmod(tmp_path, 0o700)
-        registry = Registry({digest_of(blob): blob for blob in blobs}, NAME)
-        remote = RemoteImage(NAME, registry, manifest, data, digest_of(data),
-                             Layout(str(tmp_path), NAME), json.loads(config), config.encode())
-        settings = Settings(name=NAME, layer=layer)
-        records = CheckRecords(PrivateCache(str(tmp_path / "checked")))
-        table = Exports(StreamSource(remote, settings, records), settings, records)
+        table = streamed_image(tmp_path, NAME, [
+            (blob, {"mediaType": GZIP_LAYER, "digest": digest_of(blob), "size": len(blob)},
+             digest_of(tar)) for blob, tar in zip(blobs, layers)], layer=layer)
         tables.append(table)
-        table.build_default()
         return table
 
     yield make_table
