@@ -13,8 +13,9 @@ and one path to the end: once every piece is here the format checks the
 whole against its digest, and only then is it handed on (to be named whole
 in the cache).
 
-Before nbdkit forks, a reader produces what it needs itself, in its own
-thread (threads do not survive a fork); after, start() runs the workers.
+Until start() runs the workers (after nbdkit forked: threads do not
+survive a fork; for a file read only on demand, never), a reader produces
+what it needs itself, one reader at a time.
 
 A format is an object with:
 - holds(piece), needed(offset, count) -> the missing pieces of that range
@@ -23,12 +24,15 @@ A format is an object with:
 - produce(piece, last): fetch and keep PIECE (and perhaps more: a whole
   answer is kept up to piece LAST, before the workers run).  A transient
   RegistryError is tried again; Broken fails the file; any other CdiError
-  fails this piece's readers, and the next read of it tries again;
+  (or Unsupported) fails this piece's readers, and the next read of it
+  tries again; any other exception is a bug, and fails the file;
 - parallel() -> how many pieces may be produced at once now;
 - check() -> once every piece is here: what the check learnt, or Broken;
 - read_ahead (pieces fetched ahead of a reader in order, numbered up to
-  count) and fill_idle (seconds readers must have been quiet before the
-  fill fetches);
+  count; span(offset, count) -> the first and last piece of a range) and
+  fill_idle (seconds readers must have been quiet before the fill fetches);
+- parked() -> a piece a worker must produce at once when they start (an
+  answer begun before nbdkit forked, to be read on), or None;
 - label, naming the image and the file in messages.
 
 Locks, in the order they are taken, never the other way round:
@@ -48,7 +52,7 @@ import os
 import threading
 import time
 
-from ..errors import CdiError, RegistryError
+from ..errors import CdiError, RegistryError, Unsupported
 
 log = logging.getLogger("cdipy")
 
@@ -82,17 +86,19 @@ def retried(attempt, stopping):
 
 
 class Arrival:
-    """The file FORMAT describes, arriving; WHOLE(learnt) is called once,
-    when every piece is here and the format's check passed (with what the
-    check learnt)."""
+    """The file FORM (its format) describes, arriving; ON_WHOLE(learnt) is
+    called once, when every piece is here and the format's check passed
+    (with what the check learnt)."""
 
-    def __init__(self, form, whole, *, workers=4):
-        self.form, self.whole_callback, self.workers = form, whole, workers
+    def __init__(self, form, on_whole, *, workers=4):
+        self.form, self.on_whole, self.workers = form, on_whole, workers
         self.condition = threading.Condition()
+        self.inline = threading.Lock()  # the one reader producing, while no thread runs
         self.queue = Queue()           # what readers asked for, for the workers
         self.in_flight = set()
         self.failed = {}               # piece -> why its last fetch failed
         self.failure = None            # why the file cannot be right
+        self.fill_waits = False        # the fill gave up until a reader's piece arrives
         self.arrived = 0               # pieces produced: the fill waits on it after a failure
         self.threads = []
         self.stopping = False
@@ -109,11 +115,12 @@ class Arrival:
         they cannot be."""
         needed = self.form.needed(offset, count)
         ahead = ()
-        if needed and self.form.read_ahead:
-            first, last = needed[0], needed[-1]
-            if self.last_read is not None and first in (self.last_read, self.last_read + 1):
+        if self.form.read_ahead:
+            first, last = self.form.span(offset, count)
+            if needed and self.last_read is not None and first in (self.last_read,
+                                                                   self.last_read + 1):
                 ahead = range(last + 1, min(last + 1 + self.form.read_ahead, self.form.count))
-            self.last_read = last
+            self.last_read = last  # every read: one of pieces here moves on too
         self.last_read_time = time.monotonic()
         if needed:
             self.wait_for(lambda: self.form.needed(offset, count), ahead)
@@ -141,12 +148,15 @@ class Arrival:
     def wait_for(self, needed, ahead=()):
         """Until NEEDED() (the pieces still missing) is empty."""
         while not self.threads:
-            self.raise_failure()
-            missing = [piece for piece in needed() if piece is not None]
-            if not missing:
-                return
-            self.produce_now(missing[0], last=missing[-1])
-            self.finish_if_complete()
+            with self.inline:
+                if self.threads:
+                    break
+                self.raise_failure()
+                missing = [piece for piece in needed() if piece is not None]
+                if not missing:
+                    return
+                self.produce_now(missing[0], last=missing[-1])
+                self.finish_if_complete()
         with self.condition:
             for piece in needed():
                 self.failed.pop(piece, None)  # failed before this read: try again
@@ -191,6 +201,8 @@ class Arrival:
         except Broken as error:
             self.fail(str(error))
             raise OSError(errno.EIO, self.failure) from None
+        except Unsupported as error:  # this source, for now: the next read tries again
+            raise OSError(errno.EIO, f"{self.form.label}: {error}") from None
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
         except Exception as error:  # a bug must not look like zeros or a hang
@@ -216,6 +228,10 @@ class Arrival:
         """Start the workers and the fill (after nbdkit forked)."""
         if self.threads or self.failure or self.whole:
             return
+        parked = self.form.parked()
+        if parked is not None:
+            with self.condition:
+                self.enqueue(parked, CLIENT)
         for number in range(self.workers):
             self.threads.append(threading.Thread(target=self.work, daemon=True,
                                                  name=f"fetch-{number}"))
@@ -236,7 +252,8 @@ class Arrival:
                 if self.stopping or self.whole or self.failure:
                     return  # nothing more to fetch
                 piece = self.queue.pop()
-                if piece is None or piece in self.in_flight or self.form.holds(piece):
+                if piece in self.in_flight or self.form.holds(piece):
+                    self.condition.notify_all()  # the fill waits while the queue is not empty
                     continue
                 self.in_flight.add(piece)
             self.produce_for_others(piece)
@@ -284,8 +301,11 @@ class Arrival:
                     log.debug(f"the fill of {self.form.label} waits for a reader's piece to "
                               f"arrive: {self.failed.get(piece)}")
                     with self.condition:
+                        self.fill_waits = True
+                        self.condition.notify_all()
                         self.condition.wait_for(lambda arrived=arrived: self.stopping
-                                                or self.arrived > arrived)
+                                                or self.failure or self.arrived > arrived)
+                        self.fill_waits = False
                     break
         self.finish_if_complete()
 
@@ -312,7 +332,7 @@ class Arrival:
         with self.condition:
             self.whole = True
             self.condition.notify_all()
-        self.whole_callback(learnt)
+        self.on_whole(learnt)
 
     def take_the_rest(self, limit, deadline):
         """If no more than LIMIT bytes are left to arrive, let them arrive,
@@ -325,6 +345,8 @@ class Arrival:
         while time.monotonic() < deadline and not (self.whole or self.failure):
             if self.threads:
                 with self.condition:
+                    if self.fill_waits:
+                        break  # the source gave no more: not waited for again
                     self.condition.wait(max(deadline - time.monotonic(), 0))
                 continue
             missing = self.form.missing()

@@ -172,7 +172,7 @@ class BlobChunks:
         # send the whole blob to each (and fetch it for each).
         self.ranges_answered = False
         self.whole_answer = False      # a whole blob arrives: no worker fetches meanwhile
-        self.parked = None             # (answer, next chunk, bytes beyond it): read on later
+        self.parked_answer = None      # (answer, next chunk, bytes beyond it): read on later
 
     # -------------------------------------------------- what the engine asks
 
@@ -184,8 +184,14 @@ class BlobChunks:
         return [chunk for chunk in range(first, min(last + 1, self.partial.count))
                 if not self.partial.holds(chunk)]
 
+    def span(self, offset, count):
+        return offset // CHUNK, (offset + max(count, 1) - 1) // CHUNK
+
     def missing(self):
         return self.partial.missing()
+
+    def parked(self):
+        return self.parked_answer[1] if self.parked_answer else None
 
     def left(self):
         return sum(self.length(chunk) for chunk in self.partial.missing())
@@ -193,7 +199,7 @@ class BlobChunks:
     def parallel(self):
         if self.whole_answer:
             return 0  # every chunk missing comes in that answer
-        if self.parked:
+        if self.parked_answer:
             return 1  # the one that reads the answer on
         return IN_FLIGHT if self.ranges_answered else 1
 
@@ -203,7 +209,7 @@ class BlobChunks:
         if self.partial.holds(chunk):
             return  # a whole answer that broke off brought it
         with self.arrival.condition:
-            parked, self.parked = self.parked, None
+            parked, self.parked_answer = self.parked_answer, None
             if parked:
                 self.whole_answer = True
         if parked:
@@ -247,7 +253,7 @@ class BlobChunks:
                     del pending[:length]
                     chunk += 1
                     if chunk - 1 == last and chunk < self.partial.count:
-                        self.parked, parked = (answer, chunk, bytes(pending)), True
+                        self.parked_answer, parked = (answer, chunk, bytes(pending)), True
                         return
                     self.arrival.changed(produced=True)
                 if chunk == self.partial.count and pending:
@@ -257,7 +263,7 @@ class BlobChunks:
                 if piece is None:
                     break
                 pending += piece
-            if chunk < self.partial.count and not self.arrival.stopping:
+            if chunk < self.partial.count:
                 raise RegistryError(f"{self.registry.image_name}: the registry sent "
                                     f"{chunk * CHUNK + len(pending)} bytes of the {self.size} "
                                     f"of blob {self.digest}", transient=True)
@@ -293,9 +299,9 @@ class BlobChunks:
         return [tuple(zero) for zero in zeros]
 
     def close(self):
-        if self.parked:
-            self.parked[0].close()
-            self.parked = None
+        if self.parked_answer:
+            self.parked_answer[0].close()
+            self.parked_answer = None
 
 
 class RemoteBlob(Layer):

@@ -8,9 +8,11 @@ come, a restart resuming, the whole checked against the layer's digest and
 then kept in the cache's layout).  A read of the file asks the blob for
 the compressed bytes of the file's chunks it covers, as the TOC
 (toc.py) places them; each chunk is decompressed alone and checked against
-its digest before any of it is served, into a nameless sparse file of the
-cache; a chunk of zeros is served as zeros, a hole, with no fetch.  Once
-every chunk is here, the file is checked against its own digest.
+its digest before any of it is served, into a nameless file of the cache;
+a chunk of zeros is served as zeros, a hole, with no fetch.  Once readers
+have brought every chunk (a whole copy, say), the file is checked against
+its own digest too; the blob's own check, once it is whole, covers every
+chunk either way.
 
 A chunk that fails its check, or a file that does not match its digest,
 fails every read of the file from then on: the TOC lied, or the registry
@@ -52,6 +54,7 @@ class SeekableFile(Layer):
         self.held = bytearray(chunk.zeros for chunk in file.chunks)
         self.starts = [chunk.file_offset for chunk in file.chunks]
         self.unpacking = {}        # chunk number -> Event, set once it is held (or failed)
+        self.errors = {}           # chunk number -> why its last unpacking failed
         self.lock = threading.Lock()
         self.closed = False
 
@@ -107,9 +110,15 @@ class SeekableFile(Layer):
                 event.wait()
                 if self.failure:
                     raise OSError(errno.EIO, self.failure)
+                if number in self.errors:  # the reader that tried says why; the next read tries
+                    raise OSError(errno.EIO, self.errors[number])
                 continue
             try:
+                self.errors.pop(number, None)
                 self.fetch_and_check(number)
+            except OSError as error:
+                self.errors[number] = error.strerror
+                raise
             finally:
                 with self.lock:
                     del self.unpacking[number]

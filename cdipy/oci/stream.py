@@ -123,6 +123,9 @@ class Stream:
     def parallel(self):
         return 1
 
+    def parked(self):
+        return None
+
     def produce(self, piece, last):
         """Take in the piece that starts at blob offset PIECE."""
         if piece != self.received:

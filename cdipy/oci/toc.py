@@ -24,7 +24,7 @@ absolute path, or a ".." component; the pieces of a file that overlap,
 leave a gap, or run past its size; a compressed range past the blob or
 into the TOC.  Names are cleaned as the layer's tar entries are: "./",
 "." and empty components dropped, so "./disk//x.img" is "disk/x.img".
-A piece is served only once unpack_chunk has checked it against its
+A piece is served only once unpack_chunk_pieces has checked it against its
 digest; the whole file's digest is the caller's, once it is whole.
 
 A layer without the annotations is not seekable, whatever footer it ends
@@ -51,8 +51,8 @@ from ..disk import choose_disk
 from ..errors import CdiError
 from ..layer import Member, member_kind
 
-__all__ = ["ESTARGZ", "TOC_LIMIT", "ZSTD_CHUNKED", "Chunk", "Toc", "TocFile", "find_disk",
-           "read_toc", "seekable_kind", "unpack_chunk", "unpack_chunk_pieces"]
+__all__ = ["ESTARGZ", "TOC_LIMIT", "ZSTD_CHUNKED", "Chunk", "NotSeekable", "Toc", "TocFile",
+           "find_disk", "read_toc", "seekable_kind", "unpack_chunk", "unpack_chunk_pieces"]
 
 ZSTD_CHUNKED, ESTARGZ = "zstd:chunked", "eStargz"
 # Newest first: a layer with both is read by the newer.
@@ -61,6 +61,9 @@ ESTARGZ_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 # containers/storage's own limit (maxTocSize), compressed or not: what
 # podman reads, this reads.
 TOC_LIMIT = 150 << 20
+# The most compressed bytes of one chunk read into memory; a layer with a
+# larger chunk is streamed instead.
+MAX_CHUNK = 64 << 20
 SKIPPABLE_FRAME = b"\x50\x2a\x4d\x18"   # 0x184D2A50, little-endian
 SKIPPABLE_HEADER = 8                     # the magic, then the frame's length
 ESTARGZ_FOOTER = 51
@@ -70,6 +73,11 @@ PIECE = 1 << 20
 # TOC entry types, as the tar type flags layer.member_kind knows.
 TYPE_FLAGS = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block": b"4",
               "dir": b"5", "fifo": b"6"}
+
+
+class NotSeekable(CdiError):
+    """A TOC this module does not read (another version, an unknown type, a
+    chunk too large to read at once): the layer is streamed instead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +249,7 @@ def _zstd_chunked_toc(descriptor, read_range, fault, limit):
                     "OFFSET:LENGTH:UNCOMPRESSED:TYPE")
     offset, length, uncompressed, manifest_type = numbers
     if manifest_type != 1:
-        raise fault(f"unknown TOC type {manifest_type} (this reads type 1)")
+        raise fault.unknown(f"unknown TOC type {manifest_type} (this reads type 1)")
     checksum = annotations.get(prefix + "manifest-checksum", "")
     if not DIGEST.match(checksum):
         raise fault(f"{prefix}manifest-checksum is {checksum!r}, not a sha256 digest")
@@ -279,7 +287,7 @@ def _zstd_chunked_toc(descriptor, read_range, fault, limit):
         split = _numbers(split_position, 3)
         if split is None or split[0] < SKIPPABLE_HEADER \
                 or split[0] + split[1] > descriptor["size"]:
-            raise fault(f"{prefix}tarsplit-position is {split_position!r}: not "
+            raise fault.unknown(f"{prefix}tarsplit-position is {split_position!r}: not "
                         f"OFFSET:LENGTH:UNCOMPRESSED within the blob")
         tar_split = (*split, document.get("tarSplitDigest"))
         start = min(start, split[0] - SKIPPABLE_HEADER)
@@ -384,7 +392,7 @@ class _Entries:
         fault = self.fault
         if not isinstance(document, dict) or document.get("version") != 1:
             version = document.get("version") if isinstance(document, dict) else None
-            raise fault(f"unknown TOC version {version!r} (this reads version 1)")
+            raise fault.unknown(f"unknown TOC version {version!r} (this reads version 1)")
         entries = document.get("entries")
         if not isinstance(entries, list) or not all(isinstance(item, dict) for item in entries):
             raise fault("the TOC's entries are not a list of objects")
@@ -451,9 +459,12 @@ class _Entries:
         if end > self.toc_start:
             raise fault(f"{where} lies at bytes {blob_offset}-{end}, into the TOC at "
                         f"byte {self.toc_start}")
+        if end - blob_offset > MAX_CHUNK:
+            raise fault.unknown(f"{where} is {end - blob_offset} bytes compressed, more than "
+                                f"the {MAX_CHUNK} this reads at once")
         chunk_type = entry.get("chunkType", "")
         if chunk_type not in ("", "zeros"):
-            raise fault(f"{where}: unknown chunk type {chunk_type!r}")
+            raise fault.unknown(f"{where}: unknown chunk type {chunk_type!r}")
         digest = entry.get("chunkDigest") or None
         if digest is None and len(listed.chunks) == 1:
             digest = listed.digest  # one chunk: the file's digest checks it
@@ -467,7 +478,7 @@ def _member(entry, fault):
     """The layer.Member of the TOC's ENTRY (not a chunk); None for the root."""
     entry_type = entry.get("type")
     if entry_type not in TYPE_FLAGS:
-        raise fault(f"entry {entry.get('name')!r}: unknown type {entry_type!r}")
+        raise fault.unknown(f"entry {entry.get('name')!r}: unknown type {entry_type!r}")
     name = _clean(entry.get("name"), fault)
     size = _integer(entry, "size", fault, name)
     if not name:
@@ -511,13 +522,17 @@ def _compressed_ends(entries, kind, toc_start, fault):
 # ------------------------------------------------------------ helpers
 
 class _Fault:
-    """Makes the CdiError of a fault of the TOC of one layer."""
+    """Makes the CdiError of a fault of the TOC of one layer: a lie, or
+    (unknown) NotSeekable, what this module does not read."""
 
     def __init__(self, image_name, layer, kind):
         self.prefix = f"{image_name}: layer {layer}: {kind} TOC"
 
     def __call__(self, text):
         return CdiError(f"{self.prefix}: {text}")
+
+    def unknown(self, text):
+        return NotSeekable(f"{self.prefix}: {text}")
 
 
 def _clean(name, fault):

@@ -33,11 +33,11 @@ from ..disk import choose_disk
 from ..errors import CdiError
 from ..layer import Window
 from ..oci.arrival import RETRY_SECONDS
-from ..oci.blobs import BlobMismatch, Blobs
+from ..oci.blobs import BlobMismatch, Blobs, zstd_available
 from ..oci.chunks import PartialBlob, RemoteBlob
 from ..oci.seekable import SeekableFile, ThroughBlob
 from ..oci.stream import Stream, StreamedLayer
-from ..oci.toc import read_toc, seekable_kind
+from ..oci.toc import ZSTD_CHUNKED, NotSeekable, read_toc, seekable_kind
 from ..progress import describe_size
 from ..save import open_nameless_file
 from ..verify import fingerprint
@@ -108,8 +108,11 @@ class StreamSource(Source):
         """If layer INDEX is seekable: its TOC read and checked, its blob
         arriving as it is read (kept in self.seekable), and what its stream
         reads the blob through; else None."""
-        if seekable_kind(descriptor) is None:
+        kind = seekable_kind(descriptor)
+        if kind is None:
             return None
+        if kind == ZSTD_CHUNKED and not zstd_available():
+            return None  # streamed, which says what is missing
         layout, digest = self.remote.layout, descriptor["digest"]
         layout.blob_path(digest)  # refuses a digest that could name another file
         blob = RemoteBlob(index, self.remote.registry,
@@ -117,6 +120,10 @@ class StreamSource(Source):
                           self.blob_whole)
         try:
             toc = read_toc(descriptor, blob.read_range, self.image_name)
+        except NotSeekable as error:
+            log.debug(f"{error}: layer {index} is streamed instead")
+            blob.close()
+            return None
         except OSError as error:
             blob.close()
             raise CdiError(f"{self.image_name}: layer {index}: cannot read its table of "
@@ -198,9 +205,13 @@ class StreamSource(Source):
         """The SeekableFile of CHOICE, a file of a seekable layer (under the lock)."""
         if self.disk_file is None:
             toc, blob = self.seekable[choice.index]
-            self.disk_file = SeekableFile(choice, toc, toc.files[choice.member.name], blob,
-                                          open_nameless_file(self.blobs.unpacked.directory),
-                                          diff_id=self.layers[choice.index].digest)
+            fd = open_nameless_file(self.blobs.unpacked.directory)
+            try:
+                self.disk_file = SeekableFile(choice, toc, toc.files[choice.member.name], blob,
+                                              fd, diff_id=self.layers[choice.index].digest)
+            except BaseException:
+                os.close(fd)
+                raise
         return self.disk_file
 
     def listings(self):

@@ -6,10 +6,11 @@ bytes: test_chunks.py, test_stream.py.)"""
 
 import errno
 import threading
+import time
 
 import pytest
 
-from cdipy.errors import CdiError, RegistryError
+from cdipy.errors import CdiError, RegistryError, Unsupported
 from cdipy.oci import arrival
 from cdipy.oci.arrival import Arrival, Broken
 
@@ -43,8 +44,14 @@ class Pieces:
         return [piece for piece in range(offset // PIECE, (offset + count - 1) // PIECE + 1)
                 if not self.held[piece]]
 
+    def span(self, offset, count):
+        return offset // PIECE, (offset + count - 1) // PIECE
+
     def missing(self):
         return [piece for piece in range(self.count) if not self.held[piece]]
+
+    def parked(self):
+        return None
 
     def left(self):
         return len(self.missing()) * PIECE
@@ -370,3 +377,51 @@ def test_the_queue_gives_the_highest_priority_first_then_the_order_asked():
         queue.push(piece, priority)
     assert [queue.pop() for _ in range(4)] == [7, 6, 5, None]
     assert not queue
+
+
+def test_a_reader_in_order_over_pieces_here_still_gets_the_next_ones_ahead(engine):
+    form = Pieces(12, gated=False, parallel=1)
+    file = engine(form)
+    file.wait(0, PIECE)
+    file.wait(PIECE, PIECE)  # ahead: 2 and 3
+    with file.condition:
+        assert file.condition.wait_for(lambda: form.held[3], WAIT)
+    file.wait(2 * PIECE, PIECE)  # here already
+    file.wait(3 * PIECE, PIECE)
+    file.wait(4 * PIECE, PIECE)  # still in order: 5 and 6 ahead
+    with file.condition:
+        assert file.condition.wait_for(lambda: form.held[6], WAIT), \
+            "the reader's order was lost over the pieces that were here"
+
+
+def test_a_source_that_cannot_give_a_range_fails_that_read_alone(engine):
+    form = Pieces(2, gated=False)
+    form.faults[0] = Unsupported("the mirror answered 416")
+    file = engine(form)
+    with pytest.raises(OSError, match="img: the test's file: the mirror answered 416"):
+        file.wait(0, 1)
+    file.wait(0, 1)
+    assert file.failure is None
+
+
+def test_at_stop_a_fill_that_gave_up_is_not_waited_for(engine):
+    form = Pieces(3, gated=False)
+    form.fill_idle = 0.0
+    form.faults[0] = CdiError("img: the registry is gone")
+    form.always.add(0)
+    file = engine(form, workers=1)
+    with file.condition:
+        assert file.condition.wait_for(lambda: file.fill_waits, WAIT)
+    started = time.monotonic()
+    assert not file.take_the_rest(3 * PIECE, deadline=started + WAIT)
+    assert time.monotonic() - started < WAIT / 2, "waited for a fill that gave up"
+
+
+def test_a_piece_the_format_parked_is_produced_as_the_workers_start(engine):
+    form = Pieces(4, gated=False)
+    form.parked = lambda: 2
+    file = engine(form)
+    with file.condition:
+        assert file.condition.wait_for(lambda: form.held[2], WAIT), \
+            "the parked piece waited for a reader or the fill"
+    assert form.produced == [2]

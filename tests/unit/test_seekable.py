@@ -16,6 +16,7 @@ import os
 import pytest
 import zstandard
 
+from cdipy.errors import CdiError
 from cdipy.layer import HOLE
 from cdipy.oci.chunks import CHUNK
 from cdipy.oci.fetch import GZIP_LAYER_TYPES
@@ -171,3 +172,27 @@ def test_whole_the_blob_joins_the_layout_and_the_next_start_needs_no_registry(im
     table.close()  # little is left: the rest is taken in and checked
     warm = image([(blob, descriptor)], make_registry=Away)
     assert read(warm.open("disk"), 0, len(DISK)) == DISK
+
+
+def test_a_toc_this_does_not_read_leaves_the_layer_streamed(image):
+    def another_version(document):
+        document["version"] = 2
+
+    table = image([chunked_disk(edit=another_version)])
+    disk = table.open("disk")
+    assert read(disk, 0, len(DISK)) == DISK
+    assert table.source.seekable == {}
+    assert table.source.remote.registry.starts == [0], "not streamed"
+
+
+def test_a_toc_that_lies_fails_the_start_in_one_line(image):
+    def overlap(document):
+        chunk = next(entry for entry in document["entries"]
+                     if entry.get("chunkOffset") == 64 * KIB)
+        chunk["chunkOffset"] = 64 * KIB - 1
+
+    with pytest.raises(CdiError) as raised:
+        image([chunked_disk(edit=overlap)])
+    assert str(raised.value).startswith(f"{NAME}: layer sha256:")
+    assert ": zstd:chunked TOC: file disk/disk.img: chunk at byte 65535 overlaps the chunk " \
+        "before, which ends at byte 65536" in str(raised.value)
