@@ -67,8 +67,8 @@ class StreamSource(Source):
         self.lock = threading.Lock()  # the disk's choice, made as layers are listed
         self.blobs = Blobs(remote.layout, records, settings.verify != "false")
         self.layers, self.streams = [], []
-        self.seekable = {}  # index -> (Toc, RemoteBlob) of a seekable layer
-        self.disk_file = None  # the SeekableFile served as the disk, once chosen
+        self.seekable = SeekableLayers(remote, self.blobs.unpacked.directory,
+                                       self.keep_manifest_if_whole)
         self.early = None  # the disk's Choice, made before its layer was listed whole
         try:
             make_private(self.blobs.unpacked.directory)
@@ -76,7 +76,7 @@ class StreamSource(Source):
                                                               diff_ids)):
                 layer = self.cached(index, descriptor, diff_id)
                 if layer is None:
-                    registry = self.seekable_blob(index, descriptor) or self.remote.registry
+                    registry = self.seekable.add(index, descriptor) or self.remote.registry
                     layer = StreamedLayer(self.new_stream(index, descriptor, diff_id, registry))
                     self.streams.append(layer.stream)
                 self.layers.append(layer)
@@ -103,37 +103,6 @@ class StreamSource(Source):
     def new_stream(self, index, descriptor, diff_id, registry):
         fd = open_nameless_file(self.blobs.unpacked.directory)
         return Stream(index, registry, descriptor, diff_id, fd, whole=self.stream_whole)
-
-    def seekable_blob(self, index, descriptor):
-        """If layer INDEX is seekable: its TOC read and checked, its blob
-        arriving as it is read (kept in self.seekable), and what its stream
-        reads the blob through; else None."""
-        kind = seekable_kind(descriptor)
-        if kind is None:
-            return None
-        if kind == ZSTD_CHUNKED and not zstd_available():
-            return None  # streamed, which says what is missing
-        layout, digest = self.remote.layout, descriptor["digest"]
-        layout.blob_path(digest)  # refuses a digest that could name another file
-        blob = RemoteBlob(index, self.remote.registry,
-                          PartialBlob(layout.cache, digest, descriptor["size"], self.image_name),
-                          self.blob_whole)
-        try:
-            toc = read_toc(descriptor, blob.read_range, self.image_name)
-        except NotSeekable as error:
-            log.debug(f"{error}: layer {index} is streamed instead")
-            blob.close()
-            return None
-        except OSError as error:
-            blob.close()
-            raise CdiError(f"{self.image_name}: layer {index}: cannot read its table of "
-                           f"contents: {error.strerror}") from None
-        except BaseException:
-            blob.close()
-            raise
-        log.debug(f"layer {index}: {toc.kind}, {len(toc.files)} files: read as it is asked for")
-        self.seekable[index] = (toc, blob)
-        return ThroughBlob(blob)
 
     # ------------------------------------------------ what the table asks
 
@@ -198,25 +167,12 @@ class StreamSource(Source):
                     return None
                 self.early = choice
             if choice.index in self.seekable:
-                return choice, self.seekable_disk(choice)
+                return choice, self.seekable.disk(choice, self.layers[choice.index].digest)
             return choice, Window(self.layers[choice.index], choice.member, choice.why)
-
-    def seekable_disk(self, choice):
-        """The SeekableFile of CHOICE, a file of a seekable layer (under the lock)."""
-        if self.disk_file is None:
-            toc, blob = self.seekable[choice.index]
-            fd = open_nameless_file(self.blobs.unpacked.directory)
-            try:
-                self.disk_file = SeekableFile(choice, toc, toc.files[choice.member.name], blob,
-                                              fd, diff_id=self.layers[choice.index].digest)
-            except BaseException:
-                os.close(fd)
-                raise
-        return self.disk_file
 
     def listings(self):
         """[(index, members)] of every layer, as far as they are listed."""
-        return [(index, list(self.seekable[index][0].members) if index in self.seekable
+        return [(index, self.seekable.members(index) if index in self.seekable
                  else list(layer.stream.members) if isinstance(layer, StreamedLayer)
                  else layer.members) for index, layer in enumerate(self.layers)]
 
@@ -227,13 +183,12 @@ class StreamSource(Source):
         for stream in self.streams:
             if stream.index not in self.seekable:
                 stream.start()
-        for _, blob in self.seekable.values():
-            blob.start()
+        self.seekable.start()
 
     def close(self):
         arrivals = [stream.arrival for stream in self.streams
                     if stream.index not in self.seekable]
-        arrivals += [blob.arrival for _, blob in self.seekable.values()]
+        arrivals += self.seekable.arrivals()
         deadline = time.monotonic() + FINISH_SECONDS
         for arrival in arrivals:
             arrival.take_the_rest(FINISH_AT_CLOSE, deadline)
@@ -241,12 +196,9 @@ class StreamSource(Source):
             arrival.stopping = True
         deadline = time.monotonic() + RETRY_SECONDS + 5
         stopped = [stream.stop(max(deadline - time.monotonic(), 0)) for stream in self.streams]
-        if self.disk_file is not None:
-            self.disk_file.close()
         for layer in self.layers:
             layer.close()
-        for _, blob in self.seekable.values():
-            blob.close()
+        self.seekable.close()
         for stream, has_stopped in zip(self.streams, stopped):
             if has_stopped:  # else it may still write: its number must not be reused
                 os.close(stream.fd)
@@ -275,17 +227,6 @@ class StreamSource(Source):
                     copy.close()
         except (CdiError, OSError) as error:
             log.debug(f"cannot keep layer {stream.index} in the cache: {error}")
-        self.keep_manifest_if_whole()
-
-    def blob_whole(self, blob, zeros):
-        """The blob of a seekable layer arrived whole and matches its
-        digest: a blob of the layout (the next start unpacks it once); with
-        every layer there, the manifest too.  A failure is a debug line."""
-        try:
-            keep_blob(self.remote.layout, blob)
-        except (CdiError, OSError) as error:
-            log.debug(f"cannot keep {blob.digest} in the cache: {error}")
-            return
         self.keep_manifest_if_whole()
 
     def keep_manifest_if_whole(self):
@@ -324,3 +265,94 @@ class StreamSource(Source):
             log.debug(why)
             for window in self.layers[stream.index].windows:
                 window.fail(why)
+
+
+class SeekableLayers:
+    """The seekable layers of the image REMOTE describes (zstd:chunked,
+    eStargz): each one's TOC, read and checked at start, and its blob,
+    arriving as it is read; the disk's SeekableFile once it is chosen, its
+    chunks decompressed into a nameless file of DIRECTORY.  A blob whole
+    and checked becomes a blob of the cache's layout; then KEPT() is called."""
+
+    def __init__(self, remote, directory, kept):
+        self.remote, self.directory, self.kept = remote, directory, kept
+        self.image_name = remote.image_name
+        self.layers = {}       # index -> (Toc, RemoteBlob)
+        self.disk_file = None  # the SeekableFile served as the disk, once chosen
+
+    def __contains__(self, index):
+        return index in self.layers
+
+    def add(self, index, descriptor):
+        """If layer INDEX is seekable, and its TOC one this reads: its TOC
+        read and checked, its blob arriving as it is read, and what its
+        stream reads the blob through (ThroughBlob); else None.  A TOC that
+        lies is a CdiError."""
+        kind = seekable_kind(descriptor)
+        if kind is None:
+            return None
+        if kind == ZSTD_CHUNKED and not zstd_available():
+            return None  # streamed, which says what is missing
+        layout, digest = self.remote.layout, descriptor["digest"]
+        layout.blob_path(digest)  # refuses a digest that could name another file
+        blob = RemoteBlob(index, self.remote.registry,
+                          PartialBlob(layout.cache, digest, descriptor["size"], self.image_name),
+                          self.blob_whole)
+        try:
+            toc = read_toc(descriptor, blob.read_range, self.image_name)
+        except NotSeekable as error:
+            log.debug(f"{error}: layer {index} is streamed instead")
+            blob.close()
+            return None
+        except OSError as error:
+            blob.close()
+            raise CdiError(f"{self.image_name}: layer {index}: cannot read its table of "
+                           f"contents: {error.strerror}") from None
+        except BaseException:
+            blob.close()
+            raise
+        log.debug(f"layer {index}: {toc.kind}, {len(toc.files)} files: read as it is asked for")
+        self.layers[index] = (toc, blob)
+        return ThroughBlob(blob)
+
+    def members(self, index):
+        return list(self.layers[index][0].members)
+
+    def disk(self, choice, diff_id):
+        """The SeekableFile of CHOICE (a disk.Choice), a file of a seekable
+        layer whose diffID is DIFF_ID."""
+        if self.disk_file is None:
+            toc, blob = self.layers[choice.index]
+            fd = open_nameless_file(self.directory)
+            try:
+                self.disk_file = SeekableFile(choice, toc, toc.files[choice.member.name], blob,
+                                              fd, diff_id=diff_id)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self.disk_file
+
+    def start(self):
+        """Fetch each blob behind its readers (after nbdkit forked)."""
+        for _, blob in self.layers.values():
+            blob.start()
+
+    def arrivals(self):
+        return [blob.arrival for _, blob in self.layers.values()]
+
+    def blob_whole(self, blob, zeros):
+        """BLOB arrived whole and matches its digest: a blob of the layout
+        (the next start unpacks it once).  A failure is a debug line."""
+        try:
+            keep_blob(self.remote.layout, blob)
+        except (CdiError, OSError) as error:
+            log.debug(f"cannot keep {blob.digest} in the cache: {error}")
+            return
+        self.kept()
+
+    def close(self):
+        if self.disk_file is not None:
+            self.disk_file.close()
+        for _, blob in self.layers.values():
+            blob.close()
+        self.layers = {}
