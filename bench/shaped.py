@@ -209,7 +209,8 @@ class Shaped:
         blob.  Each shape's layer holds a file of its own: podman would
         otherwise push again a blob it pushed in another compression."""
         log(f"making a {shape} containerdisk of the 512 MiB disk and pushing it")
-        tag, name = f"localhost/bench/containerdisk-{shape}:1", f"bench/containerdisk-{shape}:1"
+        slug = shape.replace(":", "-").lower()
+        tag, name = f"localhost/bench/containerdisk-{slug}:1", f"bench/containerdisk-{slug}:1"
         if shape == "eStargz":
             source = self.containerdisk("zstd:chunked").name
             push_estargz(self.lab, source, name)
