@@ -86,12 +86,12 @@ def retried(attempt, stopping):
 
 
 class Arrival:
-    """The file FORM (its format) describes, arriving; ON_WHOLE(learnt) is
+    """The file FORMAT describes, arriving; ON_WHOLE(learnt) is
     called once, when every piece is here and the format's check passed
     (with what the check learnt)."""
 
-    def __init__(self, form, on_whole, *, workers=4):
-        self.form, self.on_whole, self.workers = form, on_whole, workers
+    def __init__(self, format, on_whole, *, workers=4):
+        self.format, self.on_whole, self.workers = format, on_whole, workers
         self.condition = threading.Condition()
         self.inline = threading.Lock()  # the one reader producing, while no thread runs
         self.queue = Queue()           # what readers asked for, for the workers
@@ -113,17 +113,17 @@ class Arrival:
         """Until the file's bytes [OFFSET, OFFSET+COUNT) are here, asking for
         them (and for what is ahead of a reader in order); OSError (EIO) if
         they cannot be."""
-        needed = self.form.needed(offset, count)
+        needed = self.format.needed(offset, count)
         ahead = ()
-        if self.form.read_ahead:
-            first, last = self.form.span(offset, count)
+        if self.format.read_ahead:
+            first, last = self.format.span(offset, count)
             if needed and self.last_read is not None and first in (self.last_read,
                                                                    self.last_read + 1):
-                ahead = range(last + 1, min(last + 1 + self.form.read_ahead, self.form.count))
+                ahead = range(last + 1, min(last + 1 + self.format.read_ahead, self.format.count))
             self.last_read = last  # every read: one of pieces here moves on too
         self.last_read_time = time.monotonic()
         if needed:
-            self.wait_for(lambda: self.form.needed(offset, count), ahead)
+            self.wait_for(lambda: self.format.needed(offset, count), ahead)
         self.raise_failure()
 
     def wait_until(self, predicate):
@@ -132,7 +132,7 @@ class Arrival:
         def needed():
             if predicate():
                 return []
-            missing = self.form.missing()
+            missing = self.format.missing()
             if missing:
                 return missing[:1]
             if not self.threads:  # no one else checks it
@@ -141,7 +141,7 @@ class Arrival:
                     return []
             if self.finished and not self.whole:
                 self.raise_failure()
-                raise OSError(errno.EIO, f"{self.form.label}: arrived, but could not be checked")
+                raise OSError(errno.EIO, f"{self.format.label}: arrived, but could not be checked")
             return [None]  # being checked, by another thread
         self.wait_for(needed)
 
@@ -167,7 +167,7 @@ class Arrival:
                 if not missing:
                     return
                 if self.stopping:
-                    raise OSError(errno.EIO, f"{self.form.label}: the server is stopping")
+                    raise OSError(errno.EIO, f"{self.format.label}: the server is stopping")
                 failed = [piece for piece in missing if piece in self.failed]
                 if failed:
                     raise OSError(errno.EIO, self.failed[failed[0]])
@@ -187,7 +187,7 @@ class Arrival:
     def enqueue(self, piece, priority):
         """Queue PIECE for the workers (under the condition)."""
         if not (piece is None or piece in self.in_flight or piece in self.failed
-                or self.form.holds(piece)):
+                or self.format.holds(piece)):
             self.queue.push(piece, priority)
 
     # ------------------------------------------------------------ producing
@@ -196,17 +196,17 @@ class Arrival:
         """Produce PIECE in this thread, tried again for RETRY_SECONDS (or
         until UNTIL, a monotonic time); OSError (EIO) if it cannot be."""
         try:
-            retried(lambda: self.form.produce(piece, last), lambda: self.stopping or (
+            retried(lambda: self.format.produce(piece, last), lambda: self.stopping or (
                 until is not None and time.monotonic() > until))
         except Broken as error:
             self.fail(str(error))
             raise OSError(errno.EIO, self.failure) from None
         except Unsupported as error:  # this source, for now: the next read tries again
-            raise OSError(errno.EIO, f"{self.form.label}: {error}") from None
+            raise OSError(errno.EIO, f"{self.format.label}: {error}") from None
         except CdiError as error:
             raise OSError(errno.EIO, str(error)) from None
         except Exception as error:  # a bug must not look like zeros or a hang
-            self.fail(f"{self.form.label}: fetching it: {error!r}")
+            self.fail(f"{self.format.label}: fetching it: {error!r}")
             raise OSError(errno.EIO, self.failure) from error
         self.changed(produced=True)
 
@@ -228,7 +228,7 @@ class Arrival:
         """Start the workers and the fill (after nbdkit forked)."""
         if self.threads or self.failure or self.whole:
             return
-        parked = self.form.parked()
+        parked = self.format.parked()
         if parked is not None:
             with self.condition:
                 self.enqueue(parked, CLIENT)
@@ -241,7 +241,7 @@ class Arrival:
             thread.start()
 
     def may_start(self):
-        return len(self.in_flight) < self.form.parallel()
+        return len(self.in_flight) < self.format.parallel()
 
     def work(self):
         while True:
@@ -252,7 +252,7 @@ class Arrival:
                 if self.stopping or self.whole or self.failure:
                     return  # nothing more to fetch
                 piece = self.queue.pop()
-                if piece in self.in_flight or self.form.holds(piece):
+                if piece in self.in_flight or self.format.holds(piece):
                     self.condition.notify_all()  # the fill waits while the queue is not empty
                     continue
                 self.in_flight.add(piece)
@@ -282,23 +282,23 @@ class Arrival:
         with contextlib.suppress(OSError):  # not allowed: keep the priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
-            missing = self.form.missing()
+            missing = self.format.missing()
             if not missing:
                 break
             for piece in missing:
                 with self.condition:
                     while not self.stopping and (
                             not self.may_start() or self.queue or piece in self.in_flight
-                            or time.monotonic() - self.last_read_time < self.form.fill_idle):
-                        self.condition.wait(self.form.fill_idle / 4 or None)
+                            or time.monotonic() - self.last_read_time < self.format.fill_idle):
+                        self.condition.wait(self.format.fill_idle / 4 or None)
                     if self.stopping or self.failure:
                         return
-                    if self.form.holds(piece):
+                    if self.format.holds(piece):
                         continue
                     self.in_flight.add(piece)
                     arrived = self.arrived
                 if not self.produce_for_others(piece):
-                    log.debug(f"the fill of {self.form.label} waits for a reader's piece to "
+                    log.debug(f"the fill of {self.format.label} waits for a reader's piece to "
                               f"arrive: {self.failed.get(piece)}")
                     with self.condition:
                         self.fill_waits = True
@@ -316,17 +316,17 @@ class Arrival:
         handed on, or every read fails.  Once, and to its end even if the
         server is stopping: a file whole by now is kept (stop() waits)."""
         with self.condition:
-            if self.finished or self.failure or self.form.missing():
+            if self.finished or self.failure or self.format.missing():
                 return
             self.finished = True
         try:
-            learnt = self.form.check()
+            learnt = self.format.check()
         except Broken as error:
             self.fail(str(error))
             return
         except (CdiError, OSError) as error:
             # Nothing is named whole: the next start checks it again.
-            log.debug(f"{self.form.label}: cannot check it: {error}")
+            log.debug(f"{self.format.label}: cannot check it: {error}")
             self.changed()
             return
         with self.condition:
@@ -340,7 +340,7 @@ class Arrival:
         Why: a client that read the whole disk stops the server before the
         file's last bytes (a tar's end, a chunk no one read) arrived, and
         that is little."""
-        if self.whole or self.failure or self.form.left() > limit:
+        if self.whole or self.failure or self.format.left() > limit:
             return self.whole
         while time.monotonic() < deadline and not (self.whole or self.failure):
             if self.threads:
@@ -349,7 +349,7 @@ class Arrival:
                         break  # the source gave no more: not waited for again
                     self.condition.wait(max(deadline - time.monotonic(), 0))
                 continue
-            missing = self.form.missing()
+            missing = self.format.missing()
             if not missing:
                 break
             try:
@@ -358,7 +358,7 @@ class Arrival:
                 break
             self.finish_if_complete()
         if self.whole:
-            log.debug(f"{self.form.label}: taken in to its end as the server stops")
+            log.debug(f"{self.format.label}: taken in to its end as the server stops")
         return self.whole
 
     def stop(self, timeout=RETRY_SECONDS + 5):
@@ -373,7 +373,7 @@ class Arrival:
             if thread is not threading.current_thread():
                 thread.join(timeout=max(deadline - time.monotonic(), 0))
         if any(thread.is_alive() for thread in self.threads):
-            log.debug(f"{self.form.label}: a fetch still runs: its files stay open")
+            log.debug(f"{self.format.label}: a fetch still runs: its files stay open")
             return False
         self.finish_if_complete()
         return True

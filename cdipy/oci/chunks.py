@@ -316,9 +316,9 @@ class RemoteBlob(Layer):
         self.registry, self.partial, self.whole = registry, partial, whole
         self.add_file(FileSegment(partial.size, fd=partial.fd))
         self.origin = "blob"  # its check record is a cached blob's, once it is one
-        self.form = BlobChunks(registry, partial)
-        self.arrival = Arrival(self.form, self.arrived_whole, workers=IN_FLIGHT)
-        self.form.arrival = self.arrival
+        self.format = BlobChunks(registry, partial)
+        self.arrival = Arrival(self.format, self.arrived_whole, workers=IN_FLIGHT)
+        self.format.arrival = self.arrival
 
     def read(self, view, offset):
         if self.failure:
@@ -363,7 +363,7 @@ class RemoteBlob(Layer):
         if not self.sources:
             return  # closed already
         stopped = self.arrival.stop()
-        self.form.close()
+        self.format.close()
         if not stopped:
             return  # its files stay open: a fetch may still write
         super().close()

@@ -243,6 +243,6 @@ def test_a_whole_answer_never_read_on_is_closed_with_the_blob(make, data):
     registry.blob_range_or_whole = lambda *_: answer()
     blob = make(registry)
     read(blob, 0, 10)
-    assert blob.form.parked_answer and not closed
+    assert blob.format.parked_answer and not closed
     blob.close()
-    assert closed == [True] and blob.form.parked_answer is None
+    assert closed == [True] and blob.format.parked_answer is None
