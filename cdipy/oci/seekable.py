@@ -19,7 +19,6 @@ fails every read of the file from then on: the TOC lied, or the registry
 sent other bytes.
 """
 
-import bisect
 import contextlib
 import errno
 import hashlib
@@ -52,7 +51,6 @@ class SeekableFile(Layer):
         self.origin = "unpacked"
         # Chunks decompressed and checked; zeros are holes already.
         self.held = bytearray(chunk.zeros for chunk in file.chunks)
-        self.starts = [chunk.file_offset for chunk in file.chunks]
         self.unpacking = {}        # chunk number -> Event, set once it is held (or failed)
         self.errors = {}           # chunk number -> why its last unpacking failed
         self.lock = threading.Lock()
@@ -72,7 +70,7 @@ class SeekableFile(Layer):
             raise OSError(errno.EIO, self.failure)
         runs, end = [], min(offset + count, self.size)
         while offset < end and not (first_only and runs):
-            number = self.number(offset)
+            number = self.file.index_at(offset)
             chunk = self.file.chunks[number]
             stop = min(chunk.file_offset + chunk.length, end)
             if chunk.zeros:
@@ -89,11 +87,7 @@ class SeekableFile(Layer):
         end = min(offset + count, self.size)
         if end <= offset:
             return range(0)
-        return range(self.number(offset), self.number(end - 1) + 1)
-
-    def number(self, offset):
-        """The number of the chunk that holds byte OFFSET."""
-        return bisect.bisect_right(self.starts, offset) - 1
+        return range(self.file.index_at(offset), self.file.index_at(end - 1) + 1)
 
     def unpack(self, number):
         """Make chunk NUMBER held: its compressed bytes fetched, decompressed

@@ -110,7 +110,11 @@ class TocFile:
 
     def chunk_at(self, offset):
         """The Chunk holding byte OFFSET of the file."""
-        return self.chunks[bisect.bisect_right(self._starts, offset) - 1]
+        return self.chunks[self.index_at(offset)]
+
+    def index_at(self, offset):
+        """The index in chunks of the one holding byte OFFSET of the file."""
+        return bisect.bisect_right(self._starts, offset) - 1
 
     @functools.cached_property
     def _starts(self):
