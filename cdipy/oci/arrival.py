@@ -120,7 +120,7 @@ class Arrival:
             if needed and self.last_read is not None and first in (self.last_read,
                                                                    self.last_read + 1):
                 ahead = range(last + 1, min(last + 1 + self.format.read_ahead, self.format.count))
-            self.last_read = last  # every read: one of pieces here moves on too
+            self.last_read = last  # every read moves the order on, one of pieces here too
         self.last_read_time = time.monotonic()
         if needed:
             self.wait_for(lambda: self.format.needed(offset, count), ahead)
