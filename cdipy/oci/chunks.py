@@ -313,7 +313,7 @@ class RemoteBlob(Layer):
 
     def __init__(self, index, registry, partial, whole):
         super().__init__(index, partial.digest, "registry")
-        self.registry, self.partial, self.whole = registry, partial, whole
+        self.registry, self.partial, self.on_whole = registry, partial, whole
         self.add_file(FileSegment(partial.size, fd=partial.fd))
         self.origin = "blob"  # its check record is a cached blob's, once it is one
         self.format = BlobChunks(registry, partial)
@@ -356,7 +356,7 @@ class RemoteBlob(Layer):
     def arrived_whole(self, zeros):
         self.learn_zeros(zeros)
         self.verified = True
-        self.whole(self, self.zeros)
+        self.on_whole(self, self.zeros)
 
     def close(self):
         """Stop the workers; a blob whole by now is checked and kept first."""

@@ -60,7 +60,7 @@ class Stream:
     def __init__(self, index, registry, descriptor, diff_id, fd, *, whole):
         self.index, self.registry, self.diff_id, self.fd = index, registry, diff_id, fd
         self.digest, self.size = descriptor["digest"], descriptor["size"]
-        self.whole = whole
+        self.on_whole = whole
         self.image_name = registry.image_name
         self.name = f"layer {index} ({self.digest})"
         self.label = f"{self.image_name}: {self.name}"
@@ -77,7 +77,7 @@ class Stream:
         self.blob_hash, self.tar_hash = hashlib.sha256(), hashlib.sha256()
         self.writer = SparseWriter(fd, self.tar_hash)
         self.progress = Progress(f"layer {index}: arrived", self.size)
-        self.arrival = Arrival(self, lambda _: self.whole(self), workers=1)
+        self.arrival = Arrival(self, lambda _: self.on_whole(self), workers=1)
 
     # ------------------------------------------- what a reader of it asks
 
